@@ -1,0 +1,143 @@
+"""The ``ilup`` command: daemon, simulator, config check, live view and demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from ilup_controller import __version__
+from ilup_controller.config import CartConfig, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we log link changes ourselves
+
+
+def _load(path: str) -> CartConfig:
+    cfg = load_config(path)
+    return cfg
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _run_daemon(cfg: CartConfig) -> int:
+    from ilup_controller.runtime.daemon import Daemon
+
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    await Daemon(cfg).run(stop)
+    return EXIT_OK
+
+
+async def _run_sim(cfg: CartConfig, speed: float) -> int:
+    from sim.runner import SimulatedCart
+
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    await SimulatedCart(cfg).run(stop, speed=speed)
+    return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.file)
+    print(f"{args.file}: ok (cart_id={cfg.cart_id}, {len(cfg.devices)} devices, "
+          f"{len(cfg.signals)} signals)")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run_daemon(_load(args.config)))
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    return asyncio.run(_run_sim(_load(args.config), args.speed))
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from ilup_controller.view import watch
+
+    cfg = _load(args.config)
+    host = args.host or cfg.mqtt.host
+    port = args.port or cfg.mqtt.port
+    try:
+        return asyncio.run(
+            watch(host, port, cfg.mqtt.topic_prefix, cfg.cart_id, protocol=args.protocol or
+                  cfg.mqtt.protocol, username=cfg.mqtt.username, password=cfg.mqtt.password,
+                  once=args.once)
+        )
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ilup_controller.demo import run_demo
+
+    return run_demo(args.config, speed=args.speed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ilup", description=__doc__)
+    p.add_argument("--version", action="version", version=f"ilup {__version__}")
+    p.add_argument("--log-level", default=os.environ.get("ILUP_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("check-config", help="validate a cart configuration file")
+    c.add_argument("file")
+    c.set_defaults(func=_cmd_check_config)
+
+    r = sub.add_parser("run", help="run the control daemon")
+    r.add_argument("-c", "--config", required=True)
+    r.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("sim", help="run the plant simulator behind Modbus TCP")
+    s.add_argument("-c", "--config", required=True)
+    s.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
+    s.set_defaults(func=_cmd_sim)
+
+    w = sub.add_parser("watch", help="live terminal view of a cart over MQTT")
+    w.add_argument("-c", "--config", required=True)
+    w.add_argument("--host")
+    w.add_argument("--port", type=int)
+    w.add_argument("--protocol", choices=["3.1.1", "5"])
+    w.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    w.set_defaults(func=_cmd_watch)
+
+    d = sub.add_parser("demo", help="simulator + daemon + broker + live view")
+    d.add_argument("-c", "--config", default="config/sim.yaml")
+    d.add_argument("--speed", type=float, default=1.0)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        rc: int = args.func(args)
+    except ConfigError as e:
+        print(e.report(), file=sys.stderr)
+        return EXIT_CONFIG
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

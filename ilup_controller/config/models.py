@@ -1,0 +1,352 @@
+"""Configuration schema: the single source of truth for every setting of a cart.
+
+Every clinical number here is a *default* taken from ../shared/domain.md (engineering
+placeholders, not clinical advice); a site overrides them in its YAML file. Register maps live
+only in configuration (``devices`` and ``signals``); no address is written in code.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    """Base for all config models: unknown keys are errors and loaded config is immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+NonNeg = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Pos = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+
+
+# --------------------------------------------------------------------------- devices and signals
+
+
+class Device(Strict):
+    """One Modbus TCP endpoint (an I/O module, a pump drive, a heater)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(502, ge=1, le=65535)
+    unit_id: int = Field(1, ge=0, le=247)
+    timeout_s: Pos = Field(0.25, le=5.0, description="Per-request reply timeout.")
+    retries: int = Field(0, ge=0, le=3, description="Resends after a timeout before giving up.")
+    reconnect_min_s: Pos = Field(0.1, description="First reconnect delay; doubles per failure.")
+    reconnect_max_s: Pos = Field(5.0, description="Ceiling of the reconnect back-off.")
+    poll_period_s: Pos | None = Field(
+        None, description="Poll period; default: the control tick period."
+    )
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Self:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class Table(StrEnum):
+    holding = "holding"
+    input = "input"
+    coil = "coil"
+    discrete = "discrete"
+
+
+class DataType(StrEnum):
+    uint16 = "uint16"
+    int16 = "int16"
+    uint32 = "uint32"
+    int32 = "int32"
+    float32 = "float32"
+    bool = "bool"
+
+
+REGISTER_COUNT: dict[DataType, int] = {
+    DataType.uint16: 1,
+    DataType.int16: 1,
+    DataType.uint32: 2,
+    DataType.int32: 2,
+    DataType.float32: 2,
+    DataType.bool: 1,
+}
+
+
+class Signal(Strict):
+    """A named point on a device: engineering value = raw * scale + offset."""
+
+    device: Name
+    table: Table
+    address: int = Field(ge=0, le=65535)
+    data_type: DataType = DataType.uint16
+    word_order: Literal["big", "little"] = Field(
+        "big", description="Order of the 16-bit words of 32-bit values (bytes are always big)."
+    )
+    scale: Finite = 1.0
+    offset: Finite = 0.0
+    units: str = ""
+    writable: bool = False
+    range: tuple[Finite, Finite] | None = Field(
+        None, description="Plausible engineering range; a reading outside it is a sensor fault."
+    )
+
+    @property
+    def register_count(self) -> int:
+        return REGISTER_COUNT[self.data_type]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        bit_table = self.table in (Table.coil, Table.discrete)
+        if bit_table != (self.data_type is DataType.bool):
+            raise ValueError("coil/discrete tables hold data_type bool, registers hold numbers")
+        if self.writable and self.table in (Table.input, Table.discrete):
+            raise ValueError(f"a {self.table} table is read-only; writable needs holding or coil")
+        if self.scale == 0.0:
+            raise ValueError("scale must not be 0")
+        if self.range is not None and self.range[0] >= self.range[1]:
+            raise ValueError("range must be [low, high] with low < high")
+        if self.address + self.register_count - 1 > 65535:
+            raise ValueError("value runs past register 65535")
+        return self
+
+
+# --------------------------------------------------------------------------- control
+
+
+class PidGains(Strict):
+    kp: NonNeg = Field(description="Proportional gain (output units per measurement unit).")
+    ki: NonNeg = Field(0.0, description="Integral gain (output units per unit per second).")
+    kd: NonNeg = Field(0.0, description="Derivative gain on measurement (units x seconds).")
+
+
+class FlowLoop(Strict):
+    """Pump speed from measured flow: feed-forward from stroke volume plus a PI trim."""
+
+    measured: Name = Field(description="Signal: measured circuit flow, mL/min.")
+    command: Name = Field(description="Signal: pump speed command, rpm.")
+    speed_measured: Name | None = Field(None, description="Signal: pump tacho, rpm (shown only).")
+    target_ml_min: NonNeg = Field(500.0, le=5000.0)
+    ramp_s: NonNeg = Field(180.0, description="Time to ramp from 0 to the flow target.")
+    stroke_volume_ml_per_rev: Pos = Field(33.0, description="3/8 in tubing on a 6 in head.")
+    pid: PidGains = PidGains(kp=0.02, ki=0.04)
+    trim_limit_rpm: Pos = Field(
+        5.0, description="Largest correction the PI may add to the feed-forward speed."
+    )
+    speed_max_rpm: Pos = Field(40.0, description="Hard ceiling on the pump speed command.")
+    slew_rpm_per_s: Pos = Field(5.0, description="Largest change of the speed command per second.")
+
+
+class PressureLimiter(Strict):
+    """Override control: caps the pump speed so PA pressure stays under the limit."""
+
+    measured: Name = Field(description="Signal: PA inflow pressure, mmHg.")
+    limit_mmhg: Pos = Field(25.0, le=100.0, description="Pressure the pump must not push above.")
+    margin_mmhg: NonNeg = Field(
+        1.0, description="The limiter regulates at limit - margin, so noise stays under the limit."
+    )
+    pid: PidGains = PidGains(kp=0.6, ki=1.2)
+    filter_s: NonNeg = Field(0.3, description="Low-pass time constant on the limiter's input.")
+    stop_mmhg: Pos = Field(
+        30.0, le=100.0, description="Interlock: at or above this the pump stops (latched)."
+    )
+
+    @model_validator(mode="after")
+    def _margin(self) -> Self:
+        if self.margin_mmhg >= self.limit_mmhg:
+            raise ValueError("margin_mmhg must be below limit_mmhg")
+        if self.stop_mmhg <= self.limit_mmhg:
+            raise ValueError("stop_mmhg must be above limit_mmhg")
+        return self
+
+
+class TemperatureLoop(Strict):
+    """Cascade: perfusate temperature -> heater water setpoint -> heater power."""
+
+    measured: Name = Field(description="Signal: perfusate (arterial line) temperature, degC.")
+    water_measured: Name = Field(description="Signal: heater water temperature, degC.")
+    command: Name = Field(description="Signal: heater power command, %.")
+    target_c: Finite = Field(37.0, ge=20.0, le=42.0)
+    ramp_c_per_min: Pos = Field(0.5, le=2.0, description="Setpoint rewarming rate limit.")
+    water_cap_c: Finite = Field(42.0, le=42.0, description="Heater water never above this.")
+    max_gradient_c: Pos = Field(
+        4.0, le=10.0, description="Water setpoint at most this far above the perfusate."
+    )
+    outer_pid: PidGains = PidGains(kp=2.0, ki=0.01)
+    inner_pid: PidGains = PidGains(kp=25.0, ki=0.5)
+    heater_max_pct: Finite = Field(100.0, gt=0.0, le=100.0)
+    max_c: Finite = Field(
+        39.0, le=42.0, description="Interlock: perfusate at or above this turns the heater off."
+    )
+    min_flow_ml_min: NonNeg = Field(
+        100.0, description="No heating below this flow (a stagnant heat exchanger overheats)."
+    )
+
+    @model_validator(mode="after")
+    def _ceiling(self) -> Self:
+        if self.target_c >= self.max_c:
+            raise ValueError("target_c must be below max_c")
+        return self
+
+
+class Control(Strict):
+    tick_period_s: Pos = Field(0.1, ge=0.005, le=1.0, description="Control tick (default 10 Hz).")
+    stale_after_s: Pos = Field(
+        1.0, description="A reading older than this is missing, never reused as current."
+    )
+    autostart: bool = Field(
+        False,
+        description="Start perfusing as soon as every sensor reads (simulator demos only; "
+        "a real cart waits for the perfusionist).",
+    )
+    flow: FlowLoop
+    pressure: PressureLimiter
+    temperature: TemperatureLoop
+
+
+# --------------------------------------------------------------------------- MQTT
+
+
+class Mqtt(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["3.1.1", "5"] = "5"
+    username: str | None = None
+    password: str | None = None
+    topic_prefix: str = Field("ilup", pattern=r"^[A-Za-z0-9_\-/]+$")
+    keepalive_s: int = Field(5, ge=2, le=600)
+    state_period_s: Pos = Field(0.5, le=1.0, description="State is published at least 1 Hz.")
+    queue_size: int = Field(100, ge=1, le=10000)
+    reconnect_max_s: Pos = 5.0
+
+
+# --------------------------------------------------------------------------- simulator
+
+
+class SimPlant(Strict):
+    """Physical parameters of the simulated circuit (sources in sim/plant.py)."""
+
+    seed: int = 1
+    stroke_volume_ml_per_rev: Pos = Field(33.0, description="True stroke volume of the pump.")
+    pump_slew_rpm_per_s: Pos = 30.0
+    pvr_wu: Pos = Field(12.0, description="Single-lung vascular resistance R0, Wood units.")
+    alpha_per_mmhg: Pos = 0.02
+    outflow_pressure_mmhg: NonNeg = 3.0
+    cannula_resistance_mmhg_min_per_l: NonNeg = 16.0
+    compliance_ml_per_mmhg: Pos = 1.0
+    perfusate_volume_ml: Pos = 1000.0
+    reservoir_volume_ml: NonNeg = 800.0
+    initial_perfusate_c: Finite = 34.0
+    initial_water_c: Finite = 34.0
+    ambient_c: Finite = 22.0
+    body_c: Finite = 36.0
+    heater_power_w: Pos = 800.0
+    water_mass_kg: Pos = 3.0
+    water_cap_c: Finite = Field(42.0, description="The heater's own thermostat cut-out.")
+    hx_ua_w_per_k: Pos = 60.0
+    tubing_volume_ml: NonNeg = 70.0
+    pressure_noise_mmhg: NonNeg = 0.2
+    pressure_offset_mmhg: Finite = 0.3
+    flow_noise_ml_min: NonNeg = 3.0
+    temperature_noise_c: NonNeg = 0.01
+    tubing_ua_w_per_k: NonNeg = Field(3.0, description="Perfusate circuit to ambient.")
+    water_ambient_ua_w_per_k: NonNeg = Field(6.0, description="Heater water tank+hoses to ambient.")
+    lung_ua_w_per_k_per_l_min: NonNeg = Field(
+        40.0, description="Perfusate to body through the lung, per L/min of lung flow."
+    )
+    pump_speed_noise_rpm: NonNeg = 0.05
+    water_temperature_noise_c: NonNeg = 0.02
+    reservoir_volume_noise_ml: NonNeg = 2.0
+
+
+class SimBindings(Strict):
+    """Which configured signal carries each plant quantity (the sim serves these registers)."""
+
+    pump_speed_command: Name
+    heater_power_command: Name
+    flow: Name
+    pa_pressure: Name
+    perfusate_temperature: Name
+    water_temperature: Name
+    pump_speed: Name | None = None
+    reservoir_volume: Name | None = None
+
+
+class Simulator(Strict):
+    plant: SimPlant = SimPlant()
+    bindings: SimBindings
+    step_s: Pos = Field(0.01, le=0.1, description="Physics integration step.")
+
+
+# --------------------------------------------------------------------------- the cart
+
+
+class CartConfig(Strict):
+    cart_id: Name
+    simulated: bool = Field(False, description="True when the devices are the plant simulator.")
+    devices: dict[Name, Device] = Field(min_length=1)
+    signals: dict[Name, Signal] = Field(min_length=1)
+    control: Control
+    mqtt: Mqtt = Mqtt()
+    simulator: Simulator | None = None
+
+    @field_validator("signals")
+    @classmethod
+    def _finite_scale(cls, v: dict[str, Signal]) -> dict[str, Signal]:
+        for s in v.values():
+            if not math.isfinite(s.scale * 65535.0):
+                raise ValueError("scale too large")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Self:
+        errors: list[str] = []
+        for name, sig in self.signals.items():
+            if sig.device not in self.devices:
+                errors.append(f"signals.{name}.device: no device named {sig.device!r}")
+        c = self.control
+        refs: list[tuple[str, str, bool]] = [
+            ("control.flow.measured", c.flow.measured, False),
+            ("control.flow.command", c.flow.command, True),
+            ("control.pressure.measured", c.pressure.measured, False),
+            ("control.temperature.measured", c.temperature.measured, False),
+            ("control.temperature.water_measured", c.temperature.water_measured, False),
+            ("control.temperature.command", c.temperature.command, True),
+        ]
+        if c.flow.speed_measured is not None:
+            refs.append(("control.flow.speed_measured", c.flow.speed_measured, False))
+        if self.simulator is not None:
+            for field, value in self.simulator.bindings:
+                if value is not None:
+                    refs.append((f"simulator.bindings.{field}", value, False))
+        for path, ref, must_write in refs:
+            sig_or_none = self.signals.get(ref)
+            if sig_or_none is None:
+                errors.append(f"{path}: no signal named {ref!r}")
+            elif must_write and not sig_or_none.writable:
+                errors.append(f"{path}: signal {ref!r} is not writable")
+        errors.extend(_overlaps(self.signals))
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+def _overlaps(signals: dict[str, Signal]) -> list[str]:
+    """Two signals sharing a register would silently overwrite each other."""
+    seen: dict[tuple[str, Table, int], str] = {}
+    errors: list[str] = []
+    for name, s in signals.items():
+        for reg in range(s.address, s.address + s.register_count):
+            key = (s.device, s.table, reg)
+            other = seen.get(key)
+            if other is not None and other != name:
+                errors.append(
+                    f"signals.{name}.address: register {s.table} {reg} on {s.device!r} "
+                    f"is also used by {other!r}"
+                )
+                break
+            seen[key] = name
+    return errors

@@ -1,0 +1,65 @@
+"""A PI(D) term with anti-windup by tracking, around simple-pid.
+
+simple-pid only clamps its integral to the output limits (libraries.md, fact 10). Our loops need
+more: the applied output is often not the PID's own output (the other loop of an override pair
+won, a slew limit or an interlock held the actuator, the operator drives it by hand). After every
+tick :meth:`Pid.track` re-seeds the integral so that P + I + D equals what was really applied.
+While the actuator is held, the integral therefore cannot wind up in the held direction
+(conditional integration in effect), and any hand-over back to this loop is bumpless.
+
+Time is always passed explicitly (``dt_s``): simple-pid's own clock and ``sample_time`` gating
+misbehave under virtual time and float jitter (libraries.md, facts 11-12).
+"""
+
+from __future__ import annotations
+
+import math
+
+from simple_pid import PID
+
+from ilup_controller.config.models import PidGains
+
+
+class Pid:
+    def __init__(self, gains: PidGains, output_min: float, output_max: float) -> None:
+        self._pid = PID(
+            Kp=gains.kp,
+            Ki=gains.ki,
+            Kd=gains.kd,
+            setpoint=0.0,
+            sample_time=None,
+            output_limits=(output_min, output_max),
+            time_fn=lambda: 0.0,  # never used for dt: every call passes dt explicitly
+        )
+        self._output = 0.0
+
+    @property
+    def output(self) -> float:
+        return self._output
+
+    def set_limits(self, output_min: float, output_max: float) -> None:
+        self._pid.output_limits = (output_min, output_max)
+
+    def update(self, setpoint: float, measured: float, dt_s: float) -> float:
+        """One step; the output is within the limits. ``dt_s`` must be > 0."""
+        self._pid.setpoint = setpoint
+        out = self._pid(measured, dt=dt_s)
+        if out is None or not math.isfinite(out):  # defensive: never hand on a NaN
+            raise ArithmeticError(f"PID produced {out!r}")
+        self._output = float(out)
+        return self._output
+
+    def track(self, applied: float) -> None:
+        """Re-seed the integral so that the next output continues from ``applied``."""
+        if abs(applied - self._output) < 1e-12:
+            return
+        p, _, d = self._pid.components
+        self._pid.set_auto_mode(False)
+        self._pid.set_auto_mode(True, last_output=applied - p - d)
+        self._output = applied
+
+    def reset(self, output: float) -> None:
+        """Start afresh (no derivative history) from ``output``."""
+        self._pid.set_auto_mode(False)
+        self._pid.set_auto_mode(True, last_output=output)
+        self._output = output

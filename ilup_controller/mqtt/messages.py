@@ -1,0 +1,73 @@
+"""MQTT payload schemas. docs/topics.md and the JSON schemas are generated from these models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Status(Message):
+    """Retained on ``<prefix>/<cart_id>/status``; the last will sets ``online`` to false."""
+
+    online: bool
+    cart_id: str
+    simulated: bool | None = None
+    version: str | None = None
+    since: datetime | None = Field(None, description="UTC time the daemon came online.")
+
+
+class Measured(Message):
+    """Latest measurements; null when the reading is missing or stale (never a made-up 0)."""
+
+    flow_ml_min: float | None
+    pressure_mmhg: float | None
+    temperature_c: float | None
+    water_temperature_c: float | None = None
+    pump_speed_rpm: float | None = None
+    reservoir_volume_ml: float | None = None
+
+
+class Targets(Message):
+    flow_ml_min: float = Field(description="Final flow target.")
+    flow_ramped_ml_min: float = Field(description="Flow setpoint on its ramp, this tick.")
+    pressure_limit_mmhg: float
+    temperature_c: float = Field(description="Final perfusate temperature target.")
+    temperature_ramped_c: float = Field(description="Temperature setpoint on its ramp.")
+
+
+class Outputs(Message):
+    pump_speed_rpm: float
+    heater_pct: float
+
+
+class Loop(Message):
+    pump_limited_by: str = Field(description="'flow', 'pressure' or the interlock holding the pump.")
+    heater_limited_by: str = Field(description="'temperature' or the interlock holding the heater.")
+    water_setpoint_c: float | None = None
+
+
+class Timing(Message):
+    tick_period_s: float
+    ticks: int
+    overruns: int
+
+
+class State(Message):
+    """Retained on ``<prefix>/<cart_id>/state`` at least once a second."""
+
+    t: datetime = Field(description="UTC time of the tick this state describes (ISO-8601).")
+    seq: int = Field(ge=0, description="Tick number; strictly increasing, gaps where ticks were not published.")
+    cart_id: str
+    phase: str
+    simulated: bool
+    measured: Measured
+    targets: Targets
+    outputs: Outputs
+    loop: Loop
+    faults: list[str] = Field(default_factory=list, description="Active interlock reasons.")
+    timing: Timing
