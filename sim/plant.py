@@ -24,9 +24,9 @@ Vascular bed (``_step_hydraulics``)
     (Pogrebniak 1994: 15 -> 32 mmHg over 90 min at fixed settings, H). The inflow-line sensor adds
     the cannula drop ``cannula_resistance_mmhg_min_per_l`` x Q_pump (16 mmHg min/L, L).
     Defaults at 500 mL/min: 7.1 mmHg vascular + 8.0 cannula = 15.1 mmHg at the sensor (12-15 mmHg
-    animal practice, H). Integration is linearised backward Euler (one Newton step per sub-step):
-    the node time constant C/(dQ_lung/dP) is ~0.4 s at defaults but ~10 ms at C = 0.2 and high
-    flow, where explicit Euler at 10 ms would ring; the implicit step is stable at any step.
+    animal practice, H). Integration is backward Euler solved by Newton (1-3 iterations): the node
+    time constant C/(dQ_lung/dP) is ~0.4 s at defaults but ~10 ms at C = 0.2 and high flow, where
+    explicit Euler at 10 ms would ring; the implicit step neither rings nor overshoots at any step.
 
 Thermal (``_step_thermal``)
     Two lumped nodes, explicit Euler (time constants >= ~10 s, far above the step):
@@ -41,7 +41,8 @@ Thermal (``_step_thermal``)
     oxygenator shell). ``water_ambient_ua_w_per_k`` 6 W/K (L: tank plus ~6 m of uninsulated
     1/2 in hose). ``lung_ua_w_per_k_per_l_min`` 40 W/K per L/min of lung flow (L: perfusate
     equilibrates well with lung tissue, m_dot c_p is 63 W/K per L/min, effectiveness ~0.6;
-    makes a lung 6-8 degC colder than the perfusate pull it down 2-3 degC, Pongratz 2019, H).
+    at fixed heater power a lung sink 3-4 degC colder lowers the steady perfusate by 0.7 x that,
+    2-3 degC, matching "a cold lung attached drops the perfusate 2-3 degC", Pongratz 2019, H).
     ``ambient_c`` 22, ``body_c`` 36 (L).
     Steady state at 37 degC / 500 mL/min with defaults: losses 45 W tubing + 20 W lung = 65 W,
     water at 38.08 degC, + 96.5 W water to ambient = 161.5 W, i.e. heater duty 20.2 %.
@@ -80,6 +81,8 @@ PERFUSATE_DENSITY_KG_PER_ML = 1.0e-3
 PERFUSATE_SPECIFIC_HEAT_J_PER_KG_K = 3800.0
 HEATER_HYSTERESIS_C = 0.2
 TRANSPORT_DELAY_MAX_S = 60.0
+_NEWTON_TOLERANCE_MMHG = 1e-9
+_NEWTON_MAX_ITERATIONS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,37 +235,43 @@ class Plant:
         r0 = self.effective_pvr_wu
         if not r0 > 0.0:  # also catches NaN
             raise ValueError(f"effective PVR must be > 0 WU, got {r0!r} (pvr_factor?)")
-        a = p.alpha_per_mmhg
-        pla = p.outflow_pressure_mmhg
         c = p.compliance_ml_per_mmhg
-        pressure = self.vascular_pressure_mmhg
-        # Q_lung in mL/s and its slope in mL/s/mmHg (L/min -> mL/s is x 1000/60).
-        scale = 1000.0 / 60.0 / r0
-        if pressure > pla:
-            x = 1.0 + a * pressure
-            x4 = x * x
-            x4 *= x4
-            y = 1.0 + a * pla
-            y5 = y * y
-            y5 *= y5 * y
-            q_lung_ml_s = (x4 * x - y5) / (5.0 * a) * scale
-            dq_dp = x4 * scale
-        else:
-            q_lung_ml_s = 0.0
-            dq_dp = 0.0
+        p0 = self.vascular_pressure_mmhg
         q_in_ml_s = self.pump_flow_ml_min / 60.0
-        # Linearised backward Euler: stable for any C, R0 and step (see module docstring).
-        pressure += h * (q_in_ml_s - q_lung_ml_s) / (c + h * dq_dp)
+        # Backward Euler, C (P - P0) + h (Q_lung(P) - Q_in) = 0, solved by Newton. Q_lung is
+        # convex and increasing in P, so after at most one step past the root Newton descends
+        # monotonically onto it: no ringing and no overshoot for any C, R0 or step.
+        pressure = p0
+        q_lung_ml_s = 0.0
+        for _ in range(_NEWTON_MAX_ITERATIONS):
+            q_lung_ml_s, slope = self._lung_flow_ml_s(pressure, r0)
+            delta = (c * (pressure - p0) + h * (q_lung_ml_s - q_in_ml_s)) / (c + h * slope)
+            pressure -= delta
+            if -_NEWTON_TOLERANCE_MMHG < delta < _NEWTON_TOLERANCE_MMHG:
+                break
+        else:
+            logger.warning(
+                "hydraulics did not converge",
+                extra={"t_s": self._t_s, "pressure_mmhg": pressure, "delta_mmhg": delta},
+            )
         self.vascular_pressure_mmhg = pressure
-        self.lung_flow_ml_min = self._lung_flow_ml_min(pressure, r0)
+        self.lung_flow_ml_min = self._lung_flow_ml_s(pressure, r0)[0] * 60.0
 
-    def _lung_flow_ml_min(self, pressure_mmhg: float, r0_wu: float) -> float:
+    def _lung_flow_ml_s(self, pressure_mmhg: float, r0_wu: float) -> tuple[float, float]:
+        """Inverted distensible-vessel law: (Q_lung in mL/s, dQ_lung/dP in mL/s/mmHg)."""
         p = self.params
         pla = p.outflow_pressure_mmhg
         if pressure_mmhg <= pla:
-            return 0.0
+            return 0.0, 0.0  # no backflow through the lung
         a = p.alpha_per_mmhg
-        return ((1.0 + a * pressure_mmhg) ** 5 - (1.0 + a * pla) ** 5) / (5.0 * a * r0_wu) * 1000.0
+        scale = 1000.0 / 60.0 / r0_wu  # L/min -> mL/s, over R0
+        x = 1.0 + a * pressure_mmhg
+        x4 = x * x
+        x4 *= x4
+        y = 1.0 + a * pla
+        y5 = y * y
+        y5 *= y5 * y
+        return (x4 * x - y5) / (5.0 * a) * scale, x4 * scale
 
     def _step_thermal(self, h: float) -> None:
         p = self.params
@@ -284,17 +293,23 @@ class Plant:
         cap = self.params.water_cap_c
         if not self.heater_cut_out and self.water_c >= cap:
             self.heater_cut_out = True
-            logger.debug("heater thermostat cut out", extra={"water_c": self.water_c, "t_s": self._t_s})
+            logger.debug(
+                "heater thermostat cut out", extra={"water_c": self.water_c, "t_s": self._t_s}
+            )
         elif self.heater_cut_out and self.water_c < cap - HEATER_HYSTERESIS_C:
             self.heater_cut_out = False
-            logger.debug("heater thermostat cut in", extra={"water_c": self.water_c, "t_s": self._t_s})
+            logger.debug(
+                "heater thermostat cut in", extra={"water_c": self.water_c, "t_s": self._t_s}
+            )
 
     def _step_reservoir(self, h: float) -> None:
         if self.leak_ml_min == 0.0:
             return
         volume = self.reservoir_volume_ml - self.leak_ml_min * h / 60.0
         if volume <= 0.0 and self.reservoir_volume_ml > 0.0:
-            logger.warning("reservoir empty", extra={"t_s": self._t_s, "leak_ml_min": self.leak_ml_min})
+            logger.warning(
+                "reservoir empty", extra={"t_s": self._t_s, "leak_ml_min": self.leak_ml_min}
+            )
         self.reservoir_volume_ml = max(0.0, volume)
 
     def _step_transport(self, h: float, t_s: float) -> None:
@@ -346,6 +361,5 @@ class Plant:
             perfusate_temperature_c=truth.arterial_c + gauss(0.0, p.temperature_noise_c),
             water_temperature_c=truth.water_c + gauss(0.0, p.water_temperature_noise_c),
             pump_speed_rpm=truth.pump_speed_rpm + gauss(0.0, p.pump_speed_noise_rpm),
-            reservoir_volume_ml=truth.reservoir_volume_ml
-            + gauss(0.0, p.reservoir_volume_noise_ml),
+            reservoir_volume_ml=truth.reservoir_volume_ml + gauss(0.0, p.reservoir_volume_noise_ml),
         )

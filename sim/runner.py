@@ -9,33 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-from ilup_controller.config.models import CartConfig, DataType, Signal
+from ilup_controller.config.models import CartConfig
 from sim.plant import Plant
 from sim.server import SimModbusServers
+from sim.wiring import apply_command, sensor_values
 
 log = logging.getLogger("ilup.sim")
 
-_RAW_LIMITS: dict[DataType, tuple[float, float]] = {
-    DataType.uint16: (0, 0xFFFF),
-    DataType.int16: (-0x8000, 0x7FFF),
-    DataType.uint32: (0, 0xFFFFFFFF),
-    DataType.int32: (-0x80000000, 0x7FFFFFFF),
-    DataType.float32: (-3.0e38, 3.0e38),
-    DataType.bool: (0, 1),
-}
-
-
-def saturate(signal: Signal, value: float) -> float:
-    """Clip to what the register can carry, as a real transducer saturates at full scale."""
-    lo, hi = _RAW_LIMITS[signal.data_type]
-    a, b = lo * signal.scale + signal.offset, hi * signal.scale + signal.offset
-    return min(max(value, min(a, b)), max(a, b))
-
 
 class SimulatedCart:
-    """The plant plus its Modbus servers; ``step_to`` is usable without any clock."""
+    """The plant model served as Modbus TCP devices, stepped on the event loop clock."""
 
     def __init__(self, cfg: CartConfig, *, port_override: Mapping[str, int] | None = None) -> None:
         if cfg.simulator is None:
@@ -44,32 +29,9 @@ class SimulatedCart:
         self.sim = cfg.simulator
         self.plant = Plant(self.sim.plant, step_s=self.sim.step_s)
         self.servers = SimModbusServers(cfg, self._on_write, port_override=port_override)
-        b = self.sim.bindings
-        self._writers: dict[str, Callable[[float], None]] = {
-            b.pump_speed_command: self.plant.set_pump_speed_command,
-            b.heater_power_command: self.plant.set_heater_power_command,
-        }
 
     def _on_write(self, signal: str, value: float | bool) -> None:
-        writer = self._writers.get(signal)
-        if writer is not None:
-            writer(float(value))
-
-    def sensor_registers(self) -> dict[str, float]:
-        """Current instrument readings keyed by the signal that carries each."""
-        s = self.plant.sensors()
-        b = self.sim.bindings
-        values: dict[str | None, float] = {
-            b.flow: s.flow_ml_min,
-            b.pa_pressure: s.pa_pressure_mmhg,
-            b.perfusate_temperature: s.perfusate_temperature_c,
-            b.water_temperature: s.water_temperature_c,
-            b.pump_speed: s.pump_speed_rpm,
-            b.reservoir_volume: s.reservoir_volume_ml,
-        }
-        return {
-            name: saturate(self.cfg.signals[name], v) for name, v in values.items() if name is not None
-        }
+        apply_command(self.cfg, self.plant, signal, float(value))
 
     async def run(self, stop: asyncio.Event, *, speed: float = 1.0,
                   publish_period_s: float = 0.02) -> None:
@@ -91,6 +53,6 @@ class SimulatedCart:
                     except TimeoutError:
                         pass
                 self.plant.advance_to((loop.time() - t0) * speed)
-                await self.servers.set_inputs(self.sensor_registers())
+                await self.servers.set_inputs(sensor_values(self.cfg, self.plant))
         finally:
             await self.servers.stop()

@@ -43,6 +43,8 @@ class Fault(StrEnum):
     perfusate_high = "perfusate_above_max"
 
 
+RAMP_LEAD_C = 0.2
+
 # Faults that stay set after their condition clears, until the operator resets them.
 LATCHING = frozenset({Fault.pressure_stop, Fault.perfusate_high})
 
@@ -254,14 +256,19 @@ class Controller:
     ) -> tuple[float, float | None, str]:
         tc = self._cfg.control.temperature
         temp_c, water_c = m.temperature_c, m.water_temperature_c
-        if temp_c is not None:
-            if self._temp_sp is None:
-                self._temp_sp = min(temp_c, self.temperature_target_c)
-            # Rewarming is rate-limited (<= 0.5 degC/min); cooling the setpoint is not.
-            self._temp_sp = approach(
-                self._temp_sp, self.temperature_target_c, tc.ramp_c_per_min / 60.0 * dt_s, math.inf
-            )
         blocked = self._heater_block(m, faults)
+        if temp_c is not None:
+            if self._temp_sp is None or blocked is not None:
+                # The rewarming ramp starts from where the perfusate is when heating may begin.
+                self._temp_sp = min(temp_c, self.temperature_target_c)
+            # Rewarming is rate-limited (<= 0.5 degC/min) and may lead the perfusate by only
+            # RAMP_LEAD_C, so a lagging circuit is not then rewarmed at full power.
+            self._temp_sp = approach(
+                self._temp_sp,
+                min(self.temperature_target_c, max(temp_c + RAMP_LEAD_C, self._temp_sp - 1e-9)),
+                tc.ramp_c_per_min / 60.0 * dt_s,
+                math.inf,
+            )
         if blocked is not None or temp_c is None or water_c is None or self._temp_sp is None:
             self._heater_pct = 0.0
             self._inner_pid.track(0.0)

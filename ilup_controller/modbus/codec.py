@@ -83,9 +83,7 @@ def encode(signal: Signal, value: float) -> list[int]:
         try:
             raw_bytes = struct.pack(">f", raw)
         except OverflowError:
-            raise CodecError(
-                f"value {value!r} (raw {raw!r}) is out of range for {dtype}"
-            ) from None
+            raise CodecError(f"value {value!r} (raw {raw!r}) is out of range for {dtype}") from None
     else:
         raw_int = round(raw)
         low, high = INT_LIMITS[dtype]
