@@ -19,7 +19,7 @@ Vascular bed (``_step_hydraulics``)
     H alpha): Ppa = ([(1+a Pla)^5 + 5 a R0 Q]^(1/5) - 1)/a, so
     Q_lung = ((1+a P)^5 - (1+a Pla)^5)/(5 a R0) [L/min], and 0 for P <= Pla (no backflow).
     ``alpha_per_mmhg`` 0.02 (H); ``outflow_pressure_mmhg`` Pla 3 (closed atrium 3-5, H);
-    ``pvr_wu`` R0 12 WU (injured/ex-vivo single lung, upper end of 2.3-8.7 WU x ~2 for one lung,
+    ``pvr_wu`` R0 12 WU (injured/ex-vivo lungs 2.3-8.7 WU for both, x ~2 for one lung,
     M/L) times the disturbances ``pvr_factor`` and a compounding ``pvr_drift_per_min``
     (Pogrebniak 1994: 15 -> 32 mmHg over 90 min at fixed settings, H). The inflow-line sensor adds
     the cannula drop ``cannula_resistance_mmhg_min_per_l`` x Q_pump (16 mmHg min/L, L).
@@ -42,7 +42,7 @@ Thermal (``_step_thermal``)
     1/2 in hose). ``lung_ua_w_per_k_per_l_min`` 40 W/K per L/min of lung flow (L: perfusate
     equilibrates well with lung tissue, m_dot c_p is 63 W/K per L/min, effectiveness ~0.6;
     at fixed heater power a lung sink 3-4 degC colder lowers the steady perfusate by 0.7 x that,
-    2-3 degC, matching "a cold lung attached drops the perfusate 2-3 degC", Pongratz 2019, H).
+    2-3 degC, as in "a cold lung attached drops the perfusate 2-3 degC", Pongratz 2019, H).
     ``ambient_c`` 22, ``body_c`` 36 (L).
     Steady state at 37 degC / 500 mL/min with defaults: losses 45 W tubing + 20 W lung = 65 W,
     water at 38.08 degC, + 96.5 W water to ambient = 161.5 W, i.e. heater duty 20.2 %.

@@ -92,7 +92,7 @@ STATUS_SPEC = TopicSpec(
     when=(
         "On every (re)connect with `online: true`. On a clean shutdown with `online: false`. "
         "The broker publishes the last will, `online: false`, when the daemon's connection "
-        "breaks: at once if the daemon's process dies, and within 1.5 × keepalive if the "
+        "breaks: at once if the daemon's process dies, and within 1.5 x keepalive if the "
         "daemon's host or network dies."
     ),
 )

@@ -1,0 +1,404 @@
+"""One supervised Modbus TCP link per device: write the outputs, read the inputs, every cycle.
+
+The link owns its pymodbus client for its whole life. It connects itself with exponential
+back-off (pymodbus never retries a failed *first* connect, libraries.md 1.3), bounds every call
+with its own timeout (pymodbus #349: a request can hang), and keeps going through any failure:
+``run()`` only ends by cancellation. A failed read leaves the previous Reading in the store;
+the core judges staleness from its timestamp, so an error never turns into a value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import ModbusException
+from pymodbus.pdu import ModbusPDU
+
+from ilup_controller.config.models import Device, Signal, Table
+from ilup_controller.core.types import Reading
+from ilup_controller.modbus.codec import encode, encode_bit, is_bit_signal
+from ilup_controller.modbus.plan import ReadBlock, decode_block, plan_reads
+
+__all__ = ["DEFAULT_POLL_PERIOD_S", "DeviceLink", "LinkHealth"]
+
+log = logging.getLogger("ilup.modbus")
+
+DEFAULT_POLL_PERIOD_S = 0.1
+# Margin on top of pymodbus' own worst case, so its timeout normally fires first.
+_CALL_MARGIN_S = 0.1
+
+_T = TypeVar("_T")
+_TRANSPORT_ERRORS = (ModbusException, OSError, TimeoutError)
+
+
+@dataclass(slots=True)
+class LinkHealth:
+    """Counters and state of one device link (a snapshot; the link keeps its own copy)."""
+
+    connected: bool = False  # the device answered the last request (TCP alone is not enough)
+    consecutive_failures: int = 0  # failed connects/requests since the last good reply
+    last_error: str | None = None
+    last_ok_t: float | None = None  # clock() of the last good reply
+    reads_ok: int = 0
+    reads_failed: int = 0
+    writes_ok: int = 0
+    writes_failed: int = 0
+    cycles: int = 0
+    decode_errors: int = 0  # signals whose registers did not hold a valid value
+    last_cycle_s: float | None = None  # duration of the last cycle (loop time)
+    max_cycle_s: float = 0.0
+
+
+class _LinkDown(Exception):
+    """A transport failure: the rest of the cycle is skipped (each request would time out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    signal: Signal
+    value: float | bool
+    data: list[int] | bool  # encoded registers, or the coil state
+
+
+def _exc_text(code: int) -> str:
+    try:
+        return f"{code} ({ExcCodes(code).name})"
+    except ValueError:
+        return str(code)
+
+
+class DeviceLink:
+    """Owner of the Modbus connection to one device (see module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        device: Device,
+        signals: Mapping[str, Signal],
+        store: dict[str, Reading],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        foreign = sorted(n for n, s in signals.items() if s.device != name)
+        if foreign:
+            raise ValueError(f"device {name}: signals of other devices given: {foreign}")
+        self.name = name
+        self._device = device
+        self._signals = dict(signals)
+        self._store = store
+        self._clock = clock
+        self._blocks: list[ReadBlock] = plan_reads(self._signals)
+        self._poll_period_s = device.poll_period_s or DEFAULT_POLL_PERIOD_S
+        self._call_timeout_s = (device.retries + 1) * device.timeout_s + _CALL_MARGIN_S
+        self._outputs: dict[str, _Output] = {}
+        self._wake = asyncio.Event()
+        self._io_lock = asyncio.Lock()  # one cycle or write_now at a time
+        self._client: AsyncModbusTcpClient | None = None
+        self._health = LinkHealth()
+        self._up: bool | None = None  # None until the first reply or failure
+        self._faults: dict[str, str] = {}  # request key -> current device fault
+        self._bad_signals: set[str] = set()
+        self._next_auto_cycle = 0.0
+
+    # ----------------------------------------------------------------------- public API
+
+    @property
+    def health(self) -> LinkHealth:
+        return dataclasses.replace(self._health)
+
+    def set_output(self, signal: str, value: float | bool) -> None:
+        """Queue ``value`` for ``signal``; written every cycle from now on (latest wins)."""
+        out = self._encode_output(signal, value)
+        self._outputs[signal] = out
+
+    def request_cycle(self) -> None:
+        """Ask for a cycle now; requests during a running cycle coalesce into one more."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Connect, then cycle until cancelled; never raises anything else."""
+        dev = self._device
+        client = AsyncModbusTcpClient(
+            dev.host,
+            port=dev.port,
+            name=f"ilup-{self.name}",
+            timeout=dev.timeout_s,
+            retries=dev.retries,
+            reconnect_delay=dev.reconnect_min_s,
+            reconnect_delay_max=dev.reconnect_max_s,
+        )
+        self._client = client
+        backoff_s = dev.reconnect_min_s
+        log.info(
+            "device %s: link starting to %s:%d unit %d, %d read request(s)",
+            self.name,
+            dev.host,
+            dev.port,
+            dev.unit_id,
+            len(self._blocks),
+        )
+        try:
+            while True:
+                try:
+                    if not client.connected:
+                        if not await self._connect(client):
+                            await asyncio.sleep(backoff_s)
+                            backoff_s = min(2.0 * backoff_s, dev.reconnect_max_s)
+                            continue
+                        backoff_s = dev.reconnect_min_s
+                    await self._wait_for_cycle()
+                    if client.connected:
+                        await self._cycle(client)
+                except Exception as e:  # a bug must not kill the link: log it, back off, go on
+                    log.exception("device %s: unexpected error in link", self.name)
+                    self._failed(f"internal error: {e!r}")
+                    await asyncio.sleep(backoff_s)
+        finally:
+            client.close()
+            self._client = None
+            self._health.connected = False
+            log.info("device %s: link stopped", self.name)
+
+    async def write_now(self, values: Mapping[str, float | bool], timeout_s: float) -> bool:
+        """Write ``values`` at once (e.g. safe states at shutdown); True if all acknowledged.
+
+        The values also replace the queued outputs, so a later cycle cannot undo them. Works
+        with or without ``run()`` going (a short-lived client is used when not connected).
+        """
+        staged = {name: self._encode_output(name, value) for name, value in values.items()}
+        self._outputs.update(staged)
+        done: set[str] = set()
+        try:
+            async with asyncio.timeout(timeout_s), self._io_lock:
+                client = self._client
+                temp: AsyncModbusTcpClient | None = None
+                if client is None or not client.connected:
+                    dev = self._device
+                    temp = client = AsyncModbusTcpClient(
+                        dev.host,
+                        port=dev.port,
+                        name=f"ilup-{self.name}-direct",
+                        timeout=dev.timeout_s,
+                        retries=dev.retries,
+                        reconnect_delay=0,  # one-shot: no background reconnect
+                    )
+                try:
+                    if temp is not None and not await self._connect(temp):
+                        return False
+                    for name, out in staged.items():
+                        try:
+                            if await self._write(client, name, out):
+                                done.add(name)
+                        except _LinkDown:
+                            pass  # still try the others: each actuator made safe counts
+                finally:
+                    if temp is not None:
+                        temp.close()
+        except TimeoutError:
+            log.error(
+                "device %s: direct write timed out after %.2f s, acknowledged: %s",
+                self.name,
+                timeout_s,
+                sorted(done),
+            )
+            return False
+        missing = sorted(set(staged) - done)
+        if missing:
+            log.error("device %s: direct write not acknowledged for %s", self.name, missing)
+        else:
+            log.info("device %s: direct write acknowledged: %s", self.name, sorted(done))
+        return not missing
+
+    # ----------------------------------------------------------------------- internals
+
+    def _encode_output(self, signal: str, value: float | bool) -> _Output:
+        sig = self._signals.get(signal)
+        if sig is None:
+            raise KeyError(f"device {self.name}: {signal!r} is not a signal of this device")
+        if not sig.writable:
+            raise ValueError(f"device {self.name}: signal {signal!r} is not writable")
+        data: list[int] | bool = (
+            encode_bit(sig, value) if is_bit_signal(sig) else encode(sig, value)
+        )
+        return _Output(sig, value, data)
+
+    async def _call(
+        self, client: AsyncModbusTcpClient, op: Callable[[], Awaitable[_T]], what: str
+    ) -> _T:
+        """Run one pymodbus call under our own deadline; transport errors -> _LinkDown."""
+        try:
+            # op() is inside the try: pymodbus raises ConnectionException when *building* a
+            # request on a client that is not connected.
+            return await asyncio.wait_for(op(), self._call_timeout_s)
+        except TimeoutError:
+            # Our deadline, not pymodbus': the client is in an unknown state, start afresh.
+            client.close()
+            msg = f"{what}: no result within {self._call_timeout_s:.2f} s"
+            self._link_down(msg)
+            raise _LinkDown(msg) from None
+        except _TRANSPORT_ERRORS as e:
+            msg = f"{what}: {type(e).__name__}: {e}"
+            self._link_down(msg)
+            raise _LinkDown(msg) from e
+
+    async def _connect(self, client: AsyncModbusTcpClient) -> bool:
+        dev = self._device
+        # Cancel pymodbus' own background reconnect: this supervisor is the only one that
+        # connects, so two connects can never race.
+        client.close()
+        where = f"connect to {dev.host}:{dev.port}"
+        try:
+            ok = await asyncio.wait_for(client.connect(), self._call_timeout_s)
+        except TimeoutError:
+            ok, why = False, f"{where}: no result within {self._call_timeout_s:.2f} s"
+        except _TRANSPORT_ERRORS as e:
+            ok, why = False, f"{where}: {type(e).__name__}: {e}"
+        else:
+            why = f"{where} failed"
+        if ok and client.connected:
+            log.debug("device %s: TCP connected to %s:%d", self.name, dev.host, dev.port)
+            return True
+        self._link_down(why)
+        return False
+
+    async def _wait_for_cycle(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay_s = self._next_auto_cycle - loop.time()
+        if delay_s > 0.0 and not self._wake.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay_s):
+                    await self._wake.wait()
+        # Cleared before the cycle: a request arriving during it gets exactly one more cycle.
+        self._wake.clear()
+        self._next_auto_cycle = loop.time() + self._poll_period_s
+
+    async def _cycle(self, client: AsyncModbusTcpClient) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._io_lock:
+            started = loop.time()
+            self._health.cycles += 1
+            try:
+                # Every cycle, even unchanged: the write is what keeps device watchdogs fed.
+                for name, out in list(self._outputs.items()):
+                    await self._write(client, name, out)
+                for block in self._blocks:
+                    await self._read(client, block)
+            except _LinkDown:
+                pass  # counted and logged; the next request would only time out as well
+            finally:
+                took_s = loop.time() - started
+                self._health.last_cycle_s = took_s
+                self._health.max_cycle_s = max(self._health.max_cycle_s, took_s)
+
+    async def _write(self, client: AsyncModbusTcpClient, name: str, out: _Output) -> bool:
+        sig = out.signal
+        unit = self._device.unit_id
+        what = f"write {name} ({sig.table} {sig.address})"
+        data = out.data
+
+        def op() -> Awaitable[ModbusPDU]:
+            if isinstance(data, bool):
+                return client.write_coil(sig.address, data, device_id=unit)
+            if len(data) == 1:
+                return client.write_register(sig.address, data[0], device_id=unit)
+            return client.write_registers(sig.address, data, device_id=unit)
+
+        try:
+            rsp = await self._call(client, op, what)
+        except _LinkDown:
+            self._health.writes_failed += 1
+            raise
+        if rsp.isError():
+            self._health.writes_failed += 1
+            self._device_fault(f"write:{name}", what, rsp.exception_code)
+            return False
+        self._health.writes_ok += 1
+        self._answered(ok=True)
+        self._fault_cleared(f"write:{name}", what)
+        return True
+
+    async def _read(self, client: AsyncModbusTcpClient, block: ReadBlock) -> None:
+        unit = self._device.unit_id
+        what = f"read {block.table} {block.start}..{block.start + block.count - 1}"
+        read = {
+            Table.input: client.read_input_registers,
+            Table.holding: client.read_holding_registers,
+            Table.coil: client.read_coils,
+            Table.discrete: client.read_discrete_inputs,
+        }[block.table]
+        try:
+            rsp = await self._call(
+                client, lambda: read(block.start, count=block.count, device_id=unit), what
+            )
+        except _LinkDown:
+            self._health.reads_failed += 1
+            raise
+        key = f"read:{block.table}:{block.start}"
+        if rsp.isError():
+            self._health.reads_failed += 1
+            self._device_fault(key, what, rsp.exception_code)
+            return
+        self._health.reads_ok += 1
+        self._answered(ok=True)
+        self._fault_cleared(key, what)
+        data: Sequence[int] | Sequence[bool] = rsp.bits if block.is_bits else rsp.registers
+        result = decode_block(block, data)
+        now = self._clock()
+        for name, value in result.values.items():
+            self._store[name] = Reading(value, now)
+            if name in self._bad_signals:
+                self._bad_signals.discard(name)
+                log.info("device %s: signal %s decodes again", self.name, name)
+        for name, err in result.errors.items():
+            self._health.decode_errors += 1
+            if name not in self._bad_signals:
+                self._bad_signals.add(name)
+                log.warning("device %s: signal %s: invalid value: %s", self.name, name, err)
+
+    # ----------------------------------------------------------------------- state tracking
+
+    def _answered(self, ok: bool) -> None:
+        """The device replied: the link is up (a Modbus exception is still a reply)."""
+        h = self._health
+        h.connected = True
+        if ok:
+            h.consecutive_failures = 0
+            h.last_ok_t = self._clock()
+        if self._up is not True:
+            self._up = True
+            log.info("device %s: link up", self.name)
+
+    def _failed(self, error: str) -> None:
+        self._health.consecutive_failures += 1
+        self._health.last_error = error
+
+    def _link_down(self, error: str) -> None:
+        self._failed(error)
+        self._health.connected = False
+        if self._up is not False:
+            self._up = False
+            log.warning("device %s: link down: %s", self.name, error)
+        else:
+            log.debug("device %s: still down: %s", self.name, error)
+
+    def _device_fault(self, key: str, what: str, code: int) -> None:
+        text = f"{what}: Modbus exception {_exc_text(code)}"
+        self._answered(ok=False)
+        self._failed(text)
+        if self._faults.get(key) != text:
+            self._faults[key] = text
+            log.warning(
+                "device %s: device fault: %s (unit %d)", self.name, text, self._device.unit_id
+            )
+
+    def _fault_cleared(self, key: str, what: str) -> None:
+        if self._faults.pop(key, None) is not None:
+            log.info("device %s: %s answers normally again", self.name, what)
