@@ -28,17 +28,17 @@ class Pid:
             Kd=gains.kd,
             setpoint=0.0,
             sample_time=None,
-            output_limits=(output_min, output_max),
+            # Limits are ours: simple-pid would also clamp the integral to them, which breaks
+            # tracking (the integral must be able to sit at applied - P - D).
+            output_limits=(None, None),
             time_fn=lambda: 0.0,  # never used for dt: every call passes dt explicitly
         )
+        self._min, self._max = output_min, output_max
         self._output = 0.0
 
     @property
     def output(self) -> float:
         return self._output
-
-    def set_limits(self, output_min: float, output_max: float) -> None:
-        self._pid.output_limits = (output_min, output_max)
 
     def update(self, setpoint: float, measured: float, dt_s: float) -> float:
         """One step; the output is within the limits. ``dt_s`` must be > 0."""
@@ -47,7 +47,9 @@ class Pid:
         if out is None or not math.isfinite(out):  # defensive: never hand on a NaN
             raise ArithmeticError(f"PID produced {out!r}")
         self._output = float(out)
-        return self._output
+        clamped = min(max(self._output, self._min), self._max)
+        self.track(clamped)
+        return clamped
 
     def track(self, applied: float) -> None:
         """Re-seed the integral so that the next output continues from ``applied``."""
