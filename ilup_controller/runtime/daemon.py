@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from ilup_controller import __version__
@@ -29,8 +31,12 @@ SAFE_WRITE_TIMEOUT_S = 1.0
 
 
 class Daemon:
-    def __init__(self, cfg: CartConfig) -> None:
+    def __init__(
+        self, cfg: CartConfig, *, on_tick: Callable[[float, float, float], None] | None = None
+    ) -> None:
+        """``on_tick(deadline_s, started_s, finished_s)`` is for benchmarks (loop clock)."""
         self.cfg = cfg
+        self._on_tick = on_tick
         self.store: dict[str, Reading] = {}
         self.ticker = Ticker(cfg.control.tick_period_s)
         self.links: dict[str, DeviceLink] = {}
@@ -109,7 +115,9 @@ class Daemon:
         assert self.controller is not None and self.mqtt is not None
         controller, mqtt, cfg = self.controller, self.mqtt, self.cfg
         seq = 0
+        on_tick = self._on_tick
         async for t_s in self.ticker.ticks():
+            started_s = time.monotonic() if on_tick is not None else 0.0
             decision = controller.step(t_s, self.store)
             for sig, value in decision.outputs.items():
                 self._link_of(sig).set_output(sig, value)
@@ -120,3 +128,5 @@ class Daemon:
                             stats=self.ticker.stats)
             )
             seq += 1
+            if on_tick is not None:
+                on_tick(t_s, started_s, time.monotonic())
