@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import statistics
 import subprocess
@@ -61,11 +62,20 @@ def bench_virtual() -> str:
         ["simulated time", "1800 s (18 000 ticks at 10 Hz)"],
         ["wall time", f"{wall:.2f} s"],
         ["speed-up over real time", f"{1800.0 / wall:.0f}x"],
-        ["flow after ramp: mean / min / max", f"{statistics.fmean(flows):.1f} / {min(flows):.1f} "
-         f"/ {max(flows):.1f} mL/min (target {target:.0f})"],
-        ["flow after ramp: RMS error", f"{statistics.fmean([(f - target) ** 2 for f in flows]) ** 0.5:.2f} mL/min"],
-        ["peak PA pressure", f"{max(s.truth.pa_pressure_mmhg for s in samples):.2f} mmHg "
-         f"(limit {cfg.control.pressure.limit_mmhg:.0f})"],
+        [
+            "flow after ramp: mean / min / max",
+            f"{statistics.fmean(flows):.1f} / {min(flows):.1f} "
+            f"/ {max(flows):.1f} mL/min (target {target:.0f})",
+        ],
+        [
+            "flow after ramp: RMS error",
+            f"{statistics.fmean([(f - target) ** 2 for f in flows]) ** 0.5:.2f} mL/min",
+        ],
+        [
+            "peak PA pressure",
+            f"{max(s.truth.pa_pressure_mmhg for s in samples):.2f} mmHg "
+            f"(limit {cfg.control.pressure.limit_mmhg:.0f})",
+        ],
         ["perfusate within 0.3 degC of target from", f"{warm:.0f} s"],
         ["perfusate after warm-up: min / max", f"{min(after):.2f} / {max(after):.2f} degC"],
         ["peak heater water", f"{max(s.truth.water_c for s in samples):.2f} degC"],
@@ -90,8 +100,11 @@ def _cart_config(tmp: Path, broker_port: int, tick_period_s: float) -> tuple[Pat
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "ilup_controller", *args],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ilup_controller", *args],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _stop(p: subprocess.Popen[bytes]) -> None:
@@ -130,21 +143,36 @@ def bench_ticks(tmp: Path, broker: MosquittoProcess, seconds: float) -> str:
         dur_ms = [(e - s) * 1e3 for _, s, e in ticks]
         late_ms = [(s - d) * 1e3 for d, s, _ in ticks]
         starts = [s for _, s, _ in ticks]
-        jitter_ms = [abs((b - a) - period) * 1e3 for a, b in zip(starts, starts[1:], strict=False)]
-        missed = sum(round((b - a) / period) - 1 for a, b in zip(
-            [d for d, _, _ in ticks], [d for d, _, _ in ticks][1:], strict=False))
-        rows.append([
-            f"{hz} Hz", str(len(ticks)),
-            f"{statistics.median(dur_ms):.3f} / {_pct(dur_ms, 99):.3f}",
-            f"{statistics.median(late_ms):.3f} / {_pct(late_ms, 99):.3f} / {max(late_ms):.2f}",
-            f"{_pct(jitter_ms, 99):.3f}",
-            str(missed),
-        ])
-    return (f"### Tick timing over real Modbus TCP ({seconds:.0f} s each, simulator in another "
-            "process, Mosquitto connected)\n\n" + _table(
-                ["rate", "ticks", "tick work median / p99 (ms)",
-                 "start lateness median / p99 / max (ms)", "period jitter p99 (ms)", "overruns"],
-                rows))
+        jitter_ms = [abs((b - a) - period) * 1e3 for a, b in itertools.pairwise(starts)]
+        missed = sum(
+            round((b - a) / period) - 1
+            for a, b in zip([d for d, _, _ in ticks], [d for d, _, _ in ticks][1:], strict=False)
+        )
+        rows.append(
+            [
+                f"{hz} Hz",
+                str(len(ticks)),
+                f"{statistics.median(dur_ms):.3f} / {_pct(dur_ms, 99):.3f}",
+                f"{statistics.median(late_ms):.3f} / {_pct(late_ms, 99):.3f} / {max(late_ms):.2f}",
+                f"{_pct(jitter_ms, 99):.3f}",
+                str(missed),
+            ]
+        )
+    return (
+        f"### Tick timing over real Modbus TCP ({seconds:.0f} s each, simulator in another "
+        "process, Mosquitto connected)\n\n"
+        + _table(
+            [
+                "rate",
+                "ticks",
+                "tick work median / p99 (ms)",
+                "start lateness median / p99 / max (ms)",
+                "period jitter p99 (ms)",
+                "overruns",
+            ],
+            rows,
+        )
+    )
 
 
 # ------------------------------------------------------------------ 3. CPU and memory
@@ -177,11 +205,14 @@ def bench_resources(tmp: Path, broker: MosquittoProcess, seconds: float) -> str:
         _stop(daemon)
         _stop(sim)
     share = (cpu1 - cpu0) / (t1 - t0) * 100.0
-    rows = [["daemon CPU (one core = 100 %)", f"{share:.2f} %"],
-            ["daemon peak RSS (VmHWM)", f"{hwm:.1f} MB"],
-            ["simulator CPU over the whole run", f"{sim_cpu:.1f} s"]]
+    rows = [
+        ["daemon CPU (one core = 100 %)", f"{share:.2f} %"],
+        ["daemon peak RSS (VmHWM)", f"{hwm:.1f} MB"],
+        ["simulator CPU over the whole run", f"{sim_cpu:.1f} s"],
+    ]
     return f"### `ilup run` at 10 Hz, {seconds:.0f} s steady state\n\n" + _table(
-        ["measure", "value"], rows)
+        ["measure", "value"], rows
+    )
 
 
 def main() -> None:

@@ -131,6 +131,8 @@ class _BrokerProcess:
     """A broker child process on 127.0.0.1:<port> with its own temporary directory."""
 
     name = "broker"
+    # A child that reads stdin gets EOF when this process dies and can exit by itself.
+    _stdin_pipe = False
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port if port is not None else free_port()
@@ -171,7 +173,7 @@ class _BrokerProcess:
             self._log_file = (self._dir / "broker.log").open("wb")
             self._proc = subprocess.Popen(
                 command,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if self._stdin_pipe else subprocess.DEVNULL,
                 stdout=self._log_file,
                 stderr=subprocess.STDOUT,
                 cwd=self._dir,
@@ -227,6 +229,12 @@ class _BrokerProcess:
             self._proc.send_signal(signal.SIGCONT)
 
     def _cleanup(self) -> None:
+        if (
+            self._proc is not None
+            and self._proc.stdin is not None
+            and self._proc.poll() is not None
+        ):
+            self._proc.stdin.close()
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -278,6 +286,7 @@ class EmbeddedBroker(_BrokerProcess):
     """amqtt in a child process (MQTT 3.1.1 only): the demo's last resort without mosquitto."""
 
     name = "amqtt"
+    _stdin_pipe = True  # the child exits when we die, even without stop()
 
     def __init__(self, port: int | None = None) -> None:
         if importlib.util.find_spec("amqtt") is None:
@@ -346,6 +355,15 @@ async def _serve_embedded(port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def parent_gone() -> None:
+        # EOF on the pipe from the parent: it died without stopping us; do not linger.
+        if not os.read(sys.stdin.fileno(), 4096):
+            loop.remove_reader(sys.stdin.fileno())
+            stop.set()
+
+    if not sys.stdin.isatty():
+        loop.add_reader(sys.stdin.fileno(), parent_gone)
     await broker.start()
     try:
         await stop.wait()
@@ -360,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("transitions").setLevel(logging.WARNING)  # amqtt's state machine chatter
     port = args.port if args.port is not None else free_port()
     if args.embedded:
         asyncio.run(_serve_embedded(port))

@@ -58,8 +58,10 @@ async def _run_sim(cfg: CartConfig, speed: float) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args.file)
-    print(f"{args.file}: ok (cart_id={cfg.cart_id}, {len(cfg.devices)} devices, "
-          f"{len(cfg.signals)} signals)")
+    print(
+        f"{args.file}: ok (cart_id={cfg.cart_id}, {len(cfg.devices)} devices, "
+        f"{len(cfg.signals)} signals)"
+    )
     return EXIT_OK
 
 
@@ -79,9 +81,16 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     port = args.port or cfg.mqtt.port
     try:
         return asyncio.run(
-            watch(host, port, cfg.mqtt.topic_prefix, cfg.cart_id, protocol=args.protocol or
-                  cfg.mqtt.protocol, username=cfg.mqtt.username, password=cfg.mqtt.password,
-                  once=args.once)
+            watch(
+                host,
+                port,
+                cfg.mqtt.topic_prefix,
+                cfg.cart_id,
+                protocol=args.protocol or cfg.mqtt.protocol,
+                username=cfg.mqtt.username,
+                password=cfg.mqtt.password,
+                once=args.once,
+            )
         )
     except KeyboardInterrupt:
         return EXIT_OK
@@ -96,8 +105,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ilup", description=__doc__)
     p.add_argument("--version", action="version", version=f"ilup {__version__}")
-    p.add_argument("--log-level", default=os.environ.get("ILUP_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("ILUP_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("check-config", help="validate a cart configuration file")

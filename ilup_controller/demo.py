@@ -39,7 +39,9 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     log = log_path.open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "ilup_controller", *args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -60,8 +62,9 @@ def run_demo(config_path: str, *, speed: float = 1.0) -> int:
     cfg = load_config(config_path)  # fail early, with key paths, before starting anything
     host, port, broker, protocol = ensure_broker(cfg.mqtt.host, cfg.mqtt.port)
     workdir = Path(tempfile.mkdtemp(prefix="ilup-demo-"))
-    demo_cfg = write_config(config_path, workdir / "cart.yaml", host=host, port=port,
-                            protocol=protocol)
+    demo_cfg = write_config(
+        config_path, workdir / "cart.yaml", host=host, port=port, protocol=protocol
+    )
     origin = "started by the demo" if broker is not None else "already running"
     print(f"broker {host}:{port} (MQTT {protocol}, {origin}); logs in {workdir}")
     sim = _spawn(["sim", "-c", str(demo_cfg), "--speed", str(speed)], workdir / "sim.log")
@@ -70,8 +73,9 @@ def run_demo(config_path: str, *, speed: float = 1.0) -> int:
     rc = 0
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            rc = asyncio.run(watch(host, port, cfg.mqtt.topic_prefix, cfg.cart_id,
-                                   protocol=protocol))
+            rc = asyncio.run(
+                watch(host, port, cfg.mqtt.topic_prefix, cfg.cart_id, protocol=protocol)
+            )
     finally:
         print("stopping: daemon first (pump to zero, heater off), then simulator")
         _stop(daemon, "daemon")

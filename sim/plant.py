@@ -1,8 +1,9 @@
 """Physics model of a simulated ILuP circuit, stepped in virtual time.
 
 Pure and deterministic: no asyncio, sockets or wall clock; the only randomness is sensor noise
-from ``random.Random(params.seed)``. State lives in plain attributes so fault injection (occlusion,
-leak, air, stuck sensors) can poke it; each physical sub-model is one method.
+from ``random.Random(params.seed)`` (and from per-fault generators seeded from it). State lives in
+plain attributes so fault injection (sim/faults.py) can poke it; each physical sub-model is one
+method, and instrument failures are a layer of ``SensorFault`` objects applied in ``sensors()``.
 
 Sub-models and parameters (``SimPlant`` fields; confidence tags from shared/domain.md:
 H read in source, M derived, L placeholder):
@@ -12,21 +13,31 @@ Roller pump (``_step_pump``)
     command with a slew limit ``pump_slew_rpm_per_s`` (30 rpm/s, L placeholder for drive
     acceleration). Flow = speed x ``stroke_volume_ml_per_rev`` (33 mL/rev: 3/8 in tubing on a
     6 in head, M; real pumps spread +-10-15 %, so the controller's own stroke volume may differ).
+    ``pump_stalled`` (fault): the rotor stops, the speed slews to 0 whatever the command.
 
-Vascular bed (``_step_hydraulics``)
-    One compliance node at the pulmonary artery, ``compliance_ml_per_mmhg`` (1 mL/mmHg, L):
-    C dP/dt = Q_pump - Q_lung(P). Q_lung inverts the distensible-vessel law (Linehan 1992, M form,
+Inflow line and vascular bed (``_step_hydraulics``)
+    Two compliance nodes. The inflow line between the pump and the cannula,
+    ``line_compliance_ml_per_mmhg`` (0.02 mL/mmHg, L: ~1.5 m of PVC tubing and connectors), carries
+    the pressure sensor: C_l dP_l/dt = Q_pump - Q_c, Q_c = (P_l - P) / R_c through the cannula.
+    The pulmonary artery, ``compliance_ml_per_mmhg`` (1 mL/mmHg, L):
+    C dP/dt = Q_c - Q_lung(P). Q_lung inverts the distensible-vessel law (Linehan 1992, M form,
     H alpha): Ppa = ([(1+a Pla)^5 + 5 a R0 Q]^(1/5) - 1)/a, so
     Q_lung = ((1+a P)^5 - (1+a Pla)^5)/(5 a R0) [L/min], and 0 for P <= Pla (no backflow).
     ``alpha_per_mmhg`` 0.02 (H); ``outflow_pressure_mmhg`` Pla 3 (closed atrium 3-5, H);
     ``pvr_wu`` R0 12 WU (injured/ex-vivo lungs 2.3-8.7 WU for both, x ~2 for one lung,
     M/L) times the disturbances ``pvr_factor`` and a compounding ``pvr_drift_per_min``
-    (Pogrebniak 1994: 15 -> 32 mmHg over 90 min at fixed settings, H). The inflow-line sensor adds
-    the cannula drop ``cannula_resistance_mmhg_min_per_l`` x Q_pump (16 mmHg min/L, L).
+    (Pogrebniak 1994: 15 -> 32 mmHg over 90 min at fixed settings, H). R_c is
+    ``cannula_resistance_mmhg_min_per_l`` (16 mmHg min/L, L) times ``occlusion_factor`` (fault: a
+    kinked or clamped line downstream of the sensor; ``math.inf`` = complete occlusion, Q_c = 0).
     Defaults at 500 mL/min: 7.1 mmHg vascular + 8.0 cannula = 15.1 mmHg at the sensor (12-15 mmHg
-    animal practice, H). Integration is backward Euler solved by Newton (1-3 iterations): the node
-    time constant C/(dQ_lung/dP) is ~0.4 s at defaults but ~10 ms at C = 0.2 and high flow, where
-    explicit Euler at 10 ms would ring; the implicit step neither rings nor overshoots at any step.
+    animal practice, H). The line node's time constant R_c C_l is 19 ms at defaults, so it only
+    matters when the line occludes: the roller pump then pushes Q_pump / C_l into it (417 mmHg/s at
+    500 mL/min, complete occlusion) with no intrinsic limit (domain.md), as a real roller pump does
+    until the tubing or a connector gives way. Integration is backward Euler: the line equation is
+    linear, so Q_c is eliminated in closed form and the vascular pressure is solved by Newton (1-3
+    iterations). The node time constant C/(dQ_lung/dP) is ~0.4 s at defaults but ~10 ms at C = 0.2
+    and high flow, where explicit Euler at 10 ms would ring; the implicit step neither rings nor
+    overshoots at any step, and stays exact for R_c = 0 and R_c = inf.
 
 Thermal (``_step_thermal``)
     Two lumped nodes, explicit Euler (time constants >= ~10 s, far above the step):
@@ -34,7 +45,10 @@ Thermal (``_step_thermal``)
     perfusate m_p c_p dTp/dt = UA_hx (Tw - Tp) - UA_tube (Tp - T_amb) - UA_lung (Tp - T_body)
     ``heater_power_w`` 800 W (L), delivered as heater_pct % of it unless the heater-cooler's own
     thermostat has cut out: off at Tw >= ``water_cap_c`` (42 degC, STS/SCA/AmSECT 2015, H) until
-    Tw < cap - 0.2 degC (hysteresis, L). ``water_mass_kg`` 3 kg (L), c_w 4186 J/kg/K.
+    Tw < cap - 0.2 degC (hysteresis, L). Faults: ``heater_stuck_on`` delivers 100 % whatever the
+    command (the thermostat still cuts out), ``heater_thermostat_failed`` disables the cut-out,
+    ``heater_failed`` delivers 0 W. No boiling: with both stuck-on and thermostat failures the water
+    keeps rising (~3.8 degC/min at 800 W into 3 kg). ``water_mass_kg`` 3 kg (L), c_w 4186 J/kg/K.
     ``hx_ua_w_per_k`` 60 W/K (L; gives a thermal time constant of minutes, Pongratz 2019, H).
     Perfusate ``perfusate_volume_ml`` 1000 mL (L) at 1.0 g/mL, c_p 3.8 kJ/kg/K (blood-like, M).
     ``tubing_ua_w_per_k`` 3 W/K (L: ~3 m of 3/8 in PVC at ~0.3 W/K/m plus open reservoir and
@@ -54,14 +68,23 @@ Transport delay (``_step_transport``)
     equilibrates; L). Implemented on pumped volume, so it is exact for varying flow.
 
 Reservoir (``_step_reservoir``)
-    ``reservoir_volume_ml`` 800 mL (L), constant unless ``leak_ml_min`` > 0; floors at 0.
+    ``reservoir_volume_ml`` 800 mL (L), constant unless ``leak_ml_min`` > 0 (perfusate leaving the
+    isolated circuit into the body); floors at 0.
+
+Air (``air_in_line``)
+    Set by the air fault: a bubble of at least 0.5 mL is in the inflow line, which the bubble
+    detector reports (``air_detected``; detects >= 0.5 mL up to 6 L/min, Terumo System 1, H).
 
 Sensors (``sensors``)
     True value + Gaussian noise: ``pressure_noise_mmhg`` 0.2 with zero offset
     ``pressure_offset_mmhg`` 0.3 (transducer zero drift +-2 mmHg, H); ``flow_noise_ml_min`` 3
     (ultrasonic +-2 %, H); ``temperature_noise_c`` 0.01 on the arterial probe (L);
     ``water_temperature_noise_c`` 0.02, ``pump_speed_noise_rpm`` 0.05 (tacho),
-    ``reservoir_volume_noise_ml`` 2 (all L). Quantisation happens in the Modbus registers.
+    ``reservoir_volume_noise_ml`` 2 (all L); the bubble detector has no noise. Noise is drawn for
+    every channel on every call, in a fixed order, so sensor faults never shift the sequence of
+    the healthy channels. Then each channel's ``SensorFault`` (at most one per channel) rewrites
+    its reading: stuck, drifting, noisy, dropped out or spiking. Quantisation happens in the
+    Modbus registers.
 """
 
 from __future__ import annotations
@@ -69,8 +92,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar, Literal, get_args
 
 from ilup_controller.config.models import SimPlant
 
@@ -83,6 +110,40 @@ HEATER_HYSTERESIS_C = 0.2
 TRANSPORT_DELAY_MAX_S = 60.0
 _NEWTON_TOLERANCE_MMHG = 1e-9
 _NEWTON_MAX_ITERATIONS = 30
+_MMHG_S_PER_ML_PER_MMHG_MIN_PER_L = 60.0 / 1000.0  # 1 L/min = 1000/60 mL/s
+
+# One name per instrument, the same as the SimBindings field that carries it.
+SensorChannel = Literal[
+    "flow",
+    "pa_pressure",
+    "perfusate_temperature",
+    "water_temperature",
+    "pump_speed",
+    "reservoir_volume",
+    "air_detected",
+]
+NumericSensorChannel = Literal[
+    "flow",
+    "pa_pressure",
+    "perfusate_temperature",
+    "water_temperature",
+    "pump_speed",
+    "reservoir_volume",
+]
+SENSOR_CHANNELS: tuple[SensorChannel, ...] = get_args(SensorChannel)
+NUMERIC_SENSOR_CHANNELS: tuple[NumericSensorChannel, ...] = get_args(NumericSensorChannel)
+# Engineering unit of each channel (drift rates are per minute, noise and spikes in these units).
+SENSOR_UNITS: Mapping[SensorChannel, str] = MappingProxyType(
+    {
+        "flow": "mL/min",
+        "pa_pressure": "mmHg",
+        "perfusate_temperature": "degC",
+        "water_temperature": "degC",
+        "pump_speed": "rpm",
+        "reservoir_volume": "mL",
+        "air_detected": "bool",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +161,17 @@ class PlantTruth:
     heater_power_w: float
     reservoir_volume_ml: float
     pvr_wu: float
+    cannula_flow_ml_min: float  # into the lung; differs from the pump's flow when occluded
+    air_in_line: bool
 
 
 @dataclass(frozen=True, slots=True)
 class SensorValues:
-    """What the instruments report (noise and offset applied, not quantised)."""
+    """What the instruments report (noise, offset and sensor faults applied, not quantised).
+
+    A channel named in ``dropouts`` has no new value: its field repeats the last value reported
+    before the dropout, and a consumer must not publish it as a fresh reading.
+    """
 
     flow_ml_min: float
     pa_pressure_mmhg: float
@@ -112,6 +179,114 @@ class SensorValues:
     water_temperature_c: float
     pump_speed_rpm: float
     reservoir_volume_ml: float
+    air_detected: bool = False
+    dropouts: frozenset[SensorChannel] = frozenset()
+
+    def by_channel(self) -> dict[SensorChannel, float | bool]:
+        """Every channel's value (dropped-out ones included), keyed by channel name."""
+        return {
+            "flow": self.flow_ml_min,
+            "pa_pressure": self.pa_pressure_mmhg,
+            "perfusate_temperature": self.perfusate_temperature_c,
+            "water_temperature": self.water_temperature_c,
+            "pump_speed": self.pump_speed_rpm,
+            "reservoir_volume": self.reservoir_volume_ml,
+            "air_detected": self.air_detected,
+        }
+
+
+# ---------------------------------------------------------------------------- sensor faults
+
+
+class SensorFault(ABC):
+    """One instrument failure, rewriting one channel's reading in ``Plant.sensors()``.
+
+    An instance belongs to one plant: ``Plant.set_sensor_fault`` calls ``begin`` with the start
+    time and the fault's own random generator (seeded from the plant's seed, so runs repeat).
+    """
+
+    drops_out: ClassVar[bool] = False
+    numeric_only: ClassVar[bool] = True
+
+    def begin(self, t_s: float, rng: random.Random) -> None:
+        self.started_s = t_s
+        self.rng = rng
+
+    @abstractmethod
+    def reading(self, value: float, t_s: float, previous: float | None) -> float:
+        """The faulty reading, from the healthy ``value`` and the last reported ``previous``."""
+
+
+@dataclass(eq=False)
+class StuckSensor(SensorFault):
+    """Repeats the value it reported when the fault began, without noise."""
+
+    numeric_only: ClassVar[bool] = False
+    held: float | None = field(default=None, init=False)
+
+    def reading(self, value: float, t_s: float, previous: float | None) -> float:
+        if self.held is None:
+            self.held = value if previous is None else previous
+        return self.held
+
+
+@dataclass(eq=False)
+class DroppedSensor(StuckSensor):
+    """No value at all (a broken cable, a dead input): listed in ``SensorValues.dropouts``."""
+
+    drops_out: ClassVar[bool] = True
+
+
+@dataclass(eq=False)
+class DriftingSensor(SensorFault):
+    """Adds ``rate_per_min`` (channel units per minute) times the time since the fault began."""
+
+    rate_per_min: float
+
+    def reading(self, value: float, t_s: float, previous: float | None) -> float:
+        return value + self.rate_per_min * (t_s - self.started_s) / 60.0
+
+
+@dataclass(eq=False)
+class NoisySensor(SensorFault):
+    """Adds Gaussian noise of standard deviation ``sigma`` (channel units) to every sample."""
+
+    sigma: float
+
+    def reading(self, value: float, t_s: float, previous: float | None) -> float:
+        return value + self.rng.gauss(0.0, self.sigma)
+
+
+@dataclass(eq=False)
+class SpikingSensor(SensorFault):
+    """Offsets single samples by ``magnitude``: the first sample at or after the start and then
+    after every further ``period_s`` (at most one spike per period), or each sample with
+    ``probability`` (drawn from the fault's seeded generator)."""
+
+    magnitude: float
+    period_s: float | None = None
+    probability: float | None = None
+    _periods_done: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if (self.period_s is None) == (self.probability is None):
+            raise ValueError("a spiking sensor needs exactly one of period_s or probability")
+        if self.period_s is not None and not (math.isfinite(self.period_s) and self.period_s > 0):
+            raise ValueError(f"period_s must be > 0, got {self.period_s!r}")
+        if self.probability is not None and not 0.0 < self.probability <= 1.0:
+            raise ValueError(f"probability must be in (0, 1], got {self.probability!r}")
+
+    def reading(self, value: float, t_s: float, previous: float | None) -> float:
+        if self.period_s is None:
+            assert self.probability is not None
+            return value + self.magnitude if self.rng.random() < self.probability else value
+        # Spike k is due at started_s + k * period_s; counted, so no float drift and no burst of
+        # spikes after a gap between samples.
+        due_s = self.started_s + self._periods_done * self.period_s
+        if t_s < due_s:
+            return value
+        self._periods_done = math.floor((t_s - self.started_s) / self.period_s) + 1
+        return value + self.magnitude
 
 
 def _finite(name: str, value: float) -> float:
@@ -131,11 +306,17 @@ class Plant:
         self._rng = random.Random(params.seed)
         self._t_s = 0.0
 
-        # Disturbances (settable at any time).
+        # Disturbances and equipment faults (settable at any time; sim/faults.py drives them).
         self.pvr_factor = 1.0
         self.pvr_drift_per_min = 0.0
         self.pvr_drift_multiplier = 1.0  # accumulated drift; reset to 1.0 to clear
         self.leak_ml_min = 0.0
+        self.occlusion_factor = 1.0  # x cannula resistance; math.inf = complete occlusion
+        self.air_in_line = False
+        self.pump_stalled = False
+        self.heater_stuck_on = False
+        self.heater_thermostat_failed = False
+        self.heater_failed = False
 
         # Commands as received by the devices.
         self.pump_speed_command_rpm = 0.0
@@ -144,6 +325,8 @@ class Plant:
         # Physical state.
         self.pump_speed_rpm = 0.0
         self.vascular_pressure_mmhg = params.outflow_pressure_mmhg  # steady state at zero flow
+        self.line_pressure_mmhg = params.outflow_pressure_mmhg
+        self.cannula_flow_ml_min = 0.0
         self.lung_flow_ml_min = 0.0
         self.perfusate_c = params.initial_perfusate_c
         self.water_c = params.initial_water_c
@@ -155,6 +338,11 @@ class Plant:
         self._transport: deque[tuple[float, float, float]] = deque(
             [(0.0, 0.0, params.initial_perfusate_c)]
         )
+
+        # Instrument faults, at most one per channel, and the last reported readings they hold.
+        self._sensor_faults: dict[SensorChannel, SensorFault] = {}
+        self._sensor_faults_started = 0
+        self._last_reported: dict[SensorChannel, float | bool] = {}
 
         self._water_heat_capacity_j_per_k = params.water_mass_kg * WATER_SPECIFIC_HEAT_J_PER_KG_K
         self._perfusate_heat_capacity_j_per_k = (
@@ -202,6 +390,43 @@ class Plant:
         # Set exactly so repeated advance_to() calls do not accumulate rounding.
         self._t_s = end_t_s
 
+    # ------------------------------------------------------------------ sensor faults
+
+    def set_sensor_fault(self, channel: SensorChannel, fault: SensorFault) -> None:
+        """Install ``fault`` on ``channel`` from now on, replacing any fault it already has."""
+        if channel not in SENSOR_CHANNELS:
+            raise ValueError(f"unknown sensor channel {channel!r}; known: {list(SENSOR_CHANNELS)}")
+        if fault.numeric_only and channel not in NUMERIC_SENSOR_CHANNELS:
+            raise ValueError(f"{type(fault).__name__} needs a numeric channel, {channel!r} is bool")
+        self._sensor_faults_started += 1
+        # Own generator per fault (string seeds hash with SHA-512: stable across runs).
+        rng = random.Random(f"{self.params.seed}:sensor-fault:{self._sensor_faults_started}")
+        fault.begin(self._t_s, rng)
+        self._sensor_faults[channel] = fault
+        logger.info(
+            "sensor fault on",
+            extra={"channel": channel, "fault": type(fault).__name__, "t_s": self._t_s},
+        )
+
+    def clear_sensor_fault(self, channel: SensorChannel) -> bool:
+        """Heal ``channel``; False if it had no fault."""
+        fault = self._sensor_faults.pop(channel, None)
+        if fault is None:
+            return False
+        logger.info(
+            "sensor fault off",
+            extra={"channel": channel, "fault": type(fault).__name__, "t_s": self._t_s},
+        )
+        return True
+
+    @property
+    def sensor_faults(self) -> Mapping[SensorChannel, SensorFault]:
+        return MappingProxyType(self._sensor_faults)
+
+    def sensor_dropouts(self) -> frozenset[SensorChannel]:
+        """Channels that currently have no value (same as ``sensors().dropouts``)."""
+        return frozenset(c for c, f in self._sensor_faults.items() if f.drops_out)
+
     # ------------------------------------------------------------------ sub-models
 
     @property
@@ -213,20 +438,38 @@ class Plant:
         return self.params.pvr_wu * self.pvr_factor * self.pvr_drift_multiplier
 
     @property
+    def cannula_resistance_mmhg_s_per_ml(self) -> float:
+        """Inflow cannula resistance with the occlusion; math.inf when completely occluded."""
+        factor = self.occlusion_factor
+        if not factor > 0.0:  # also catches NaN
+            raise ValueError(f"occlusion_factor must be > 0, got {factor!r}")
+        if math.isinf(factor):
+            return math.inf  # a clamp blocks even a zero-resistance cannula
+        return (
+            self.params.cannula_resistance_mmhg_min_per_l
+            * _MMHG_S_PER_ML_PER_MMHG_MIN_PER_L
+            * factor
+        )
+
+    @property
     def heater_delivered_w(self) -> float:
-        if self.heater_cut_out:
+        if self.heater_failed:
             return 0.0
-        return self.heater_command_pct * 0.01 * self.params.heater_power_w
+        if self.heater_cut_out and not self.heater_thermostat_failed:
+            return 0.0
+        pct = 100.0 if self.heater_stuck_on else self.heater_command_pct
+        return pct * 0.01 * self.params.heater_power_w
 
     def _step_pump(self, h: float) -> None:
+        target_rpm = 0.0 if self.pump_stalled else self.pump_speed_command_rpm
         max_delta = self.params.pump_slew_rpm_per_s * h
-        delta = self.pump_speed_command_rpm - self.pump_speed_rpm
+        delta = target_rpm - self.pump_speed_rpm
         if delta > max_delta:
             self.pump_speed_rpm += max_delta
         elif delta < -max_delta:
             self.pump_speed_rpm -= max_delta
         else:
-            self.pump_speed_rpm = self.pump_speed_command_rpm
+            self.pump_speed_rpm = target_rpm
 
     def _step_hydraulics(self, h: float) -> None:
         p = self.params
@@ -236,16 +479,26 @@ class Plant:
         if not r0 > 0.0:  # also catches NaN
             raise ValueError(f"effective PVR must be > 0 WU, got {r0!r} (pvr_factor?)")
         c = p.compliance_ml_per_mmhg
+        c_line = p.line_compliance_ml_per_mmhg
+        r_c = self.cannula_resistance_mmhg_s_per_ml
         p0 = self.vascular_pressure_mmhg
+        pl0 = self.line_pressure_mmhg
         q_in_ml_s = self.pump_flow_ml_min / 60.0
-        # Backward Euler, C (P - P0) + h (Q_lung(P) - Q_in) = 0, solved by Newton. Q_lung is
-        # convex and increasing in P, so after at most one step past the root Newton descends
-        # monotonically onto it: no ringing and no overshoot for any C, R0 or step.
+        # Backward Euler of the line node, C_l (Pl - Pl0) = h (Q_in - Q_c), Q_c = (Pl - P) / R_c,
+        # gives Q_c = k (C_l (Pl0 - P) + h Q_in) with k = 1 / (C_l R_c + h): linear in P, and
+        # exact at R_c = 0 (k = 1/h) and R_c = inf (k = 0, nothing reaches the lung).
+        k = 1.0 / (c_line * r_c + h)
+        # Vascular node, C (P - P0) + h (Q_lung(P) - Q_c(P)) = 0, solved by Newton. Q_lung is
+        # convex and increasing in P and -Q_c is increasing and linear, so after at most one step
+        # past the root Newton descends monotonically onto it: no ringing and no overshoot for
+        # any C, R0 or step.
         pressure = p0
-        q_lung_ml_s = 0.0
         for _ in range(_NEWTON_MAX_ITERATIONS):
             q_lung_ml_s, slope = self._lung_flow_ml_s(pressure, r0)
-            delta = (c * (pressure - p0) + h * (q_lung_ml_s - q_in_ml_s)) / (c + h * slope)
+            q_c_ml_s = k * (c_line * (pl0 - pressure) + h * q_in_ml_s)
+            delta = (c * (pressure - p0) + h * (q_lung_ml_s - q_c_ml_s)) / (
+                c + h * (slope + k * c_line)
+            )
             pressure -= delta
             if -_NEWTON_TOLERANCE_MMHG < delta < _NEWTON_TOLERANCE_MMHG:
                 break
@@ -254,7 +507,10 @@ class Plant:
                 "hydraulics did not converge",
                 extra={"t_s": self._t_s, "pressure_mmhg": pressure, "delta_mmhg": delta},
             )
+        q_c_ml_s = k * (c_line * (pl0 - pressure) + h * q_in_ml_s)
         self.vascular_pressure_mmhg = pressure
+        self.line_pressure_mmhg = pl0 + h * (q_in_ml_s - q_c_ml_s) / c_line
+        self.cannula_flow_ml_min = q_c_ml_s * 60.0
         self.lung_flow_ml_min = self._lung_flow_ml_s(pressure, r0)[0] * 60.0
 
     def _lung_flow_ml_s(self, pressure_mmhg: float, r0_wu: float) -> tuple[float, float]:
@@ -332,13 +588,11 @@ class Plant:
     # ------------------------------------------------------------------ outputs
 
     def truth(self) -> PlantTruth:
-        flow_ml_min = self.pump_flow_ml_min
         return PlantTruth(
             t_s=self._t_s,
             pump_speed_rpm=self.pump_speed_rpm,
-            flow_ml_min=flow_ml_min,
-            pa_pressure_mmhg=self.vascular_pressure_mmhg
-            + self.params.cannula_resistance_mmhg_min_per_l * flow_ml_min * 1e-3,
+            flow_ml_min=self.pump_flow_ml_min,
+            pa_pressure_mmhg=self.line_pressure_mmhg,
             vascular_pressure_mmhg=self.vascular_pressure_mmhg,
             perfusate_c=self.perfusate_c,
             arterial_c=self.arterial_c,
@@ -346,20 +600,46 @@ class Plant:
             heater_power_w=self.heater_delivered_w,
             reservoir_volume_ml=self.reservoir_volume_ml,
             pvr_wu=self.effective_pvr_wu,
+            cannula_flow_ml_min=self.cannula_flow_ml_min,
+            air_in_line=self.air_in_line,
         )
 
     def sensors(self) -> SensorValues:
-        """Instrument readings; each call draws fresh noise (in a fixed order)."""
+        """Instrument readings; each call draws fresh noise (in a fixed order).
+
+        The flow meter sits at the pump outlet, upstream of any occlusion: it reads the pump's
+        flow even when that volume only distends the line.
+        """
         p = self.params
         truth = self.truth()
         gauss = self._rng.gauss
-        return SensorValues(
-            flow_ml_min=truth.flow_ml_min + gauss(0.0, p.flow_noise_ml_min),
-            pa_pressure_mmhg=truth.pa_pressure_mmhg
+        healthy: dict[SensorChannel, float | bool] = {
+            "flow": truth.flow_ml_min + gauss(0.0, p.flow_noise_ml_min),
+            "pa_pressure": truth.pa_pressure_mmhg
             + p.pressure_offset_mmhg
             + gauss(0.0, p.pressure_noise_mmhg),
-            perfusate_temperature_c=truth.arterial_c + gauss(0.0, p.temperature_noise_c),
-            water_temperature_c=truth.water_c + gauss(0.0, p.water_temperature_noise_c),
-            pump_speed_rpm=truth.pump_speed_rpm + gauss(0.0, p.pump_speed_noise_rpm),
-            reservoir_volume_ml=truth.reservoir_volume_ml + gauss(0.0, p.reservoir_volume_noise_ml),
+            "perfusate_temperature": truth.arterial_c + gauss(0.0, p.temperature_noise_c),
+            "water_temperature": truth.water_c + gauss(0.0, p.water_temperature_noise_c),
+            "pump_speed": truth.pump_speed_rpm + gauss(0.0, p.pump_speed_noise_rpm),
+            "reservoir_volume": truth.reservoir_volume_ml + gauss(0.0, p.reservoir_volume_noise_ml),
+            "air_detected": truth.air_in_line,
+        }
+        reported = dict(healthy)
+        dropouts: set[SensorChannel] = set()
+        for channel, fault in self._sensor_faults.items():
+            reported[channel] = fault.reading(
+                healthy[channel], self._t_s, self._last_reported.get(channel)
+            )
+            if fault.drops_out:
+                dropouts.add(channel)
+        self._last_reported = reported
+        return SensorValues(
+            flow_ml_min=reported["flow"],
+            pa_pressure_mmhg=reported["pa_pressure"],
+            perfusate_temperature_c=reported["perfusate_temperature"],
+            water_temperature_c=reported["water_temperature"],
+            pump_speed_rpm=reported["pump_speed"],
+            reservoir_volume_ml=reported["reservoir_volume"],
+            air_detected=bool(reported["air_detected"]),
+            dropouts=frozenset(dropouts),
         )

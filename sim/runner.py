@@ -33,11 +33,15 @@ class SimulatedCart:
     def _on_write(self, signal: str, value: float | bool) -> None:
         apply_command(self.cfg, self.plant, signal, float(value))
 
-    async def run(self, stop: asyncio.Event, *, speed: float = 1.0,
-                  publish_period_s: float = 0.02) -> None:
+    async def run(
+        self, stop: asyncio.Event, *, speed: float = 1.0, publish_period_s: float = 0.02
+    ) -> None:
         await self.servers.start()
-        log.info("simulator serving %s at speed x%g",
-                 ", ".join(f"{d}=:{p}" for d, p in self.servers.ports().items()), speed)
+        log.info(
+            "simulator serving %s at speed x%g",
+            ", ".join(f"{d}=:{p}" for d, p in self.servers.ports().items()),
+            speed,
+        )
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         k = 0

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ilup_controller.config.models import CartConfig
-from ilup_controller.core.control import Controller, Decision
+from ilup_controller.core.cart import CartCore, TickResult
 from ilup_controller.core.types import Reading
 from sim.plant import Plant, PlantTruth
 from sim.wiring import apply_command, quantise, sensor_values
@@ -20,7 +20,7 @@ from sim.wiring import apply_command, quantise, sensor_values
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    decision: Decision
+    decision: TickResult
     truth: PlantTruth
 
 
@@ -30,7 +30,7 @@ class VirtualCart:
             raise ValueError("the configuration has no 'simulator' section")
         self.cfg = cfg
         self.plant = Plant(cfg.simulator.plant, step_s=cfg.simulator.step_s)
-        self.controller = Controller(cfg, t0_s=t0_s)
+        self.core = CartCore(cfg, t0_s=t0_s)
         self.period_s = cfg.control.tick_period_s
         self.t_s = t0_s
         self._k = 0
@@ -46,7 +46,7 @@ class VirtualCart:
         self._k += 1
         self.t_s = self._t0_s + self._k * self.period_s  # absolute deadlines: no float drift
         self.plant.advance_to(self.t_s)
-        decision = self.controller.step(self.t_s, self.readings)
+        decision = self.core.step(self.t_s, self.readings)
         for signal, value in decision.outputs.items():
             apply_command(self.cfg, self.plant, signal, quantise(self.cfg.signals[signal], value))
         self._sample_sensors()

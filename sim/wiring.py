@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ilup_controller.config.models import CartConfig, DataType, Signal
-from ilup_controller.modbus.codec import decode, encode
-from sim.plant import Plant
+from ilup_controller.modbus.codec import decode, decode_bit, encode, encode_bit, is_bit_signal
+from sim.plant import Plant, SensorChannel
 
 _RAW_LIMITS: dict[DataType, tuple[float, float]] = {
     DataType.uint16: (0, 0xFFFF),
@@ -16,32 +16,45 @@ _RAW_LIMITS: dict[DataType, tuple[float, float]] = {
 }
 
 
-def saturate(signal: Signal, value: float) -> float:
+def saturate(signal: Signal, value: float | bool) -> float | bool:
     """Clip to what the register can carry, as a real transducer saturates at full scale."""
+    if is_bit_signal(signal):
+        return value  # a bit is 0/1 already; encode_bit rejects anything else
     lo, hi = _RAW_LIMITS[signal.data_type]
     a, b = lo * signal.scale + signal.offset, hi * signal.scale + signal.offset
     return min(max(value, min(a, b)), max(a, b))
 
 
-def quantise(signal: Signal, value: float) -> float:
-    """The value a Modbus master would decode from this signal's register(s)."""
+def quantise(signal: Signal, value: float | bool) -> float | bool:
+    """The value a Modbus master would decode from this signal's register(s) or bit."""
+    if is_bit_signal(signal):
+        return decode_bit(signal, encode_bit(signal, value))
     return decode(signal, encode(signal, saturate(signal, value)))
 
 
-def sensor_values(cfg: CartConfig, plant: Plant) -> dict[str, float]:
-    """Current instrument readings keyed by the signal that carries each, saturated."""
+def sensor_values(cfg: CartConfig, plant: Plant) -> dict[str, float | bool]:
+    """Current instrument readings keyed by the signal that carries each, saturated.
+
+    A dropped-out channel is left out, so its register (or virtual reading) is not refreshed
+    and goes stale, as a dead input does on a real I/O module.
+    """
     assert cfg.simulator is not None
     b = cfg.simulator.bindings
     s = plant.sensors()
-    values: dict[str | None, float] = {
-        b.flow: s.flow_ml_min,
-        b.pa_pressure: s.pa_pressure_mmhg,
-        b.perfusate_temperature: s.perfusate_temperature_c,
-        b.water_temperature: s.water_temperature_c,
-        b.pump_speed: s.pump_speed_rpm,
-        b.reservoir_volume: s.reservoir_volume_ml,
+    bound: dict[SensorChannel, str | None] = {
+        "flow": b.flow,
+        "pa_pressure": b.pa_pressure,
+        "perfusate_temperature": b.perfusate_temperature,
+        "water_temperature": b.water_temperature,
+        "pump_speed": b.pump_speed,
+        "reservoir_volume": b.reservoir_volume,
+        "air_detected": b.air_detected,
     }
-    return {n: saturate(cfg.signals[n], v) for n, v in values.items() if n is not None}
+    return {
+        name: saturate(cfg.signals[name], value)
+        for channel, value in s.by_channel().items()
+        if (name := bound[channel]) is not None and channel not in s.dropouts
+    }
 
 
 def apply_command(cfg: CartConfig, plant: Plant, signal: str, value: float) -> bool:

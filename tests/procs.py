@@ -46,7 +46,9 @@ class Proc:
         self._log = log_path.open("ab")
         self.p = subprocess.Popen(
             [sys.executable, "-m", "ilup_controller", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
 
     def log(self) -> str:
@@ -120,11 +122,13 @@ async def read_signal(cfg: CartConfig, port_of: dict[str, int], signal_name: str
         if not await client.connect():
             raise ConnectionError(f"simulator {sig.device} not listening on {port_of[sig.device]}")
         if sig.table == "input":
-            rr = await client.read_input_registers(sig.address, count=sig.register_count,
-                                                   device_id=dev.unit_id)
+            rr = await client.read_input_registers(
+                sig.address, count=sig.register_count, device_id=dev.unit_id
+            )
         else:
-            rr = await client.read_holding_registers(sig.address, count=sig.register_count,
-                                                     device_id=dev.unit_id)
+            rr = await client.read_holding_registers(
+                sig.address, count=sig.register_count, device_id=dev.unit_id
+            )
         assert not rr.isError(), rr
         return decode(sig, rr.registers)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -29,7 +30,10 @@ def test_thirty_minute_procedure_holds_flow_pressure_and_temperature(cfg: CartCo
     wall_s = time.perf_counter() - wall0
 
     assert len(samples) == 18_000
-    after_ramp = [s for s in samples if s.decision.t_s >= RAMP_S + 30.0]
+    start = next(s.decision.t_s for s in samples if s.decision.phase == "perfusion")
+    # From priming flow to target at target/ramp_s per second, then 30 s to settle.
+    ramp_end = start + RAMP_S * (1 - cfg.procedure.priming_flow_ml_min / TARGET_ML_MIN)
+    after_ramp = [s for s in samples if s.decision.t_s >= ramp_end + 30.0]
     flows = [s.truth.flow_ml_min for s in after_ramp]
     assert min(flows) >= 0.95 * TARGET_ML_MIN, min(flows)
     assert max(flows) <= 1.05 * TARGET_ML_MIN, max(flows)
@@ -38,7 +42,7 @@ def test_thirty_minute_procedure_holds_flow_pressure_and_temperature(cfg: CartCo
     # Temperature: warm-up ends when the perfusate first comes within 0.3 degC of target.
     temps = [(s.decision.t_s, s.truth.arterial_c) for s in samples]
     warm_t = next(t for t, c in temps if c >= 37.0 - 0.3)
-    assert warm_t < 10 * 60.0, warm_t  # 34 -> 37 degC at <= 0.5 degC/min takes >= 6 min
+    assert warm_t < 12 * 60.0, warm_t  # 34 -> 37 degC at 0.4 degC/min takes >= 7.5 min
     after_warm = [c for t, c in temps if t >= warm_t]
     assert max(after_warm) <= 37.0 + 0.3
     assert min(after_warm) >= 37.0 - 0.3
@@ -46,7 +50,7 @@ def test_thirty_minute_procedure_holds_flow_pressure_and_temperature(cfg: CartCo
     assert overshoot <= 0.5, overshoot
     # Heater water never above its cap; no interlock fired on a healthy plant.
     assert max(s.truth.water_c for s in samples) < cfg.control.temperature.water_cap_c
-    assert all(s.decision.faults == () for s in samples)
+    assert all(s.decision.alarms == [] for s in samples), _alarms(samples)
     assert wall_s < 10.0, f"30 simulated minutes took {wall_s:.1f} s of wall time"
 
 
@@ -57,18 +61,19 @@ def test_warming_rate_is_limited(cfg: CartConfig) -> None:
     rate = cfg.control.temperature.ramp_c_per_min / 60.0
     period = cfg.control.tick_period_s
     steps = [
-        b.decision.temperature_setpoint_c - a.decision.temperature_setpoint_c
-        for a, b in zip(samples, samples[1:], strict=False)
-        if a.decision.heater_limited_by == b.decision.heater_limited_by == "temperature"
+        b.decision.loop.temperature_setpoint_c - a.decision.loop.temperature_setpoint_c
+        for a, b in itertools.pairwise(samples)
+        if a.decision.loop.heater_limited_by == b.decision.loop.heater_limited_by == "temperature"
     ]
     assert len(steps) > 0.8 * len(samples)
     assert max(steps) <= rate * period + 1e-9
-    # The perfusate follows the ramp: over any minute it warms by at most 0.6 degC. (The excess
-    # over 0.5 comes while the flow ramp shortens the transport delay; measured 0.58.)
-    temps = [s.truth.perfusate_c for s in samples]
-    per_min = round(60.0 / period)
-    worst = max(b - a for a, b in zip(temps, temps[per_min:], strict=False))
-    assert worst <= 0.6, worst
+    # The perfusate at the inflow sensor warms by at most 0.5 degC/min over the alarm's window.
+    window = cfg.alarms.heating_rate_window_s
+    temps = [s.truth.arterial_c for s in samples]
+    n = round(window / period)
+    worst = max((b - a) / window * 60.0 for a, b in zip(temps, temps[n:], strict=False))
+    assert worst <= cfg.alarms.heating_rate_c_per_min, worst
+    assert all(a.alarm_id != "heating_rate" for s in samples for a in s.decision.alarms)
 
 
 @pytest.mark.parametrize(("factor", "shape"), [(8.0, "step"), (10.0, "ramp")])
@@ -92,7 +97,7 @@ def test_pressure_limiter_trades_flow_for_pressure(
     peak = max(s.truth.pa_pressure_mmhg for s in samples)
     assert peak <= limit + 1.0, peak
     held = samples[-300:]  # the last 30 s under high resistance
-    assert all(s.decision.pump_limited_by == "pressure" for s in held)
+    assert all(s.decision.loop.pump_limited_by == "pressure" for s in held)
     flow_held = sum(s.truth.flow_ml_min for s in held) / len(held)
     assert flow_held < 0.85 * TARGET_ML_MIN, flow_held  # flow gave way, not pressure
     assert sum(s.truth.pa_pressure_mmhg for s in held) / len(held) > limit - 2.5
@@ -101,5 +106,11 @@ def test_pressure_limiter_trades_flow_for_pressure(
     recovered: list[Sample] = []
     cart.run_for(60.0, recovered.append)
     tail = recovered[-200:]
-    assert all(s.decision.pump_limited_by == "flow" for s in tail)
+    assert all(s.decision.loop.pump_limited_by == "flow" for s in tail)
     assert all(abs(s.truth.flow_ml_min - TARGET_ML_MIN) <= 0.05 * TARGET_ML_MIN for s in tail)
+
+
+def _alarms(samples: list[Sample]) -> list[str]:
+    return sorted(
+        {f"{a.alarm_id}@{s.decision.t_s:.1f}" for s in samples for a in s.decision.alarms}
+    )

@@ -17,7 +17,10 @@ SIM = Path("config/sim.yaml")
 def _ilup(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ilup_controller", *args],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -49,20 +52,54 @@ def test_shipped_configs_are_valid(path: str) -> None:
 @pytest.mark.parametrize(
     ("edit", "value", "expected"),
     [
-        ("control.flow.pid", {"kp": -1.0}, "control.flow.pid.kp: Input should be greater than or equal to 0"),
-        ("control.flow.target_ml_min", "fast", "control.flow.target_ml_min: Input should be a valid number"),
-        ("devices.pump.unit_id", 300, "devices.pump.unit_id: Input should be less than or equal to 247"),
+        (
+            "control.flow.pid",
+            {"kp": -1.0},
+            "control.flow.pid.kp: Input should be greater than or equal to 0",
+        ),
+        (
+            "control.flow.target_ml_min",
+            "fast",
+            "control.flow.target_ml_min: Input should be a valid number",
+        ),
+        (
+            "devices.pump.unit_id",
+            300,
+            "devices.pump.unit_id: Input should be less than or equal to 247",
+        ),
         ("devices.io.colour", "red", "devices.io.colour: unknown key"),
-        ("control.flow.measured", "flow_meter_2", "control.flow.measured: no signal named 'flow_meter_2'"),
-        ("control.temperature.command", "flow", "control.temperature.command: signal 'flow' is not writable"),
+        (
+            "control.flow.measured",
+            "flow_meter_2",
+            "control.flow.measured: no signal named 'flow_meter_2'",
+        ),
+        (
+            "control.temperature.command",
+            "flow",
+            "control.temperature.command: signal 'flow' is not writable",
+        ),
         ("signals.flow.device", "nowhere", "signals.flow.device: no device named 'nowhere'"),
-        ("signals.pa_pressure.address", 0, "signals.pa_pressure.address: register input 0 on 'io' is also used by 'flow'"),
+        (
+            "signals.pa_pressure.address",
+            0,
+            "signals.pa_pressure.address: register input 0 on 'io' is also used by 'flow'",
+        ),
         ("control.pressure", ..., "control.pressure: required key is missing"),
-        ("control.temperature.water_cap_c", 45.0, "control.temperature.water_cap_c: Input should be less than or equal to 42"),
-        ("control.pressure.stop_mmhg", 20.0, "control.pressure: stop_mmhg must be above limit_mmhg"),
+        (
+            "control.temperature.water_cap_c",
+            45.0,
+            "control.temperature.water_cap_c: Input should be less than or equal to 42",
+        ),
+        (
+            "control.pressure.stop_mmhg",
+            20.0,
+            "control.pressure: stop_mmhg must be above limit_mmhg",
+        ),
     ],
 )
-def test_bad_config_names_the_key_path(tmp_path: Path, edit: str, value: object, expected: str) -> None:
+def test_bad_config_names_the_key_path(
+    tmp_path: Path, edit: str, value: object, expected: str
+) -> None:
     bad = _variant(tmp_path, edit, value)
     with pytest.raises(ConfigError) as exc:
         load_config(bad)

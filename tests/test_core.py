@@ -1,15 +1,19 @@
-"""The control core alone: interlocks, stale data, latching, and the PID wrapper."""
+"""The core alone, with hand-made readings: interlocks, stale data, latching, PID wrapper."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 
 from ilup_controller.config import CartConfig, load_config
 from ilup_controller.config.models import PidGains
-from ilup_controller.core.control import Controller, Fault, Phase
+from ilup_controller.core.cart import CartCore, TickResult
 from ilup_controller.core.pid import Pid
+from ilup_controller.core.procedure import Phase
 from ilup_controller.core.types import Reading
 from sim.virtual import VirtualCart
+from sim.wiring import apply_command
 
 PERIOD = 0.1
 
@@ -19,155 +23,137 @@ def cfg() -> CartConfig:
     return load_config("config/sim.yaml")
 
 
-def healthy(t: float, **override: float) -> dict[str, Reading]:
-    values = {
-        "flow": 500.0,
-        "pa_pressure": 15.0,
-        "perfusate_temp": 36.0,
-        "heater_water_temp": 37.0,
-        "pump_speed": 15.0,
-    }
-    values.update(override)
-    return {k: Reading(v, t) for k, v in values.items()}
-
-
-def running(cfg: CartConfig, seconds: float = 240.0) -> VirtualCart:
-    """A cart that has ramped up and is perfusing normally."""
+def running(cfg: CartConfig, seconds: float = 300.0) -> VirtualCart:
+    """A cart that has ramped up and is perfusing normally, with no alarm."""
     cart = VirtualCart(cfg)
     cart.run_for(seconds)
-    assert cart.controller.phase is Phase.perfusion
-    assert cart.tick().decision.pump_speed_rpm > 14.0
+    r = cart.tick().decision
+    assert r.phase is Phase.perfusion
+    assert r.loop.pump_speed_rpm > 14.0
+    assert r.alarms == []
     return cart
 
 
-def test_stale_pressure_stops_the_pump_within_one_tick(cfg: CartConfig) -> None:
+def step_with(cart: VirtualCart, seconds: float, **override: float | None) -> list[TickResult]:
+    """Advance the real plant but hand the core readings with some signals replaced
+    (a value) or frozen at their last reading (None)."""
+    frozen = {k: cart.readings[k] for k, v in override.items() if v is None}
+    out: list[TickResult] = []
+    n = round(seconds / PERIOD)
+    for _ in range(n):
+        cart._k += 1
+        cart.t_s = cart._t0_s + cart._k * PERIOD
+        cart.plant.advance_to(cart.t_s)
+        readings = dict(cart.readings)
+        for k, v in override.items():
+            readings[k] = frozen[k] if v is None else Reading(v, cart.t_s - PERIOD)
+        r = cart.core.step(cart.t_s, readings)
+        for sig, value in r.outputs.items():
+            apply_command(cart.cfg, cart.plant, sig, value)
+        cart._sample_sensors()
+        out.append(r)
+    return out
+
+
+def ids(r: TickResult) -> set[str]:
+    return {a.alarm_id for a in r.alarms}
+
+
+def test_stale_pressure_stops_the_pump_within_budget(cfg: CartConfig) -> None:
     cart = running(cfg)
-    c = cart.controller
-    t = cart.t_s
-    frozen = dict(cart.readings)
-    frozen_at = frozen["pa_pressure"].t
-    # The pressure module stops answering: its last reading stays, and only ages.
+    frozen_at = cart.readings["pa_pressure"].t
+    results = step_with(cart, 3.0, pa_pressure=None)
+    first = next(r for r in results if "sensor_pressure" in ids(r))
     stale_after = cfg.control.stale_after_s
-    k = 0
-    while True:
-        k += 1
-        now = t + k * PERIOD
-        readings = {**healthy(now), "pa_pressure": frozen["pa_pressure"]}
-        d = c.step(now, readings)
-        if now - frozen_at <= stale_after:
-            assert d.pump_speed_rpm > 0.0
-            assert Fault.pressure_sensor not in d.faults
-        else:
-            assert d.pump_speed_rpm == 0.0
-            assert d.pump_limited_by == Fault.pressure_sensor
-            assert d.measured.pressure_mmhg is None  # missing, never 0
-            break
-    assert now - frozen_at <= stale_after + PERIOD
+    delay = 0.5
+    assert first.t_s - frozen_at <= stale_after + delay + PERIOD + 1e-6
+    assert first.loop.pump_speed_rpm == 0.0  # the safe action in the same tick
+    assert first.measured.pressure_mmhg is None  # missing, never 0
+    assert all(r.loop.pump_speed_rpm > 0 for r in results if r.t_s - frozen_at <= stale_after)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), 151.0, -21.0])
 def test_implausible_pressure_is_unusable(cfg: CartConfig, bad: float) -> None:
     cart = running(cfg)
-    t = cart.t_s + PERIOD
-    d = cart.controller.step(t, healthy(t, pa_pressure=bad))
-    assert d.pump_speed_rpm == 0.0
-    assert d.measured.pressure_mmhg is None
-    assert Fault.pressure_sensor in d.faults
+    results = step_with(cart, 1.0, pa_pressure=bad)
+    assert results[0].measured.pressure_mmhg is None
+    assert "sensor_pressure" in ids(results[-1])
+    assert results[-1].loop.pump_speed_rpm == 0.0
 
 
-def test_pressure_stop_latches_until_reset_after_it_clears(cfg: CartConfig) -> None:
+def test_pressure_high_latches_and_reset_is_refused_while_present(cfg: CartConfig) -> None:
     cart = running(cfg)
-    c = cart.controller
-    t = cart.t_s
     stop = cfg.control.pressure.stop_mmhg
-    t += PERIOD
-    d = c.step(t, healthy(t, pa_pressure=stop + 0.5))
-    assert d.pump_speed_rpm == 0.0
-    assert d.pump_limited_by == Fault.pressure_stop
-    # Pressure falls back: the pump stays stopped, the fault stays latched.
-    for _ in range(50):
-        t += PERIOD
-        d = c.step(t, healthy(t, pa_pressure=12.0))
-        assert d.pump_speed_rpm == 0.0
-        assert Fault.pressure_stop in d.faults
-    # A reset while the condition persists is refused; once clear, it is accepted.
-    assert c.reset_latched(d.measured.__class__(500.0, stop + 1.0, 37.0, 38.0)) == {
-        Fault.pressure_stop
-    }
-    assert c.reset_latched(d.measured) == set()
-    t += PERIOD
-    d = c.step(t, healthy(t, pa_pressure=12.0))
-    assert Fault.pressure_stop not in d.faults
-    assert 0.0 < d.pump_speed_rpm <= cfg.control.flow.slew_rpm_per_s * PERIOD + 1e-9
+    high = step_with(cart, 1.0, pa_pressure=stop + 0.5)
+    onset = next(r for r in high if "pressure_high" in ids(r))
+    assert onset.t_s - high[0].t_s <= 0.2 + PERIOD + 1e-6
+    assert onset.loop.pump_speed_rpm == 0.0
+    core = cart.core
+    verdict = core.reset("pressure_high", cart.t_s, "op1")
+    assert not verdict.ok
+    assert "condition still present" in verdict.reason
+    # Pressure falls back (pump stopped): latched, still stopped.
+    back = step_with(cart, 5.0)
+    assert all(r.loop.pump_speed_rpm == 0.0 for r in back)
+    alarm = next(a for a in back[-1].alarms if a.alarm_id == "pressure_high")
+    assert alarm.presence == "latched"
+    assert core.reset("pressure_high", cart.t_s, "op1").ok
+    after = step_with(cart, 5.0)
+    assert "pressure_high" not in ids(after[-1])
+    # The flow ramp starts again from zero: no jump back to full speed.
+    ramp = cfg.control.flow.target_ml_min / cfg.control.flow.ramp_s
+    assert after[0].loop.flow_setpoint_ml_min <= ramp * PERIOD + 1e-9
+    assert after[-1].loop.pump_speed_rpm > 0.0
+    speeds = [r.loop.pump_speed_rpm for r in after]
+    assert max(b - a for a, b in itertools.pairwise(speeds)) <= (
+        cfg.control.flow.slew_rpm_per_s * PERIOD + 1e-9
+    )
 
 
 def test_heater_fault_does_not_stop_the_pump(cfg: CartConfig) -> None:
     cart = running(cfg)
-    c = cart.controller
-    t = cart.t_s
-    cap = cfg.control.temperature.water_cap_c
-    for reading in ({"heater_water_temp": cap}, {"perfusate_temp": float("inf")}):
-        t += PERIOD
-        d = c.step(t, healthy(t, **reading))
-        assert d.heater_pct == 0.0
-        assert d.pump_speed_rpm > 14.0
-        assert d.pump_limited_by == "flow"
+    results = step_with(cart, 3.0, heater_water_temp=cfg.control.temperature.water_cap_c + 0.1)
+    assert all(r.loop.heater_pct == 0.0 for r in results)
+    assert "water_cap" in ids(results[-1])
+    assert all(r.loop.pump_speed_rpm > 14.0 for r in results)
 
 
-def test_missing_temperature_turns_heater_off_and_keeps_pumping(cfg: CartConfig) -> None:
+def test_missing_flow_holds_the_pump(cfg: CartConfig) -> None:
     cart = running(cfg)
-    c = cart.controller
-    t = cart.t_s + PERIOD
-    readings = healthy(t)
-    del readings["perfusate_temp"]
-    d = c.step(t, readings)
-    assert d.heater_pct == 0.0
-    assert d.heater_limited_by == Fault.temperature_sensor
-    assert d.pump_speed_rpm > 14.0
+    before = cart.tick().decision.loop.pump_speed_rpm
+    results = step_with(cart, 10.0, flow=float("nan"))
+    assert "sensor_flow" in ids(results[-1])
+    assert all(abs(r.loop.pump_speed_rpm - before) < 0.5 for r in results)
+    assert results[-1].loop.heater_pct == 0.0  # cannot prove flow through the exchanger
 
 
-def test_missing_flow_runs_open_loop_on_feed_forward(cfg: CartConfig) -> None:
+def test_pressure_stop_holds_even_if_pid_output_is_corrupted(cfg: CartConfig) -> None:
     cart = running(cfg)
-    c = cart.controller
-    t = cart.t_s
-    before = cart.tick().decision.pump_speed_rpm
-    t = cart.t_s
-    for _ in range(100):
-        t += PERIOD
-        readings = healthy(t)
-        del readings["flow"]
-        d = c.step(t, readings)
-    # Feed-forward 500/33 = 15.15 rpm plus the frozen trim; no drift without a measurement.
-    assert abs(d.pump_speed_rpm - before) < 0.5
-    assert Fault.flow_sensor in d.faults
-    assert d.heater_pct == 0.0  # no flow measurement: cannot prove flow through the exchanger
-
-
-def test_pressure_interlock_holds_even_if_pid_output_is_corrupted(cfg: CartConfig) -> None:
-    cart = running(cfg)
-    c = cart.controller
-    # Simulated bug: the flow loop's integrator is at its maximum.
-    c._flow_pid.reset(cfg.control.flow.trim_limit_rpm)
-    t = cart.t_s + PERIOD
-    d = c.step(t, healthy(t, pa_pressure=cfg.control.pressure.stop_mmhg))
-    assert d.pump_speed_rpm == 0.0
+    # Simulated bug: the flow loop's integrator at its maximum every tick.
+    ctl = cart.core.controller
+    results: list[TickResult] = []
+    for _ in range(10):
+        ctl._flow_pid.reset(cfg.control.flow.trim_limit_rpm * 10)
+        results += step_with(cart, PERIOD, pa_pressure=cfg.control.pressure.stop_mmhg + 1)
+    assert results[-1].loop.pump_speed_rpm == 0.0
 
 
 def test_step_rejects_repeated_time(cfg: CartConfig) -> None:
-    c = Controller(cfg, t0_s=0.0)
-    c.step(0.1, healthy(0.1))
+    core = CartCore(cfg, t0_s=0.0)
+    core.step(0.1, {})
     with pytest.raises(ValueError, match="not after the previous step"):
-        c.step(0.1, healthy(0.1))
+        core.step(0.1, {})
 
 
 def test_idle_cart_does_not_pump_or_heat(cfg: CartConfig) -> None:
     manual = cfg.model_copy(update={"control": cfg.control.model_copy(update={"autostart": False})})
-    c = Controller(manual, t0_s=0.0)
-    for k in range(1, 50):
-        d = c.step(k * PERIOD, healthy(k * PERIOD))
-        assert d.phase is Phase.idle
-        assert d.pump_speed_rpm == 0.0
-        assert d.heater_pct == 0.0
+    cart = VirtualCart(manual)
+    samples = []
+    cart.run_for(30.0, samples.append)
+    assert all(s.decision.phase is Phase.idle for s in samples)
+    assert all(s.decision.loop.pump_speed_rpm == 0.0 for s in samples)
+    assert all(s.decision.loop.heater_pct == 0.0 for s in samples)
+    assert all(s.decision.alarms == [] for s in samples)
 
 
 def test_pid_tracking_is_bumpless() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 from pathlib import Path
 
@@ -49,7 +50,7 @@ async def test_daemon_perfuses_the_simulator_and_survives_the_broker(
             await asyncio.sleep(3.0)
             window = sub.of("/state", since_s=t0)
             assert len(window) >= 3, len(window)
-            gaps = [b.at_s - a.at_s for a, b in zip(window, window[1:], strict=False)]
+            gaps = [b.at_s - a.at_s for a, b in itertools.pairwise(window)]
             assert max(gaps) <= 1.0, gaps
             last = window[-1].payload
             assert last["simulated"] is True
@@ -58,7 +59,8 @@ async def test_daemon_perfuses_the_simulator_and_survives_the_broker(
             assert {"flow_ml_min", "pressure_mmhg", "temperature_c"} <= last["measured"].keys()
             assert {"pump_speed_rpm", "heater_pct"} <= last["outputs"].keys()
             seqs = [m.payload["seq"] for m in window]
-            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            assert seqs == sorted(seqs)
+            assert len(set(seqs)) == len(seqs)
 
             # Broker down for 3 s: control goes on (flow read straight from the simulator).
             mosquitto.stop()
@@ -69,8 +71,11 @@ async def test_daemon_perfuses_the_simulator_and_survives_the_broker(
             assert all(_in_band(f) for f in outage), outage
             mosquitto.start()
             t_back = loop.time()
-            await wait_until(lambda: len(sub.of("/state", since_s=t_back)) >= 2, 15,
-                             what="state resumes after the broker restarts")
+            await wait_until(
+                lambda: len(sub.of("/state", since_s=t_back)) >= 2,
+                15,
+                what="state resumes after the broker restarts",
+            )
             resumed = sub.of("/state", since_s=t_back)
             assert resumed[-1].payload["seq"] > seqs[-1]
             assert _in_band(resumed[-1].payload["measured"]["flow_ml_min"])
@@ -81,7 +86,8 @@ async def test_daemon_perfuses_the_simulator_and_survives_the_broker(
             daemon.signal(signal.SIGKILL)
             await wait_until(
                 lambda: any(m.payload["online"] is False for m in sub.of("/status", t_kill)),
-                1.5 * cfg.mqtt.keepalive_s + 2, what="last will {online: false}",
+                1.5 * cfg.mqtt.keepalive_s + 2,
+                what="last will {online: false}",
             )
         except BaseException:
             for p in procs:
@@ -126,8 +132,11 @@ async def test_sigterm_stops_the_pump_and_heater(
                 return await read_signal(cfg, ports, "pump_speed") < 0.1
 
             await wait_until(stopped, 5, interval_s=0.1, what="pump speed back to zero")
-            await wait_until(lambda: any(m.payload["online"] is False for m in sub.of("/status")),
-                             5, what="offline status after SIGTERM")
+            await wait_until(
+                lambda: any(m.payload["online"] is False for m in sub.of("/status")),
+                5,
+                what="offline status after SIGTERM",
+            )
             assert "Traceback" not in daemon.log()
         except BaseException:
             for p in procs:

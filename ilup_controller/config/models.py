@@ -29,6 +29,14 @@ Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
 # --------------------------------------------------------------------------- devices and signals
 
 
+class Watchdog(Strict):
+    """The device's own communication watchdog: without a write for ``timeout_s`` it goes to
+    its safe state by itself (pump stops, heater off). Armed and read back at start-up."""
+
+    signal: Name = Field(description="Writable signal holding the watchdog timeout, seconds.")
+    timeout_s: Pos = Field(1.0, le=60.0)
+
+
 class Device(Strict):
     """One Modbus TCP endpoint (an I/O module, a pump drive, a heater)."""
 
@@ -41,6 +49,9 @@ class Device(Strict):
     reconnect_max_s: Pos = Field(5.0, description="Ceiling of the reconnect back-off.")
     poll_period_s: Pos | None = Field(
         None, description="Poll period; default: the control tick period."
+    )
+    watchdog: Watchdog | None = Field(
+        None, description="Required on every device that drives an actuator."
     )
 
     @model_validator(mode="after")
@@ -170,7 +181,9 @@ class TemperatureLoop(Strict):
     water_measured: Name = Field(description="Signal: heater water temperature, degC.")
     command: Name = Field(description="Signal: heater power command, %.")
     target_c: Finite = Field(37.0, ge=20.0, le=42.0)
-    ramp_c_per_min: Pos = Field(0.5, le=2.0, description="Setpoint rewarming rate limit.")
+    ramp_c_per_min: Pos = Field(
+        0.4, le=2.0, description="Setpoint rewarming rate; below the 0.5 degC/min alarm."
+    )
     water_cap_c: Finite = Field(42.0, le=42.0, description="Heater water never above this.")
     max_gradient_c: Pos = Field(
         4.0, le=10.0, description="Water setpoint at most this far above the perfusate."
@@ -205,6 +218,72 @@ class Control(Strict):
     flow: FlowLoop
     pressure: PressureLimiter
     temperature: TemperatureLoop
+    reservoir_measured: Name | None = Field(None, description="Signal: reservoir volume, mL.")
+    air_measured: Name | None = Field(None, description="Signal: bubble detector (bool).")
+
+
+# --------------------------------------------------------------------------- safety
+
+
+class SensorLimits(Strict):
+    """Plausibility checks of one safety sensor (range comes from the signal's ``range``)."""
+
+    max_rate_per_s: Pos = Field(description="Largest believable change per second.")
+    stuck_s: Pos = Field(description="Identical readings this long while fresh = stuck sensor.")
+
+
+class Alarms(Strict):
+    """Alarm thresholds and delays. Priority, latching and action are fixed by the catalogue."""
+
+    audio_pause_s: Pos = Field(120.0, le=120.0, description="Audio pause length (max 120 s).")
+    delays_s: dict[str, NonNeg] = Field(
+        default_factory=dict, description="Condition delay per alarm id, overriding the default."
+    )
+    flow_deviation_pct: Pos = 10.0
+    flow_deviation_min_ml_min: Pos = 25.0
+    perfusate_low_c: Pos = Field(1.5, description="Alarm when this far below the setpoint.")
+    heating_rate_c_per_min: Pos = 0.5
+    heating_rate_window_s: Pos = 120.0
+    gradient_c: Pos = Field(4.0, description="Water above perfusate (when perfusate >= 30 degC).")
+    reservoir_low_ml: NonNeg = 300.0
+    leak_ml_min: Pos = Field(20.0, description="Reservoir volume loss rate that means a leak.")
+    leak_window_s: Pos = 60.0
+    pvr_rise_pct: Pos = Field(10.0, description="Pressure/flow ratio worse than baseline by this.")
+    pvr_baseline_s: Pos = Field(60.0, description="Baseline: mean over this long at target.")
+    pump_follow_rpm: Pos = Field(1.0, description="Tacho may differ from command by this...")
+    pump_follow_pct: Pos = Field(10.0, description="...or by this share of the command.")
+    heater_hysteresis_c: Pos = Field(1.0, description="verify_heater: band around the setpoint.")
+    heater_max_error_c_s: Pos = Field(120.0, description="verify_heater: cumulative error limit.")
+    heater_check_gain_time_s: Pos = Field(120.0, description="Time allowed to rise by the gain.")
+    heater_gain_c: Pos = Field(0.5, description="Rise expected within check_gain_time_s.")
+    overrun_window_s: Pos = 60.0
+    pressure: SensorLimits = SensorLimits(max_rate_per_s=60.0, stuck_s=2.0)
+    flow: SensorLimits = SensorLimits(max_rate_per_s=3000.0, stuck_s=2.0)
+    temperature: SensorLimits = SensorLimits(max_rate_per_s=2.0, stuck_s=30.0)
+    water: SensorLimits = SensorLimits(max_rate_per_s=2.0, stuck_s=30.0)
+    reservoir: SensorLimits = SensorLimits(max_rate_per_s=300.0, stuck_s=10.0)
+
+    @field_validator("delays_s")
+    @classmethod
+    def _known_alarms(cls, v: dict[str, float]) -> dict[str, float]:
+        from ilup_controller.core.catalogue import CATALOGUE
+
+        unknown = sorted(set(v) - set(CATALOGUE))
+        if unknown:
+            raise ValueError(f"unknown alarm id(s) {unknown}; known: {sorted(CATALOGUE)}")
+        return v
+
+
+class Procedure(Strict):
+    """Phase timing. ``auto_advance`` walks the phases by these timers (simulator demos)."""
+
+    priming_flow_ml_min: NonNeg = 150.0
+    priming_s: Pos = Field(60.0, description="Auto-advance only: time spent priming.")
+    drug_phase_s: Pos = Field(1800.0, description="Drug phase: time at target (30 min).")
+    washout_s: Pos = Field(600.0, description="Washout duration (10 min).")
+    at_target_flow_pct: Pos = Field(10.0, description="Drug timer counts within this band...")
+    at_target_temperature_c: Pos = Field(0.5, description="...and within this of target.")
+    auto_advance: bool = False
 
 
 # --------------------------------------------------------------------------- MQTT
@@ -237,6 +316,9 @@ class SimPlant(Strict):
     outflow_pressure_mmhg: NonNeg = 3.0
     cannula_resistance_mmhg_min_per_l: NonNeg = 16.0
     compliance_ml_per_mmhg: Pos = 1.0
+    line_compliance_ml_per_mmhg: Pos = Field(
+        0.02, description="Inflow line between pump and cannula (where the pressure sensor sits)."
+    )
     perfusate_volume_ml: Pos = 1000.0
     reservoir_volume_ml: NonNeg = 800.0
     initial_perfusate_c: Finite = 34.0
@@ -273,6 +355,7 @@ class SimBindings(Strict):
     water_temperature: Name
     pump_speed: Name | None = None
     reservoir_volume: Name | None = None
+    air_detected: Name | None = Field(None, description="Bubble detector on the inflow line.")
 
 
 class Simulator(Strict):
@@ -290,6 +373,8 @@ class CartConfig(Strict):
     devices: dict[Name, Device] = Field(min_length=1)
     signals: dict[Name, Signal] = Field(min_length=1)
     control: Control
+    alarms: Alarms = Alarms()
+    procedure: Procedure = Procedure()
     mqtt: Mqtt = Mqtt()
     simulator: Simulator | None = None
 
@@ -316,8 +401,13 @@ class CartConfig(Strict):
             ("control.temperature.water_measured", c.temperature.water_measured, False),
             ("control.temperature.command", c.temperature.command, True),
         ]
-        if c.flow.speed_measured is not None:
-            refs.append(("control.flow.speed_measured", c.flow.speed_measured, False))
+        for path, opt in (
+            ("control.flow.speed_measured", c.flow.speed_measured),
+            ("control.reservoir_measured", c.reservoir_measured),
+            ("control.air_measured", c.air_measured),
+        ):
+            if opt is not None:
+                refs.append((path, opt, False))
         if self.simulator is not None:
             for field, value in self.simulator.bindings:
                 if value is not None:
@@ -328,6 +418,27 @@ class CartConfig(Strict):
                 errors.append(f"{path}: no signal named {ref!r}")
             elif must_write and not sig_or_none.writable:
                 errors.append(f"{path}: signal {ref!r} is not writable")
+        for path, cmd in (
+            ("control.flow.command", c.flow.command),
+            ("control.temperature.command", c.temperature.command),
+        ):
+            actuator = self.signals.get(cmd)
+            if actuator is None or actuator.device not in self.devices:
+                continue
+            dev_name = actuator.device
+            wd = self.devices[dev_name].watchdog
+            if wd is None:
+                errors.append(
+                    f"devices.{dev_name}.watchdog: required: {path} drives an "
+                    "actuator on this device"
+                )
+                continue
+            wd_sig = self.signals.get(wd.signal)
+            if wd_sig is None or not wd_sig.writable or wd_sig.device != dev_name:
+                errors.append(
+                    f"devices.{dev_name}.watchdog.signal: {wd.signal!r} must be a "
+                    f"writable signal of device {dev_name!r}"
+                )
         errors.extend(_overlaps(self.signals))
         if errors:
             raise ValueError("; ".join(errors))

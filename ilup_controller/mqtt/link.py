@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from ilup_controller.config.models import Mqtt
 from ilup_controller.mqtt.messages import State, Status
 from ilup_controller.mqtt.topics import (
+    EVENTS_SPEC,
     STATE_REPUBLISH_MAX_AGE_S,
     STATE_SPEC,
     STATUS_SPEC,
@@ -45,15 +46,15 @@ PUBLISH_TIMEOUT_S = 2.0
 CLOSE_TIMEOUT_S = 2.0
 # Share of the close budget spent on flushing queued events before the offline status.
 _CLOSE_FLUSH_SHARE = 0.4
-# Events (alarms, audit records) must arrive; duplicates after a timeout are acceptable.
-EVENT_QOS = 1
+# Queued messages (alarms, events) must arrive; duplicates after a timeout are acceptable.
+EVENT_QOS = EVENTS_SPEC.qos
 
 
 class LinkStats(NamedTuple):
     published: int  # messages the broker accepted (QoS 1) or that were written out (QoS 0)
     dropped: int  # events dropped from the full queue (a replaced state is not a drop)
     reconnects: int  # successful connections after the first one
-    last_error: str | None  # why the last connection attempt failed or the link went down
+    last_error: str | None  # why the latest failed attempt or link-down happened (kept after)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -285,7 +286,6 @@ class MqttLink:
     def _on_link_up(self) -> None:
         self._connected = True
         self._connects += 1
-        self._last_error = None
         log.info(
             "MQTT link up: broker %s (MQTT %s, client id %s%s)",
             self._broker,

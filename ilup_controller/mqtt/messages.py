@@ -46,9 +46,16 @@ class Outputs(Message):
 
 
 class Loop(Message):
-    pump_limited_by: str = Field(description="'flow', 'pressure' or the interlock holding the pump.")
+    pump_limited_by: str = Field(
+        description="'flow', 'pressure' or the interlock holding the pump."
+    )
     heater_limited_by: str = Field(description="'temperature' or the interlock holding the heater.")
     water_setpoint_c: float | None = None
+
+
+class DrugPhase(Message):
+    elapsed_s: float = Field(description="Time at target so far (the timer pauses off target).")
+    remaining_s: float
 
 
 class Timing(Message):
@@ -61,7 +68,9 @@ class State(Message):
     """Retained on ``<prefix>/<cart_id>/state`` at least once a second."""
 
     t: datetime = Field(description="UTC time of the tick this state describes (ISO-8601).")
-    seq: int = Field(ge=0, description="Tick number; strictly increasing, gaps where ticks were not published.")
+    seq: int = Field(
+        ge=0, description="Tick number; strictly increasing, gaps where ticks were not published."
+    )
     cart_id: str
     phase: str
     simulated: bool
@@ -69,5 +78,48 @@ class State(Message):
     targets: Targets
     outputs: Outputs
     loop: Loop
-    faults: list[str] = Field(default_factory=list, description="Active interlock reasons.")
+    drug_phase: DrugPhase
+    active_alarms: list[str] = Field(
+        default_factory=list, description="Ids of present alarms (details on the alarms topic)."
+    )
     timing: Timing
+
+
+class Alarm(Message):
+    id: str
+    priority: str = Field(description="high, medium or low (IEC 60601-1-8).")
+    presence: str = Field(description="on (condition present) or latched (awaiting reset).")
+    acknowledged: bool
+    audible: bool = Field(description="False when acknowledged or covered by an audio pause.")
+    since: datetime = Field(description="UTC onset of this occurrence.")
+    message: str = Field(description="Names the sensor, the value, the limit and the action.")
+    value: float | None = None
+    limit: float | None = None
+
+
+class Alarms(Message):
+    """Retained on ``<prefix>/<cart_id>/alarms``: every present alarm, highest priority first."""
+
+    t: datetime
+    cart_id: str
+    audio_paused_until: datetime | None = None
+    alarms: list[Alarm]
+
+
+class Event(Message):
+    """On ``<prefix>/<cart_id>/events`` (not retained): one per alarm or phase transition."""
+
+    t: datetime
+    seq: int = Field(ge=0, description="Event number since the daemon started.")
+    cart_id: str
+    kind: str = Field(
+        description="onset, end, acknowledge, audio_pause, audio_resume, reset, refused, phase."
+    )
+    alarm_id: str | None = None
+    priority: str | None = None
+    from_phase: str | None = None
+    to_phase: str | None = None
+    message: str
+    operator: str | None = None
+    value: float | None = None
+    limit: float | None = None

@@ -12,14 +12,13 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from ilup_controller.mqtt.messages import State, Status
+from ilup_controller.mqtt.messages import Alarms, Event, State, Status
 
 STATUS = "status"
 STATE = "state"
-# Reserved for later issues (alarms, events, commands); named here so nobody reuses them.
 ALARMS = "alarms"
 EVENTS = "events"
-CMD = "cmd"
+CMD = "cmd"  # commands to the daemon, `cmd/<name>` (a later issue)
 
 # After a (re)connect the latest state is re-sent at once only if the control loop offered it
 # this recently; an older one would look current to subscribers that judge freshness by arrival.
@@ -115,4 +114,33 @@ STATE_SPEC = TopicSpec(
     ),
 )
 
-TOPIC_SPECS: tuple[TopicSpec, ...] = (STATUS_SPEC, STATE_SPEC)
+ALARMS_SPEC = TopicSpec(
+    name=ALARMS,
+    payload=Alarms,
+    # Retained so that a display that starts late still sees the present alarms at once.
+    qos=1,
+    retained=True,
+    direction="daemon -> clients",
+    when=(
+        "Whenever an alarm starts, ends, is acknowledged or reset, or the audio pause changes. "
+        "It goes through the link's bounded queue of events, so it is delivered at least once, "
+        "in order, after a broker outage too."
+    ),
+)
+
+EVENTS_SPEC = TopicSpec(
+    name=EVENTS,
+    payload=Event,
+    # At-least-once: a QoS 1 publish that timed out may still arrive, so use `seq` to drop
+    # duplicates.
+    qos=1,
+    retained=False,
+    direction="daemon -> clients",
+    when=(
+        "One message per alarm transition or phase change. Events wait in a bounded queue "
+        "(`mqtt.queue_size`) while the broker is unreachable. When the queue is full, the oldest "
+        "event is dropped and counted."
+    ),
+)
+
+TOPIC_SPECS: tuple[TopicSpec, ...] = (STATUS_SPEC, STATE_SPEC, ALARMS_SPEC, EVENTS_SPEC)

@@ -2,9 +2,9 @@
 
 Tasks: one :class:`DeviceLink` per Modbus device (each owns its connection), the MQTT link, and
 the control loop. The control loop never awaits I/O: it reads the latest readings from a plain
-dict, steps the core, drops the commands into each link's mailbox and offers the state to the
-MQTT link. Whatever ends the run (a stop request, a crash in any task), ``finally`` drives every
-actuator to its safe state before the process exits.
+dict, steps the core, drops the commands into each link's mailbox and offers state, alarms and
+events to the MQTT link. Whatever ends the run (a stop request, a crash in any task), ``finally``
+drives every actuator to its safe state before the process exits.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from ilup_controller import __version__
 from ilup_controller.config.models import CartConfig
-from ilup_controller.core.control import Controller
+from ilup_controller.core.cart import CartCore, TickResult
 from ilup_controller.core.types import Reading
 from ilup_controller.modbus.link import DeviceLink
 from ilup_controller.mqtt.link import MqttLink
-from ilup_controller.runtime.state import build_state
+from ilup_controller.mqtt.topics import ALARMS, EVENTS
+from ilup_controller.runtime.state import build_alarms, build_event, build_state
 from ilup_controller.runtime.ticker import Ticker
+from ilup_controller.runtime.watchdog import WatchdogError, arm_watchdogs
 
 log = logging.getLogger("ilup.daemon")
 
@@ -41,7 +43,9 @@ class Daemon:
         self.ticker = Ticker(cfg.control.tick_period_s)
         self.links: dict[str, DeviceLink] = {}
         self.mqtt: MqttLink | None = None
-        self.controller: Controller | None = None
+        self.core: CartCore | None = None
+        self._event_seq = 0
+        self._alarm_signature: tuple[object, ...] | None = None
 
     def _safe_outputs(self) -> dict[str, float]:
         c = self.cfg.control
@@ -55,39 +59,57 @@ class Daemon:
             signals = {s: sig for s, sig in cfg.signals.items() if sig.device == name}
             self.links[name] = DeviceLink(name, dev, signals, self.store, clock=loop.time)
         self.mqtt = MqttLink(cfg.mqtt, cfg.cart_id, simulated=cfg.simulated, version=__version__)
-        self.controller = Controller(cfg, t0_s=loop.time())
         # Commands start safe in every mailbox, so the very first cycle writes zeros.
         for sig, value in self._safe_outputs().items():
             self._link_of(sig).set_output(sig, value)
 
-        background = [asyncio.create_task(link.run(), name=f"modbus:{n}") for n, link in self.links.items()]
+        background = [
+            asyncio.create_task(link.run(), name=f"modbus:{n}") for n, link in self.links.items()
+        ]
         background.append(asyncio.create_task(self.mqtt.run(), name="mqtt"))
-        control = asyncio.create_task(self._control_loop(), name="control")
+        control: asyncio.Task[None] | None = None
         stopper = asyncio.create_task(stop.wait(), name="stop")
-        log.info("daemon started cart_id=%s devices=%s tick=%.3fs", cfg.cart_id,
-                 ",".join(self.links), cfg.control.tick_period_s)
         crashed: BaseException | None = None
         try:
+            # Device-side dead-man first: no actuator is commanded before its watchdog is armed.
+            await arm_watchdogs(cfg, self.links)
+            self.core = CartCore(cfg, t0_s=loop.time())
+            control = asyncio.create_task(self._control_loop(), name="control")
+            log.info(
+                "daemon started cart_id=%s devices=%s tick=%.3fs",
+                cfg.cart_id,
+                ",".join(self.links),
+                cfg.control.tick_period_s,
+            )
             done, _ = await asyncio.wait(
                 {control, stopper, *background}, return_when=asyncio.FIRST_COMPLETED
             )
             for task in done:
                 if task is not stopper and not task.cancelled() and task.exception() is not None:
                     crashed = task.exception()
-                    log.critical("task %s crashed: %r; driving actuators safe", task.get_name(), crashed)
+                    log.critical(
+                        "task %s crashed: %r; driving actuators safe", task.get_name(), crashed
+                    )
+        except WatchdogError as e:
+            crashed = e
+            log.critical("refusing to start: %s", e)
         finally:
-            control.cancel()
             stopper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await control
+            if control is not None:
+                control.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await control
             await self._drive_safe()
             with contextlib.suppress(Exception):
                 await self.mqtt.close()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            log.info("daemon stopped ticks=%d overruns=%d", self.ticker.stats.ticks,
-                     self.ticker.stats.overruns)
+            log.info(
+                "daemon stopped ticks=%d overruns=%d",
+                self.ticker.stats.ticks,
+                self.ticker.stats.overruns,
+            )
         if crashed is not None:
             raise crashed
 
@@ -96,9 +118,8 @@ class Daemon:
 
     async def _drive_safe(self) -> None:
         """Pump to zero and heater off, written directly; each device independently."""
-        by_link: dict[str, dict[str, float]] = {}
+        by_link: dict[str, dict[str, float | bool]] = {}
         for sig, value in self._safe_outputs().items():
-            self._link_of(sig).set_output(sig, value)
             by_link.setdefault(self.cfg.signals[sig].device, {})[sig] = value
         results = await asyncio.gather(
             *(self.links[n].write_now(v, SAFE_WRITE_TIMEOUT_S) for n, v in by_link.items()),
@@ -108,25 +129,76 @@ class Daemon:
             if ok is True:
                 log.info("safe state written device=%s", name)
             else:
-                log.error("safe state NOT confirmed device=%s result=%r; relying on the device "
-                          "watchdog", name, ok)
+                log.error(
+                    "safe state NOT confirmed device=%s result=%r; relying on the device watchdog",
+                    name,
+                    ok,
+                )
+
+    def _devices_down(self, t_s: float) -> tuple[str, ...]:
+        stale_s = self.cfg.control.stale_after_s
+        down = []
+        for name, link in self.links.items():
+            h = link.health
+            age = None if h.last_ok_t is None else t_s - h.last_ok_t
+            if age is None or age > stale_s:
+                since = "never answered" if age is None else f"silent for {age:.1f} s"
+                down.append(f"{name}: {since} ({h.last_error or 'no reply'})")
+        return tuple(down)
 
     async def _control_loop(self) -> None:
-        assert self.controller is not None and self.mqtt is not None
-        controller, mqtt, cfg = self.controller, self.mqtt, self.cfg
+        assert self.core is not None
+        assert self.mqtt is not None
+        core, mqtt, cfg = self.core, self.mqtt, self.cfg
+        loop = asyncio.get_running_loop()
+        wall0, mono0 = datetime.now(UTC), loop.time()
+
+        def utc_of(t_s: float) -> datetime:
+            return wall0 + timedelta(seconds=t_s - mono0)
+
         seq = 0
         on_tick = self._on_tick
         async for t_s in self.ticker.ticks():
             started_s = time.monotonic() if on_tick is not None else 0.0
-            decision = controller.step(t_s, self.store)
-            for sig, value in decision.outputs.items():
+            r = core.step(
+                t_s,
+                self.store,
+                devices_down=self._devices_down(t_s),
+                overruns_total=self.ticker.stats.overruns,
+                remote_ok=mqtt.connected,
+            )
+            for sig, value in r.outputs.items():
                 self._link_of(sig).set_output(sig, value)
             for link in self.links.values():
                 link.request_cycle()
-            mqtt.offer_state(
-                build_state(cfg, decision, self.store, seq=seq, wall=datetime.now(UTC),
-                            stats=self.ticker.stats)
-            )
+            mqtt.offer_state(build_state(cfg, r, seq=seq, utc_of=utc_of, stats=self.ticker.stats))
+            self._publish_alarms_and_events(r, utc_of)
             seq += 1
             if on_tick is not None:
                 on_tick(t_s, started_s, time.monotonic())
+
+    def _publish_alarms_and_events(
+        self, r: TickResult, utc_of: Callable[[float], datetime]
+    ) -> None:
+        assert self.mqtt is not None
+        for e in r.events:
+            event = build_event(self.cfg, e, seq=self._event_seq, utc_of=utc_of)
+            level = logging.WARNING if event.kind in ("onset", "refused") else logging.INFO
+            log.log(
+                level,
+                "event kind=%s alarm=%s priority=%s operator=%s: %s",
+                event.kind,
+                event.alarm_id or "-",
+                event.priority or "-",
+                event.operator or "-",
+                event.message,
+            )
+            self.mqtt.publish_event(EVENTS, event)
+            self._event_seq += 1
+        signature: tuple[object, ...] = (
+            r.audio_paused_until_s,
+            *((a.alarm_id, a.presence, a.acknowledged, a.audible) for a in r.alarms),
+        )
+        if signature != self._alarm_signature:
+            self._alarm_signature = signature
+            self.mqtt.publish_event(ALARMS, build_alarms(self.cfg, r, utc_of=utc_of), retain=True)

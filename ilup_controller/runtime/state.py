@@ -1,65 +1,108 @@
-"""Turn a core :class:`Decision` into the published :class:`State` message."""
+"""Turn core results into the published messages (state, alarms, events)."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from datetime import datetime
 
 from ilup_controller.config.models import CartConfig
-from ilup_controller.core.control import Decision
-from ilup_controller.core.types import Readings
+from ilup_controller.core.alarms import ActiveAlarm, AlarmEvent
+from ilup_controller.core.cart import TickResult
+from ilup_controller.core.procedure import PhaseEvent
 from ilup_controller.mqtt import messages as msg
 from ilup_controller.runtime.ticker import TickStats
 
-
-def _fresh(readings: Readings, name: str | None, t_s: float, stale_after_s: float) -> float | None:
-    if name is None:
-        return None
-    r = readings.get(name)
-    if r is None or t_s - r.t > stale_after_s or not math.isfinite(r.value):
-        return None
-    return r.value
+# Monotonic core time (s) -> UTC wall time, fixed once per daemon run.
+UtcOf = Callable[[float], datetime]
 
 
 def build_state(
-    cfg: CartConfig,
-    d: Decision,
-    readings: Readings,
-    *,
-    seq: int,
-    wall: datetime,
-    stats: TickStats,
+    cfg: CartConfig, r: TickResult, *, seq: int, utc_of: UtcOf, stats: TickStats
 ) -> msg.State:
-    c = cfg.control
-    m = d.measured
+    m, loop = r.measured, r.loop
     return msg.State(
-        t=wall,
+        t=utc_of(r.t_s),
         seq=seq,
         cart_id=cfg.cart_id,
-        phase=str(d.phase),
+        phase=str(r.phase),
         simulated=cfg.simulated,
         measured=msg.Measured(
             flow_ml_min=m.flow_ml_min,
             pressure_mmhg=m.pressure_mmhg,
             temperature_c=m.temperature_c,
             water_temperature_c=m.water_temperature_c,
-            pump_speed_rpm=_fresh(readings, c.flow.speed_measured, d.t_s, c.stale_after_s),
+            pump_speed_rpm=m.pump_speed_rpm,
+            reservoir_volume_ml=m.reservoir_volume_ml,
         ),
         targets=msg.Targets(
-            flow_ml_min=d.flow_target_ml_min,
-            flow_ramped_ml_min=d.flow_setpoint_ml_min,
-            pressure_limit_mmhg=d.pressure_limit_mmhg,
-            temperature_c=d.temperature_target_c,
-            temperature_ramped_c=d.temperature_setpoint_c,
+            flow_ml_min=r.flow_target_ml_min,
+            flow_ramped_ml_min=loop.flow_setpoint_ml_min,
+            pressure_limit_mmhg=r.pressure_limit_mmhg,
+            temperature_c=r.temperature_target_c,
+            temperature_ramped_c=loop.temperature_setpoint_c,
         ),
-        outputs=msg.Outputs(pump_speed_rpm=d.pump_speed_rpm, heater_pct=d.heater_pct),
+        outputs=msg.Outputs(pump_speed_rpm=loop.pump_speed_rpm, heater_pct=loop.heater_pct),
         loop=msg.Loop(
-            pump_limited_by=d.pump_limited_by,
-            heater_limited_by=d.heater_limited_by,
-            water_setpoint_c=d.water_setpoint_c,
+            pump_limited_by=loop.pump_limited_by,
+            heater_limited_by=loop.heater_limited_by,
+            water_setpoint_c=loop.water_setpoint_c,
         ),
-        faults=list(d.faults),
+        drug_phase=msg.DrugPhase(elapsed_s=r.drug_elapsed_s, remaining_s=r.drug_remaining_s),
+        active_alarms=[a.alarm_id for a in r.alarms],
         timing=msg.Timing(
-            tick_period_s=c.tick_period_s, ticks=stats.ticks, overruns=stats.overruns
+            tick_period_s=cfg.control.tick_period_s, ticks=stats.ticks, overruns=stats.overruns
         ),
+    )
+
+
+def build_alarms(cfg: CartConfig, r: TickResult, *, utc_of: UtcOf) -> msg.Alarms:
+    return msg.Alarms(
+        t=utc_of(r.t_s),
+        cart_id=cfg.cart_id,
+        audio_paused_until=(
+            None if r.audio_paused_until_s is None else utc_of(r.audio_paused_until_s)
+        ),
+        alarms=[_alarm(a, utc_of) for a in r.alarms],
+    )
+
+
+def _alarm(a: ActiveAlarm, utc_of: UtcOf) -> msg.Alarm:
+    return msg.Alarm(
+        id=a.alarm_id,
+        priority=str(a.priority),
+        presence=str(a.presence),
+        acknowledged=a.acknowledged,
+        audible=a.audible,
+        since=utc_of(a.onset_s),
+        message=a.message,
+        value=a.value,
+        limit=a.limit,
+    )
+
+
+def build_event(
+    cfg: CartConfig, e: AlarmEvent | PhaseEvent, *, seq: int, utc_of: UtcOf
+) -> msg.Event:
+    if isinstance(e, PhaseEvent):
+        return msg.Event(
+            t=utc_of(e.t_s),
+            seq=seq,
+            cart_id=cfg.cart_id,
+            kind="phase",
+            from_phase=str(e.from_phase),
+            to_phase=str(e.to_phase),
+            message=f"phase {e.from_phase} -> {e.to_phase}: {e.reason}",
+            operator=e.operator,
+        )
+    return msg.Event(
+        t=utc_of(e.t_s),
+        seq=seq,
+        cart_id=cfg.cart_id,
+        kind=e.kind,
+        alarm_id=e.alarm_id,
+        priority=e.priority,
+        message=e.message,
+        operator=e.operator,
+        value=e.value,
+        limit=e.limit,
     )

@@ -1,0 +1,173 @@
+"""The whole deterministic core of one cart, stepped once per tick.
+
+sense (plausibility) -> monitor (alarm conditions) -> alarm engine (delay, latch) -> procedure
+(phase, drug timer) -> loops with the safe actions applied. A pure function of time, readings
+and what the operator asked; the runtime and the virtual-time harness call the same ``step``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ilup_controller.config.models import CartConfig
+from ilup_controller.core.alarms import ActiveAlarm, AlarmEngine, AlarmEvent, Verdict
+from ilup_controller.core.catalogue import CATALOGUE, PumpAction
+from ilup_controller.core.control import Controller, LoopOutput
+from ilup_controller.core.monitor import Context, Measured, Monitor
+from ilup_controller.core.procedure import Phase, PhaseEvent, Procedure, Refusal
+from ilup_controller.core.types import Readings
+
+
+@dataclass(frozen=True, slots=True)
+class TickResult:
+    t_s: float
+    phase: Phase
+    measured: Measured
+    loop: LoopOutput
+    outputs: dict[str, float]  # command signal -> value, for the Modbus edge
+    alarms: list[ActiveAlarm]
+    events: list[AlarmEvent | PhaseEvent] = field(default_factory=list)
+    drug_elapsed_s: float = 0.0
+    drug_remaining_s: float = 0.0
+    audio_paused_until_s: float | None = None
+    flow_target_ml_min: float = 0.0
+    pressure_limit_mmhg: float = 0.0
+    temperature_target_c: float = 0.0
+
+
+class CartCore:
+    def __init__(self, cfg: CartConfig, t0_s: float) -> None:
+        self.cfg = cfg
+        self.monitor = Monitor(cfg, t0_s)
+        self.alarms = AlarmEngine(cfg.alarms.delays_s, audio_pause_s=cfg.alarms.audio_pause_s)
+        self.procedure = Procedure(cfg.procedure, t0_s)
+        self.controller = Controller(cfg, t0_s)
+        self._last_t_s = t0_s
+        self._last: LoopOutput | None = None
+        self._pending: list[AlarmEvent | PhaseEvent] = []
+
+    # ------------------------------------------------------------------ operator API
+
+    def pump_blockers(self) -> tuple[str, ...]:
+        """Active alarms whose safe action stops the pump: no pump start while any is present."""
+        return tuple(
+            a
+            for a, d in CATALOGUE.items()
+            if d.pump is PumpAction.stop and self.alarms.is_present(a)
+        )
+
+    def request_phase(
+        self, to: Phase, t_s: float, reason: str, operator: str | None = None
+    ) -> PhaseEvent | Refusal:
+        result = self.procedure.request(
+            to, t_s, reason, blockers=self.pump_blockers(), operator=operator
+        )
+        if isinstance(result, PhaseEvent):
+            self._pending.append(result)
+        return result
+
+    def resume(self, t_s: float, operator: str | None = None) -> PhaseEvent | Refusal:
+        result = self.procedure.resume(t_s, self.pump_blockers(), operator)
+        if isinstance(result, PhaseEvent):
+            self._pending.append(result)
+        return result
+
+    def acknowledge(self, alarm_id: str, t_s: float, operator: str) -> Verdict:
+        verdict, events = self.alarms.acknowledge(alarm_id, t_s, operator)
+        self._pending.extend(events)
+        return verdict
+
+    def pause_audio(self, t_s: float, operator: str) -> Verdict:
+        verdict, events = self.alarms.pause_audio(t_s, operator)
+        self._pending.extend(events)
+        return verdict
+
+    def reset(self, alarm_id: str, t_s: float, operator: str) -> Verdict:
+        verdict, events = self.alarms.reset(alarm_id, t_s, operator)
+        self._pending.extend(events)
+        return verdict
+
+    # ------------------------------------------------------------------ the tick
+
+    def step(
+        self,
+        t_s: float,
+        readings: Readings,
+        *,
+        devices_down: tuple[str, ...] = (),
+        overruns_total: int = 0,
+        remote_ok: bool = True,
+    ) -> TickResult:
+        dt_s = t_s - self._last_t_s
+        if not dt_s > 0.0:
+            raise ValueError(f"step at t={t_s} is not after the previous step at {self._last_t_s}")
+        self._last_t_s = t_s
+        events, self._pending = self._pending, []
+        ctl, proc = self.controller, self.procedure
+        m, sensor_conditions = self.monitor.sense(t_s, readings)
+        last = self._last
+        ctx = Context(
+            phase=proc.phase,
+            flow_setpoint_ml_min=last.flow_setpoint_ml_min if last else 0.0,
+            flow_target_ml_min=ctl.phase_target_ml_min(proc.phase),
+            temperature_setpoint_c=last.temperature_setpoint_c
+            if last
+            else ctl.temperature_target_c,
+            temperature_target_c=ctl.temperature_target_c,
+            pressure_limit_mmhg=ctl.pressure_limit_mmhg,
+            pump_command_rpm=last.pump_speed_rpm if last else 0.0,
+            heater_pct=last.heater_pct if last else 0.0,
+            heater_enabled=last.heater_enabled if last else False,
+            water_setpoint_c=last.water_setpoint_c if last else None,
+            devices_down=devices_down,
+            overruns_total=overruns_total,
+            remote_ok=remote_ok,
+        )
+        conditions = {**sensor_conditions, **self.monitor.evaluate(t_s, dt_s, m, ctx)}
+        events.extend(self.alarms.update(t_s, conditions))
+        pump_action, heater_action, pump_by, heater_by = self.alarms.actions()
+
+        if (
+            self.cfg.control.autostart
+            and proc.phase is Phase.idle
+            and _all_present(m)
+            and not self.pump_blockers()
+        ):
+            started = proc.request(Phase.priming, t_s, "autostart: all sensors reading")
+            if isinstance(started, PhaseEvent):
+                events.append(started)
+        loop = ctl.step(dt_s, m, proc.phase, pump_action, heater_action, pump_by, heater_by)
+        self._last = loop
+        events.extend(proc.tick(t_s, dt_s, at_target=self._at_target(m, loop)))
+        c = self.cfg.control
+        return TickResult(
+            t_s=t_s,
+            phase=proc.phase,
+            measured=m,
+            loop=loop,
+            outputs={c.flow.command: loop.pump_speed_rpm, c.temperature.command: loop.heater_pct},
+            alarms=self.alarms.active(t_s),
+            events=events,
+            drug_elapsed_s=proc.drug_elapsed_s,
+            drug_remaining_s=proc.drug_remaining_s,
+            audio_paused_until_s=self.alarms.audio_paused_until(),
+            flow_target_ml_min=ctl.flow_target_ml_min,
+            pressure_limit_mmhg=ctl.pressure_limit_mmhg,
+            temperature_target_c=ctl.temperature_target_c,
+        )
+
+    def _at_target(self, m: Measured, loop: LoopOutput) -> bool:
+        p = self.cfg.procedure
+        target_q = self.controller.flow_target_ml_min
+        q, temp = m.flow_ml_min, m.temperature_c
+        return (
+            q is not None
+            and temp is not None
+            and abs(q - target_q) <= p.at_target_flow_pct / 100.0 * target_q
+            and abs(temp - self.controller.temperature_target_c) <= p.at_target_temperature_c
+            and loop.pump_speed_rpm > 0.0
+        )
+
+
+def _all_present(m: Measured) -> bool:
+    return None not in (m.flow_ml_min, m.pressure_mmhg, m.temperature_c, m.water_temperature_c)

@@ -1,0 +1,354 @@
+"""The alarm catalogue: data, read by the small engine in core/alarms.py.
+
+Each entry fixes what an alarm *is*: priority (IEC 60601-1-8: high = immediate response,
+medium = prompt, low = awareness), whether it latches, the safe action it triggers per actuator,
+the hazard it controls and its message. Priorities and latching are the manufacturer's decision
+and are not configurable (a protective alarm cannot be made non-latching); thresholds and
+condition delays are configuration (``alarms:`` in the cart file), with the defaults below.
+docs/alarms.md is generated from this table (`python -m ilup_controller.core.catalogue`).
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Priority(StrEnum):
+    high = "high"
+    medium = "medium"
+    low = "low"
+
+
+class PumpAction(StrEnum):
+    none = "none"
+    hold = "hold"  # speed may not rise above its value at onset
+    stop = "stop"
+
+
+class HeaterAction(StrEnum):
+    none = "none"
+    off = "off"
+
+
+class AlarmDef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    title: str
+    priority: Priority
+    technical: bool = Field(
+        description="A fault of the equipment rather than of the patient circuit."
+    )
+    latching: bool
+    delay_s: float = Field(ge=0.0, description="Default condition delay (debounce).")
+    pump: PumpAction = PumpAction.none
+    heater: HeaterAction = HeaterAction.none
+    hazard: str = Field(description="Hazard id in the risk table.")
+    message: str = Field(description="Template: {value}, {limit}, {detail}.")
+
+    @property
+    def protective(self) -> bool:
+        return self.pump is not PumpAction.none or self.heater is not HeaterAction.none
+
+    @model_validator(mode="after")
+    def _protective_latches(self) -> AlarmDef:
+        if self.protective and not self.latching:
+            raise ValueError(f"{self.id}: an alarm with a safe action must latch")
+        return self
+
+    def render(self, *, value: float | None, limit: float | None, detail: str) -> str:
+        v = "?" if value is None else f"{value:.2f}"
+        lim = "?" if limit is None else f"{limit:.2f}"
+        return self.message.format(value=v, limit=lim, detail=detail).strip()
+
+
+_H, _M, _L = Priority.high, Priority.medium, Priority.low
+
+_ENTRIES = [
+    # ------------------------------------------------------------------ pressure and flow
+    AlarmDef(
+        id="pressure_alert",
+        title="PA pressure above alert limit",
+        priority=_M,
+        technical=False,
+        latching=True,
+        delay_s=1.0,
+        pump=PumpAction.hold,
+        hazard="H1 overpressure: lung edema",
+        message="PA pressure {value} mmHg >= alert limit {limit} mmHg: pump speed held",
+    ),
+    AlarmDef(
+        id="pressure_high",
+        title="PA pressure above alarm limit",
+        priority=_H,
+        technical=False,
+        latching=True,
+        delay_s=0.2,
+        pump=PumpAction.stop,
+        hazard="H1 overpressure: lung edema",
+        message="PA pressure {value} mmHg >= alarm limit {limit} mmHg: pump stopped",
+    ),
+    AlarmDef(
+        id="flow_deviation",
+        title="Flow off target",
+        priority=_M,
+        technical=False,
+        latching=False,
+        delay_s=10.0,
+        hazard="H5 under-perfusion: drug not delivered",
+        message="flow {value} mL/min deviates from setpoint by more than {limit} mL/min",
+    ),
+    AlarmDef(
+        id="pvr_rise",
+        title="Vascular resistance rising",
+        priority=_M,
+        technical=False,
+        latching=False,
+        delay_s=30.0,
+        hazard="H1 overpressure: lung edema",
+        message="pressure/flow ratio {value} % above its baseline (limit {limit} %)",
+    ),
+    # ------------------------------------------------------------------ temperature
+    AlarmDef(
+        id="perfusate_high",
+        title="Perfusate over temperature",
+        priority=_H,
+        technical=False,
+        latching=True,
+        delay_s=1.0,
+        heater=HeaterAction.off,
+        hazard="H3 overheating",
+        message="perfusate {value} degC >= maximum {limit} degC: heater off",
+    ),
+    AlarmDef(
+        id="perfusate_low",
+        title="Perfusate under temperature",
+        priority=_M,
+        technical=False,
+        latching=False,
+        delay_s=60.0,
+        hazard="H6 hypothermic perfusion",
+        message="perfusate {value} degC below setpoint by more than {limit} degC",
+    ),
+    AlarmDef(
+        id="water_cap",
+        title="Heater water at its cap",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=1.0,
+        heater=HeaterAction.off,
+        hazard="H3 overheating",
+        message="heater water {value} degC >= cap {limit} degC: heater off",
+    ),
+    AlarmDef(
+        id="heating_rate",
+        title="Rewarming too fast",
+        priority=_M,
+        technical=False,
+        latching=True,
+        delay_s=5.0,
+        heater=HeaterAction.off,
+        hazard="H7 gas emboli from outgassing",
+        message="perfusate warming at {value} degC/min > {limit} degC/min: heater off",
+    ),
+    AlarmDef(
+        id="gradient",
+        title="Water-to-perfusate gradient too high",
+        priority=_M,
+        technical=False,
+        latching=True,
+        delay_s=10.0,
+        heater=HeaterAction.off,
+        hazard="H7 gas emboli from outgassing",
+        message="water {value} degC above perfusate (limit {limit} degC): heater off",
+    ),
+    AlarmDef(
+        id="heater_not_heating",
+        title="Heater not heating as expected",
+        priority=_M,
+        technical=True,
+        latching=True,
+        delay_s=0.0,
+        heater=HeaterAction.off,
+        hazard="H3 overheating / H6 hypothermic perfusion",
+        message="heater supervision: {detail}: heater off",
+    ),
+    # ------------------------------------------------------------------ volume, leak, air
+    AlarmDef(
+        id="reservoir_low",
+        title="Reservoir level low",
+        priority=_H,
+        technical=False,
+        latching=True,
+        delay_s=1.0,
+        pump=PumpAction.stop,
+        hazard="H4 air pumped into the lung",
+        message="reservoir {value} mL <= low limit {limit} mL: pump stopped",
+    ),
+    AlarmDef(
+        id="leak",
+        title="Perfusate leaking from the circuit",
+        priority=_H,
+        technical=False,
+        latching=True,
+        delay_s=10.0,
+        hazard="H2 drug leak into the body",
+        message="reservoir falling {value} mL/min > {limit} mL/min: consider washout",
+    ),
+    AlarmDef(
+        id="air_detected",
+        title="Air in the inflow line",
+        priority=_H,
+        technical=False,
+        latching=True,
+        delay_s=0.0,
+        pump=PumpAction.stop,
+        hazard="H4 air pumped into the lung",
+        message="bubble detector: air in line: pump stopped",
+    ),
+    # ------------------------------------------------------------------ sensors
+    AlarmDef(
+        id="sensor_pressure",
+        title="PA pressure sensor fault",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.5,
+        pump=PumpAction.stop,
+        hazard="H1 overpressure: lung edema",
+        message="PA pressure sensor {detail}: pump stopped",
+    ),
+    AlarmDef(
+        id="sensor_flow",
+        title="Flow sensor fault",
+        priority=_M,
+        technical=True,
+        latching=True,
+        delay_s=0.5,
+        pump=PumpAction.hold,
+        hazard="H5 under-perfusion: drug not delivered",
+        message="flow sensor {detail}: pump speed held",
+    ),
+    AlarmDef(
+        id="sensor_temperature",
+        title="Perfusate temperature sensor fault",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.5,
+        heater=HeaterAction.off,
+        hazard="H3 overheating",
+        message="perfusate temperature sensor {detail}: heater off",
+    ),
+    AlarmDef(
+        id="sensor_water",
+        title="Heater water temperature sensor fault",
+        priority=_M,
+        technical=True,
+        latching=True,
+        delay_s=0.5,
+        heater=HeaterAction.off,
+        hazard="H3 overheating",
+        message="water temperature sensor {detail}: heater off",
+    ),
+    AlarmDef(
+        id="sensor_reservoir",
+        title="Reservoir level sensor fault",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.5,
+        pump=PumpAction.hold,
+        hazard="H2 drug leak into the body / H4 air",
+        message="reservoir level sensor {detail}: pump speed held",
+    ),
+    AlarmDef(
+        id="sensor_air",
+        title="Bubble detector fault",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.5,
+        pump=PumpAction.stop,
+        hazard="H4 air pumped into the lung",
+        message="bubble detector {detail}: pump stopped",
+    ),
+    # ------------------------------------------------------------------ equipment
+    AlarmDef(
+        id="device_comms",
+        title="Device not answering",
+        priority=_H,
+        technical=True,
+        latching=False,
+        delay_s=1.0,
+        hazard="H8 loss of control",
+        message="Modbus device {detail}",
+    ),
+    AlarmDef(
+        id="pump_not_following",
+        title="Pump speed not following its command",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=2.0,
+        pump=PumpAction.stop,
+        hazard="H5 under-perfusion / H1 overpressure",
+        message="pump speed {value} rpm vs command {limit} rpm: pump stopped",
+    ),
+    AlarmDef(
+        id="tick_overrun",
+        title="Control tick overrun",
+        priority=_L,
+        technical=True,
+        latching=False,
+        delay_s=0.0,
+        hazard="H8 loss of control",
+        message="control tick missed its deadline {value} times in the last minute",
+    ),
+    AlarmDef(
+        id="remote_link",
+        title="Remote monitoring lost",
+        priority=_L,
+        technical=True,
+        latching=False,
+        delay_s=5.0,
+        hazard="H9 remote viewers see stale data",
+        message="MQTT broker unreachable: remote viewers are not updated",
+    ),
+]
+
+CATALOGUE: dict[str, AlarmDef] = {d.id: d for d in _ENTRIES}
+assert len(CATALOGUE) == len(_ENTRIES), "duplicate alarm id"
+
+
+def render_markdown() -> str:
+    lines = [
+        "# Alarm catalogue",
+        "",
+        "Generated from `ilup_controller/core/catalogue.py` by "
+        "`python -m ilup_controller.core.catalogue`; a test fails when they differ.",
+        "Thresholds and condition delays are configuration (`alarms:` in the cart file); "
+        "priority, latching and safe action are fixed here. An alarm with a safe action always "
+        "latches: it stays until an operator resets it *and* its condition has cleared.",
+        "",
+        "| id | title | priority | technical | latching | default delay (s) | pump | heater "
+        "| hazard |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in _ENTRIES:
+        lines.append(
+            f"| `{d.id}` | {d.title} | {d.priority} | {'yes' if d.technical else 'no'} | "
+            f"{'yes' if d.latching else 'no'} | {d.delay_s:g} | {d.pump} | {d.heater} "
+            f"| {d.hazard} |"
+        )
+    lines += ["", "## Messages", ""]
+    lines += [f"- `{d.id}`: {d.message}" for d in _ENTRIES]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_markdown())

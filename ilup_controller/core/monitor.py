@@ -1,0 +1,302 @@
+"""Evaluates every alarm condition of the catalogue once per tick, from measurements only.
+
+Sensor plausibility first (core/sensors.py): an unusable reading becomes None for the loops and a
+sensor alarm condition. Then the process conditions (pressure, flow, temperature, volume, air),
+the equipment conditions (device links, pump tacho, heater supervision in the style of Klipper's
+verify_heater, tick overruns, the remote link). Returns plain :class:`Condition` values; the
+alarm engine debounces and latches them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from ilup_controller.config.models import CartConfig
+from ilup_controller.core.alarms import Condition
+from ilup_controller.core.procedure import RUNNING, Phase
+from ilup_controller.core.sensors import SensorCheck
+from ilup_controller.core.types import Readings
+
+STARTUP_GRACE_S = 5.0  # a sensor never read is a fault only after this long
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """Usable measurements (None = missing, stale or implausible; never a made-up 0)."""
+
+    flow_ml_min: float | None
+    pressure_mmhg: float | None
+    temperature_c: float | None
+    water_temperature_c: float | None
+    pump_speed_rpm: float | None = None
+    reservoir_volume_ml: float | None = None
+    air_detected: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What the rest of the core decided last tick, for the conditions that compare with it."""
+
+    phase: Phase
+    flow_setpoint_ml_min: float
+    flow_target_ml_min: float
+    temperature_setpoint_c: float
+    temperature_target_c: float
+    pressure_limit_mmhg: float
+    pump_command_rpm: float
+    heater_pct: float
+    heater_enabled: bool
+    water_setpoint_c: float | None
+    devices_down: tuple[str, ...] = ()
+    overruns_total: int = 0
+    remote_ok: bool = True
+
+
+class _Trend:
+    """Rate of change over a window from samples kept at >= 1 s spacing."""
+
+    def __init__(self, window_s: float) -> None:
+        self._window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque()
+
+    def add(self, t_s: float, value: float | None) -> float | None:
+        if value is None:
+            return None
+        if not self._samples or t_s - self._samples[-1][0] >= 1.0:
+            self._samples.append((t_s, value))
+        while len(self._samples) > 2 and t_s - self._samples[1][0] >= self._window_s:
+            self._samples.popleft()
+        t0, v0 = self._samples[0]
+        if t_s - t0 < self._window_s * 0.9:
+            return None  # not enough history yet
+        return (value - v0) / (t_s - t0) * 60.0  # per minute
+
+    def clear(self) -> None:
+        self._samples.clear()
+
+
+class _HeaterSupervision:
+    """verify_heater (Klipper): while short of the water setpoint the water must rise by
+    ``gain`` every ``check_gain_time``; once it stops doing so, the shortfall accumulates and
+    a cumulative error above ``max_error`` is a fault."""
+
+    def __init__(
+        self, hysteresis_c: float, max_error_c_s: float, gain_c: float, check_s: float
+    ) -> None:
+        self._hyst, self._max_error, self._gain, self._check = (
+            hysteresis_c,
+            max_error_c_s,
+            gain_c,
+            check_s,
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        self.error_c_s = 0.0
+        self._approaching = False
+        self._goal_c = 0.0
+        self._goal_t_s = 0.0
+
+    def update(self, t_s: float, dt_s: float, water_c: float, setpoint_c: float) -> str:
+        floor = setpoint_c - self._hyst
+        if water_c >= floor:
+            self.reset()
+            return ""
+        if not self._approaching and self.error_c_s == 0.0:
+            self._approaching = True
+            self._goal_c, self._goal_t_s = water_c + self._gain, t_s + self._check
+        if self._approaching:
+            if water_c >= self._goal_c:
+                self._goal_c, self._goal_t_s = water_c + self._gain, t_s + self._check
+            elif t_s >= self._goal_t_s:
+                self._approaching = False
+                self.error_c_s = 1e-12  # from now on the shortfall accumulates
+            return ""
+        self.error_c_s += (floor - water_c) * dt_s
+        if self.error_c_s >= self._max_error:
+            return (
+                f"water {water_c:.1f} degC stays below setpoint {setpoint_c:.1f} degC "
+                f"(cumulative error {self.error_c_s:.0f} degC*s)"
+            )
+        return ""
+
+
+class Monitor:
+    def __init__(self, cfg: CartConfig, t0_s: float) -> None:
+        self._cfg = cfg
+        a, c = cfg.alarms, cfg.control
+        stale = c.stale_after_s
+
+        def check(label: str, signal: str | None, limits_name: str) -> SensorCheck | None:
+            if signal is None:
+                return None
+            return SensorCheck(label, getattr(a, limits_name), cfg.signals[signal].range, stale)
+
+        self._checks: dict[str, tuple[str, SensorCheck | None]] = {
+            "sensor_pressure": (
+                c.pressure.measured,
+                check("pressure", c.pressure.measured, "pressure"),
+            ),
+            "sensor_flow": (c.flow.measured, check("flow", c.flow.measured, "flow")),
+            "sensor_temperature": (
+                c.temperature.measured,
+                check("temperature", c.temperature.measured, "temperature"),
+            ),
+            "sensor_water": (
+                c.temperature.water_measured,
+                check("water", c.temperature.water_measured, "water"),
+            ),
+            "sensor_reservoir": (
+                c.reservoir_measured or "",
+                check("reservoir", c.reservoir_measured, "reservoir"),
+            ),
+        }
+        self._t0_s = t0_s
+        self._ever_ok: set[str] = set()
+        self._heating = _Trend(a.heating_rate_window_s)
+        self._volume = _Trend(a.leak_window_s)
+        self._heater = _HeaterSupervision(
+            a.heater_hysteresis_c,
+            a.heater_max_error_c_s,
+            a.heater_gain_c,
+            a.heater_check_gain_time_s,
+        )
+        self._baseline_samples: list[float] = []
+        self.pvr_baseline: float | None = None
+        self._overruns: deque[tuple[float, int]] = deque()
+
+    # ------------------------------------------------------------------ sensing
+
+    def sense(self, t_s: float, readings: Readings) -> tuple[Measured, dict[str, Condition]]:
+        values: dict[str, float | None] = {}
+        conditions: dict[str, Condition] = {}
+        for alarm_id, (signal, chk) in self._checks.items():
+            if chk is None:
+                values[alarm_id] = None
+                continue
+            v = chk.check(t_s, readings.get(signal))
+            values[alarm_id] = v
+            if v is not None:
+                self._ever_ok.add(alarm_id)
+            armed = alarm_id in self._ever_ok or t_s - self._t0_s >= STARTUP_GRACE_S
+            conditions[alarm_id] = Condition(bool(chk.fault) and armed, detail=chk.fault)
+        c = self._cfg.control
+        air: bool | None = None
+        if c.air_measured is not None:
+            r = readings.get(c.air_measured)
+            fresh = r is not None and t_s - r.t <= c.stale_after_s
+            air = bool(r.value) if fresh and r is not None else None
+            armed = "sensor_air" in self._ever_ok or t_s - self._t0_s >= STARTUP_GRACE_S
+            if air is not None:
+                self._ever_ok.add("sensor_air")
+            conditions["sensor_air"] = Condition(
+                air is None and armed, detail="missing or stale" if air is None else ""
+            )
+        tacho = None
+        if c.flow.speed_measured is not None:
+            r = readings.get(c.flow.speed_measured)
+            tacho = r.value if r is not None and t_s - r.t <= c.stale_after_s else None
+        m = Measured(
+            flow_ml_min=values["sensor_flow"],
+            pressure_mmhg=values["sensor_pressure"],
+            temperature_c=values["sensor_temperature"],
+            water_temperature_c=values["sensor_water"],
+            pump_speed_rpm=tacho,
+            reservoir_volume_ml=values["sensor_reservoir"],
+            air_detected=air,
+        )
+        return m, conditions
+
+    # ------------------------------------------------------------------ conditions
+
+    def evaluate(self, t_s: float, dt_s: float, m: Measured, ctx: Context) -> dict[str, Condition]:
+        a, c = self._cfg.alarms, self._cfg.control
+        out: dict[str, Condition] = {}
+        p, q, temp, water = m.pressure_mmhg, m.flow_ml_min, m.temperature_c, m.water_temperature_c
+
+        out["pressure_alert"] = _above(p, ctx.pressure_limit_mmhg)
+        out["pressure_high"] = _above(p, c.pressure.stop_mmhg)
+
+        ramped = ctx.phase in (Phase.perfusion, Phase.washout) and (
+            abs(ctx.flow_setpoint_ml_min - ctx.flow_target_ml_min) < 1e-6
+        )
+        band = max(
+            a.flow_deviation_pct / 100.0 * ctx.flow_setpoint_ml_min, a.flow_deviation_min_ml_min
+        )
+        out["flow_deviation"] = Condition(
+            ramped and q is not None and abs(q - ctx.flow_setpoint_ml_min) > band, q, band
+        )
+        out["pvr_rise"] = self._pvr(p, q, ramped, ctx)
+
+        out["perfusate_high"] = _above(temp, c.temperature.max_c)
+        at_temp = abs(ctx.temperature_setpoint_c - ctx.temperature_target_c) < 1e-6
+        out["perfusate_low"] = Condition(
+            ctx.phase is Phase.perfusion
+            and at_temp
+            and temp is not None
+            and temp < ctx.temperature_setpoint_c - a.perfusate_low_c,
+            temp,
+            a.perfusate_low_c,
+        )
+        out["water_cap"] = _above(water, c.temperature.water_cap_c)
+        rate = self._heating.add(t_s, temp)
+        out["heating_rate"] = Condition(
+            rate is not None and rate > a.heating_rate_c_per_min, rate, a.heating_rate_c_per_min
+        )
+        grad = None if water is None or temp is None else water - temp
+        out["gradient"] = Condition(
+            grad is not None and temp is not None and temp >= 30.0 and grad > a.gradient_c,
+            grad,
+            a.gradient_c,
+        )
+        detail = ""
+        if ctx.heater_enabled and water is not None and ctx.water_setpoint_c is not None:
+            detail = self._heater.update(t_s, dt_s, water, ctx.water_setpoint_c)
+        else:
+            self._heater.reset()
+        out["heater_not_heating"] = Condition(bool(detail), detail=detail)
+
+        v = m.reservoir_volume_ml
+        out["reservoir_low"] = Condition(
+            v is not None and v <= a.reservoir_low_ml, v, a.reservoir_low_ml
+        )
+        vol_rate = self._volume.add(t_s, v)
+        loss = None if vol_rate is None else -vol_rate
+        out["leak"] = Condition(loss is not None and loss > a.leak_ml_min, loss, a.leak_ml_min)
+        out["air_detected"] = Condition(m.air_detected is True)
+
+        out["device_comms"] = Condition(bool(ctx.devices_down), detail="; ".join(ctx.devices_down))
+        cmd, tacho = ctx.pump_command_rpm, m.pump_speed_rpm
+        tol = max(a.pump_follow_rpm, a.pump_follow_pct / 100.0 * cmd)
+        out["pump_not_following"] = Condition(
+            tacho is not None and abs(tacho - cmd) > tol, tacho, cmd
+        )
+        self._overruns.append((t_s, ctx.overruns_total))
+        while t_s - self._overruns[0][0] > a.overrun_window_s:
+            self._overruns.popleft()
+        recent = ctx.overruns_total - self._overruns[0][1]
+        out["tick_overrun"] = Condition(recent > 0, float(recent), 0.0)
+        out["remote_link"] = Condition(not ctx.remote_ok)
+        return out
+
+    def _pvr(self, p: float | None, q: float | None, ramped: bool, ctx: Context) -> Condition:
+        a = self._cfg.alarms
+        if p is None or q is None or q < 50.0 or not ramped:
+            return Condition(False)
+        ratio = p / q
+        if self.pvr_baseline is None:
+            self._baseline_samples.append(ratio)
+            period = self._cfg.control.tick_period_s
+            if len(self._baseline_samples) * period >= a.pvr_baseline_s:
+                self.pvr_baseline = sum(self._baseline_samples) / len(self._baseline_samples)
+            return Condition(False)
+        worse_pct = (ratio / self.pvr_baseline - 1.0) * 100.0
+        return Condition(worse_pct > a.pvr_rise_pct, worse_pct, a.pvr_rise_pct)
+
+
+def _above(value: float | None, limit: float) -> Condition:
+    return Condition(value is not None and value >= limit, value, limit)
+
+
+__all__ = ["RUNNING", "Context", "Measured", "Monitor"]
