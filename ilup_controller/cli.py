@@ -16,6 +16,7 @@ from ilup_controller.config import CartConfig, ConfigError, load_config
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_REFUSED = 3  # a start-up safety check failed (e.g. a device watchdog is off)
 
 
 def _setup_logging(level: str) -> None:
@@ -40,19 +41,28 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 async def _run_daemon(cfg: CartConfig) -> int:
     from ilup_controller.runtime.daemon import Daemon
+    from ilup_controller.runtime.watchdog import WatchdogError
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    await Daemon(cfg).run(stop)
+    try:
+        await Daemon(cfg).run(stop)
+    except WatchdogError as e:
+        print(f"ilup run: refusing to start: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     return EXIT_OK
 
 
-async def _run_sim(cfg: CartConfig, speed: float) -> int:
+async def _run_sim(args: argparse.Namespace) -> int:
+    from sim.faults import load_scenario
     from sim.runner import SimulatedCart
 
+    cfg = _load(args.config)
+    scenario = load_scenario(args.scenario) if args.scenario else None
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    await SimulatedCart(cfg).run(stop, speed=speed)
+    cart = SimulatedCart(cfg, scenario=scenario, watchdog_ignored=frozenset(args.watchdog_off))
+    await cart.run(stop, speed=args.speed)
     return EXIT_OK
 
 
@@ -70,7 +80,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
-    return asyncio.run(_run_sim(_load(args.config), args.speed))
+    return asyncio.run(_run_sim(args))
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -123,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sim", help="run the plant simulator behind Modbus TCP")
     s.add_argument("-c", "--config", required=True)
     s.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
+    s.add_argument("--scenario", help="YAML file of timed faults (docs/faults.md)")
+    s.add_argument("--watchdog-off", action="append", default=[], metavar="DEVICE",
+                   help="test aid: this simulated device ignores its watchdog register")
     s.set_defaults(func=_cmd_sim)
 
     w = sub.add_parser("watch", help="live terminal view of a cart over MQTT")

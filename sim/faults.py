@@ -280,7 +280,10 @@ class DeviceSlowFault(_FaultBase):
     kind: Literal["device_slow"] = "device_slow"
     device: Name = Field(description="Device name from the configuration's devices.")
     delay_s: float = Field(
-        gt=0.0, le=60.0, allow_inf_nan=False, description="Reply delay, seconds."
+        gt=0.0,
+        le=60.0,
+        allow_inf_nan=False,
+        description="Reply delay, wall-clock seconds (not scaled by the simulator's speed).",
     )
 
 
@@ -625,6 +628,7 @@ class FaultInjector:
             return
         self._order += 1
         heapq.heappush(self._pending, (fault.at_s, self._order, fault))
+        logger.info("fault scheduled", extra={"fault": _describe(fault), "at_s": fault.at_s})
 
     def apply(self, fault: Fault) -> None:
         """Start ``fault`` now, whatever its ``at_s``; it lasts ``duration_s`` from now."""
@@ -670,7 +674,11 @@ class FaultInjector:
         """Parse and act on one run-time message (a fault or a clear); ValueError if bad."""
         message = parse_runtime_message(payload)
         if isinstance(message, FaultClear):
-            self.clear(message.clear, channel=message.channel, device=message.device)
+            cleared = self.clear(message.clear, channel=message.channel, device=message.device)
+            logger.info(
+                "run-time clear",
+                extra={"clear": message.model_dump(), "cleared": len(cleared), "t_s": self.now_s},
+            )
         else:
             self.schedule(message)
         return message
@@ -897,6 +905,8 @@ def render_docs() -> str:
         "- `at_s` is required in a scenario file. In a run-time message, omit it (or send null)"
         " to start the fault now; a time in the past is refused.",
         "- `duration_s` omitted or null: the fault lasts until cleared.",
+        "- `at_s` and `duration_s` are simulated time; `delay_s` of `device_slow` is wall-clock"
+        " time, the reply delay the controller sees.",
         "- Faults in the same *slot* replace each other: one per plant fault kind, one per sensor"
         " channel (whatever the sensor fault), one per device and device fault kind. At the same"
         " time an end is applied before a start.",

@@ -11,13 +11,15 @@ H read in source, M derived, L placeholder):
 Roller pump (``_step_pump``)
     Occlusive, no intrinsic pressure limit (domain.md, equipment, M). The actual speed follows the
     command with a slew limit ``pump_slew_rpm_per_s`` (30 rpm/s, L placeholder for drive
-    acceleration). Flow = speed x ``stroke_volume_ml_per_rev`` (33 mL/rev: 3/8 in tubing on a
+    acceleration) and brakes at ``pump_brake_rpm_per_s`` (200 rpm/s, L: a roller head at 15 rpm
+    stops within a tenth of a second). Flow = speed x ``stroke_volume_ml_per_rev`` (33 mL/rev: 3/8 in tubing on a
     6 in head, M; real pumps spread +-10-15 %, so the controller's own stroke volume may differ).
     ``pump_stalled`` (fault): the rotor stops, the speed slews to 0 whatever the command.
 
 Inflow line and vascular bed (``_step_hydraulics``)
     Two compliance nodes. The inflow line between the pump and the cannula,
-    ``line_compliance_ml_per_mmhg`` (0.02 mL/mmHg, L: ~1.5 m of PVC tubing and connectors), carries
+    ``line_compliance_ml_per_mmhg`` (0.3 mL/mmHg, L: ~1.5 m of PVC tubing, connectors and the
+    transducer dome), carries
     the pressure sensor: C_l dP_l/dt = Q_pump - Q_c, Q_c = (P_l - P) / R_c through the cannula.
     The pulmonary artery, ``compliance_ml_per_mmhg`` (1 mL/mmHg, L):
     C dP/dt = Q_c - Q_lung(P). Q_lung inverts the distensible-vessel law (Linehan 1992, M form,
@@ -462,12 +464,13 @@ class Plant:
 
     def _step_pump(self, h: float) -> None:
         target_rpm = 0.0 if self.pump_stalled else self.pump_speed_command_rpm
-        max_delta = self.params.pump_slew_rpm_per_s * h
+        max_rise = self.params.pump_slew_rpm_per_s * h
+        max_fall = self.params.pump_brake_rpm_per_s * h
         delta = target_rpm - self.pump_speed_rpm
-        if delta > max_delta:
-            self.pump_speed_rpm += max_delta
-        elif delta < -max_delta:
-            self.pump_speed_rpm -= max_delta
+        if delta > max_rise:
+            self.pump_speed_rpm += max_rise
+        elif delta < -max_fall:
+            self.pump_speed_rpm -= max_fall
         else:
             self.pump_speed_rpm = target_rpm
 

@@ -2,46 +2,74 @@
 
 The model is stepped on the event loop clock scaled by ``speed``; every ``publish_period_s`` of
 wall time the instruments' readings are encoded into the servers' input registers, and every
-command the controller writes to a holding register goes straight to the model.
+command the controller writes to a holding register goes straight to the model. Faults come from
+a scenario file and from JSON messages on ``<prefix>/<cart_id>/sim/fault``.
+
+The simulated pump drive and heater implement a communication watchdog (sim/watchdog.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 
+import aiomqtt
+
 from ilup_controller.config.models import CartConfig
+from ilup_controller.mqtt.topics import topic
+from sim.faults import FaultInjector, Scenario
 from sim.plant import Plant
 from sim.server import SimModbusServers
+from sim.watchdog import DeviceWatchdogs
 from sim.wiring import apply_command, sensor_values
 
 log = logging.getLogger("ilup.sim")
+
+FAULT_TOPIC = "sim/fault"
 
 
 class SimulatedCart:
     """The plant model served as Modbus TCP devices, stepped on the event loop clock."""
 
-    def __init__(self, cfg: CartConfig, *, port_override: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: CartConfig,
+        *,
+        port_override: Mapping[str, int] | None = None,
+        scenario: Scenario | None = None,
+        watchdog_ignored: frozenset[str] = frozenset(),
+    ) -> None:
         if cfg.simulator is None:
             raise ValueError("the configuration has no 'simulator' section")
         self.cfg = cfg
         self.sim = cfg.simulator
         self.plant = Plant(self.sim.plant, step_s=self.sim.step_s)
         self.servers = SimModbusServers(cfg, self._on_write, port_override=port_override)
+        self.injector = FaultInjector(self.plant, self.servers, devices=cfg.devices)
+        if scenario is not None:
+            self.injector.load(scenario)
+        self.watchdogs = DeviceWatchdogs(cfg, self.plant, ignored=watchdog_ignored)
+        self._now_s = 0.0
 
     def _on_write(self, signal: str, value: float | bool) -> None:
-        apply_command(self.cfg, self.plant, signal, float(value))
+        if not self.watchdogs.on_write(signal, float(value), self._now_s):
+            wd = self.cfg.signals[signal]
+            # The device ignores the write: its register keeps reading 0 (watchdog off).
+            asyncio.get_running_loop().create_task(self.servers.set_inputs({signal: 0.0}))
+            log.warning("device %s ignores its watchdog register (%s %d)", wd.device, wd.table,
+                        wd.address)
+            return
+        if self.cfg.signals[signal].device not in self.watchdogs.tripped:
+            apply_command(self.cfg, self.plant, signal, float(value))
 
-    async def run(
-        self, stop: asyncio.Event, *, speed: float = 1.0, publish_period_s: float = 0.02
-    ) -> None:
+    async def run(self, stop: asyncio.Event, *, speed: float = 1.0,
+                  publish_period_s: float = 0.02) -> None:
         await self.servers.start()
-        log.info(
-            "simulator serving %s at speed x%g",
-            ", ".join(f"{d}=:{p}" for d, p in self.servers.ports().items()),
-            speed,
-        )
+        log.info("simulator serving %s at speed x%g",
+                 ", ".join(f"{d}=:{p}" for d, p in self.servers.ports().items()), speed)
+        faults = asyncio.create_task(self._fault_listener(), name="sim-faults")
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         k = 0
@@ -51,12 +79,39 @@ class SimulatedCart:
                 deadline = t0 + k * publish_period_s
                 delay = deadline - loop.time()
                 if delay > 0:
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), delay)
+                    if stop.is_set():
                         break
-                    except TimeoutError:
-                        pass
-                self.plant.advance_to((loop.time() - t0) * speed)
+                self._now_s = loop.time() - t0
+                self.watchdogs.check(self._now_s)
+                self.injector.step_plant_to(self._now_s * speed)
                 await self.servers.set_inputs(sensor_values(self.cfg, self.plant))
         finally:
+            faults.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await faults
             await self.servers.stop()
+
+    async def _fault_listener(self) -> None:
+        """Run-time faults over MQTT; the simulator works the same when no broker answers."""
+        m = self.cfg.mqtt
+        where = topic(m.topic_prefix, self.cfg.cart_id, FAULT_TOPIC)
+        while True:
+            try:
+                async with aiomqtt.Client(m.host, m.port, username=m.username,
+                                          password=m.password, timeout=3) as client:
+                    await client.subscribe(where, qos=1)
+                    log.info("simulator listening for faults on %s", where)
+                    async for message in client.messages:
+                        payload = message.payload
+                        if not isinstance(payload, bytes):
+                            continue
+                        try:
+                            applied = self.injector.handle_runtime_message(payload)
+                            log.warning("fault injected: %s", applied)
+                        except ValueError as e:
+                            log.warning("fault message rejected: %s", e)
+            except aiomqtt.MqttError as e:
+                log.debug("fault topic unavailable (%s); retrying", e)
+                await asyncio.sleep(2.0)

@@ -13,7 +13,6 @@ from ilup_controller.core.pid import Pid
 from ilup_controller.core.procedure import Phase
 from ilup_controller.core.types import Reading
 from sim.virtual import VirtualCart
-from sim.wiring import apply_command
 
 PERIOD = 0.1
 
@@ -38,21 +37,13 @@ def step_with(cart: VirtualCart, seconds: float, **override: float | None) -> li
     """Advance the real plant but hand the core readings with some signals replaced
     (a value) or frozen at their last reading (None)."""
     frozen = {k: cart.readings[k] for k, v in override.items() if v is None}
-    out: list[TickResult] = []
-    n = round(seconds / PERIOD)
-    for _ in range(n):
-        cart._k += 1
-        cart.t_s = cart._t0_s + cart._k * PERIOD
-        cart.plant.advance_to(cart.t_s)
-        readings = dict(cart.readings)
+
+    def tamper(t_s: float, readings: dict[str, Reading]) -> dict[str, Reading]:
         for k, v in override.items():
-            readings[k] = frozen[k] if v is None else Reading(v, cart.t_s - PERIOD)
-        r = cart.core.step(cart.t_s, readings)
-        for sig, value in r.outputs.items():
-            apply_command(cart.cfg, cart.plant, sig, value)
-        cart._sample_sensors()
-        out.append(r)
-    return out
+            readings[k] = frozen[k] if v is None else Reading(v, t_s - PERIOD)
+        return readings
+
+    return [cart.tick(tamper).decision for _ in range(round(seconds / PERIOD))]
 
 
 def ids(r: TickResult) -> set[str]:

@@ -174,9 +174,9 @@ def test_slew_limit_respected_up_and_down() -> None:
     assert max(speeds) == 30.0
     plant.set_pump_speed_command(-5.0)  # clamps to 0
     assert plant.pump_speed_command_rpm == 0.0
-    plant.step(0.5)
-    assert plant.truth().pump_speed_rpm == pytest.approx(15.0, abs=1e-6)
-    plant.step(0.6)
+    plant.step(0.1)  # braking at 200 rpm/s
+    assert plant.truth().pump_speed_rpm == pytest.approx(10.0, abs=1e-6)
+    plant.step(0.06)
     assert plant.truth().pump_speed_rpm == 0.0
 
 
@@ -238,7 +238,7 @@ def test_water_never_exceeds_cap_with_full_heater_for_30_min() -> None:
         powers.append(truth.heater_power_w)
     assert max(water) <= cap + 0.3
     first_cut = powers.index(0.0)  # the cut-out did engage, so the bound is not vacuous
-    assert water[first_cut] >= cap
+    assert water[first_cut] >= cap - 0.01  # sampled at 10 Hz around the cut-out
     after = water[first_cut:]
     assert min(after) >= cap - 0.3  # hysteresis 0.2 degC, then the element is back on
     assert powers[first_cut:].count(params.heater_power_w) > 0

@@ -157,7 +157,7 @@ class PressureLimiter(Strict):
     measured: Name = Field(description="Signal: PA inflow pressure, mmHg.")
     limit_mmhg: Pos = Field(25.0, le=100.0, description="Pressure the pump must not push above.")
     margin_mmhg: NonNeg = Field(
-        1.0, description="The limiter regulates at limit - margin, so noise stays under the limit."
+        2.0, description="The limiter regulates at limit - margin, so noise stays under the limit."
     )
     pid: PidGains = PidGains(kp=0.6, ki=1.2)
     filter_s: NonNeg = Field(0.3, description="Low-pass time constant on the limiter's input.")
@@ -257,7 +257,9 @@ class Alarms(Strict):
     heater_check_gain_time_s: Pos = Field(120.0, description="Time allowed to rise by the gain.")
     heater_gain_c: Pos = Field(0.5, description="Rise expected within check_gain_time_s.")
     overrun_window_s: Pos = 60.0
-    pressure: SensorLimits = SensorLimits(max_rate_per_s=60.0, stuck_s=2.0)
+    # A clamped line under a roller pump really does climb by tens of mmHg per tick: only
+    # jumps beyond what the circuit can do are implausible.
+    pressure: SensorLimits = SensorLimits(max_rate_per_s=500.0, stuck_s=2.0)
     flow: SensorLimits = SensorLimits(max_rate_per_s=3000.0, stuck_s=2.0)
     temperature: SensorLimits = SensorLimits(max_rate_per_s=2.0, stuck_s=30.0)
     water: SensorLimits = SensorLimits(max_rate_per_s=2.0, stuck_s=30.0)
@@ -311,13 +313,14 @@ class SimPlant(Strict):
     seed: int = 1
     stroke_volume_ml_per_rev: Pos = Field(33.0, description="True stroke volume of the pump.")
     pump_slew_rpm_per_s: Pos = 30.0
+    pump_brake_rpm_per_s: Pos = 200.0
     pvr_wu: Pos = Field(12.0, description="Single-lung vascular resistance R0, Wood units.")
     alpha_per_mmhg: Pos = 0.02
     outflow_pressure_mmhg: NonNeg = 3.0
     cannula_resistance_mmhg_min_per_l: NonNeg = 16.0
     compliance_ml_per_mmhg: Pos = 1.0
     line_compliance_ml_per_mmhg: Pos = Field(
-        0.02, description="Inflow line between pump and cannula (where the pressure sensor sits)."
+        0.3, description="Inflow line between pump and cannula (where the pressure sensor sits)."
     )
     perfusate_volume_ml: Pos = 1000.0
     reservoir_volume_ml: NonNeg = 800.0

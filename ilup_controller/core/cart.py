@@ -119,6 +119,7 @@ class CartCore:
             heater_pct=last.heater_pct if last else 0.0,
             heater_enabled=last.heater_enabled if last else False,
             water_setpoint_c=last.water_setpoint_c if last else None,
+            pump_limited_by=last.pump_limited_by if last else "",
             devices_down=devices_down,
             overruns_total=overruns_total,
             remote_ok=remote_ok,

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.catalogue import HeaterAction, PumpAction
-from ilup_controller.core.monitor import Measured
+from ilup_controller.core.monitor import SERVO_STOP, Measured
 from ilup_controller.core.pid import Pid
 from ilup_controller.core.procedure import RUNNING, Phase
 from ilup_controller.core.ramp import approach
 
-RAMP_LEAD_C = 0.2  # the rewarming setpoint may lead the perfusate by this much
+RAMP_LEAD_C = 0.2
+SERVO_LOOKAHEAD_TICKS = 2  # reading age + time for a stop command to take effect  # the rewarming setpoint may lead the perfusate by this much
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ class Controller:
         self._held_rpm: float | None = None
         self._heater_pct = 0.0
         self._pressure_filtered: float | None = None
+        self._last_pressure: float | None = None
         self._flow_pid = Pid(c.flow.pid, -c.flow.trim_limit_rpm, c.flow.trim_limit_rpm)
         self._pressure_pid = Pid(c.pressure.pid, 0.0, c.flow.speed_max_rpm)
         t = c.temperature
@@ -138,6 +140,8 @@ class Controller:
             demand, by = 0.0, str(phase)
         elif action is PumpAction.stop:
             demand, by = 0.0, reason or "stop"
+        elif self._servo_stop(dt_s, m.pressure_mmhg):
+            demand, by = 0.0, SERVO_STOP
         if action is PumpAction.hold:
             if self._held_rpm is None:
                 self._held_rpm = self._pump_rpm
@@ -150,6 +154,18 @@ class Controller:
         self._flow_pid.track(self._pump_rpm - ff_rpm)
         self._pressure_pid.track(self._pump_rpm)
         return self._pump_rpm, by
+
+    def _servo_stop(self, dt_s: float, pressure_mmhg: float | None) -> bool:
+        """Stop at once (before the alarm's condition delay) when the pressure is, or will be by
+        the time a stop takes effect, at the stop limit. The reading is a tick old and the stop
+        lands a tick later: against a clamped line rising tens of mmHg/s, waiting for the
+        crossing itself would overshoot by several mmHg."""
+        prev, self._last_pressure = self._last_pressure, pressure_mmhg
+        if pressure_mmhg is None:
+            return False
+        rising_mmhg_s = 0.0 if prev is None else max(0.0, (pressure_mmhg - prev) / dt_s)
+        expected = pressure_mmhg + rising_mmhg_s * SERVO_LOOKAHEAD_TICKS * dt_s
+        return expected >= self._cfg.control.pressure.stop_mmhg
 
     # ------------------------------------------------------------------ heater
 

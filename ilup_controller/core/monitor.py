@@ -10,6 +10,7 @@ alarm engine debounces and latches them.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ilup_controller.config.models import CartConfig
@@ -19,6 +20,7 @@ from ilup_controller.core.sensors import SensorCheck
 from ilup_controller.core.types import Readings
 
 STARTUP_GRACE_S = 5.0  # a sensor never read is a fault only after this long
+SERVO_STOP = "pressure_servo_stop"  # the loop stopped the pump ahead of the stop limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class Context:
     heater_pct: float
     heater_enabled: bool
     water_setpoint_c: float | None
+    pump_limited_by: str = ""
     devices_down: tuple[str, ...] = ()
     overruns_total: int = 0
     remote_ok: bool = True
@@ -216,7 +219,10 @@ class Monitor:
         p, q, temp, water = m.pressure_mmhg, m.flow_ml_min, m.temperature_c, m.water_temperature_c
 
         out["pressure_alert"] = _above(p, ctx.pressure_limit_mmhg)
-        out["pressure_high"] = _above(p, c.pressure.stop_mmhg)
+        servo = ctx.pump_limited_by == SERVO_STOP
+        out["pressure_high"] = Condition(
+            servo or (p is not None and p >= c.pressure.stop_mmhg), p, c.pressure.stop_mmhg,
+            " (servo stop ahead of the limit)" if servo else "")
 
         ramped = ctx.phase in (Phase.perfusion, Phase.washout) and (
             abs(ctx.flow_setpoint_ml_min - ctx.flow_target_ml_min) < 1e-6
@@ -295,8 +301,22 @@ class Monitor:
         return Condition(worse_pct > a.pvr_rise_pct, worse_pct, a.pvr_rise_pct)
 
 
+def silent_devices(
+    t_s: float, last_ok: Mapping[str, tuple[float | None, str | None]], stale_after_s: float
+) -> tuple[str, ...]:
+    """Devices with no good reply for longer than ``stale_after_s``, each with its reason.
+    ``last_ok`` maps device -> (time of the last good reply or None, last error)."""
+    down = []
+    for name, (ok_t, error) in last_ok.items():
+        age = None if ok_t is None else t_s - ok_t
+        if age is None or age > stale_after_s:
+            since = "never answered" if age is None else f"silent for {age:.1f} s"
+            down.append(f"{name}: {since} ({error or 'no reply'})")
+    return tuple(down)
+
+
 def _above(value: float | None, limit: float) -> Condition:
     return Condition(value is not None and value >= limit, value, limit)
 
 
-__all__ = ["RUNNING", "Context", "Measured", "Monitor"]
+__all__ = ["RUNNING", "Context", "Measured", "Monitor", "silent_devices"]

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -26,7 +26,13 @@ from pymodbus.pdu import ModbusPDU
 from ilup_controller.config.models import Device, Signal, Table
 from ilup_controller.core.types import Reading
 from ilup_controller.modbus.codec import encode, encode_bit, is_bit_signal
-from ilup_controller.modbus.plan import ReadBlock, decode_block, plan_reads
+from ilup_controller.modbus.plan import (
+    BlockMember,
+    BlockResult,
+    ReadBlock,
+    decode_block,
+    plan_reads,
+)
 
 __all__ = ["DEFAULT_POLL_PERIOD_S", "DeviceLink", "LinkHealth"]
 
@@ -74,6 +80,18 @@ def _exc_text(code: int) -> str:
         return f"{code} ({ExcCodes(code).name})"
     except ValueError:
         return str(code)
+
+
+def _raise_if_cancel_was_swallowed() -> None:
+    """Re-raise a cancellation that Python 3.11's ``asyncio.wait_for`` swallowed.
+
+    In 3.11, when the awaited call completes in the same loop iteration as the cancel, wait_for
+    returns the result and the CancelledError is lost (fixed in 3.12). Under CPU load that made
+    a cancelled link run on forever; the task's pending-cancel count still shows it.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() > 0:
+        raise asyncio.CancelledError
 
 
 class DeviceLink:
@@ -147,6 +165,7 @@ class DeviceLink:
         )
         try:
             while True:
+                _raise_if_cancel_was_swallowed()
                 try:
                     if not client.connected:
                         if not await self._connect(client):
@@ -177,31 +196,14 @@ class DeviceLink:
         self._outputs.update(staged)
         done: set[str] = set()
         try:
-            async with asyncio.timeout(timeout_s), self._io_lock:
-                client = self._client
-                temp: AsyncModbusTcpClient | None = None
-                if client is None or not client.connected:
-                    dev = self._device
-                    temp = client = AsyncModbusTcpClient(
-                        dev.host,
-                        port=dev.port,
-                        name=f"ilup-{self.name}-direct",
-                        timeout=dev.timeout_s,
-                        retries=dev.retries,
-                        reconnect_delay=0,  # one-shot: no background reconnect
-                    )
-                try:
-                    if temp is not None and not await self._connect(temp):
-                        return False
+            async with asyncio.timeout(timeout_s), self._direct_client() as client:
+                if client is not None:
                     for name, out in staged.items():
                         try:
                             if await self._write(client, name, out):
                                 done.add(name)
                         except _LinkDown:
                             pass  # still try the others: each actuator made safe counts
-                finally:
-                    if temp is not None:
-                        temp.close()
         except TimeoutError:
             log.error(
                 "device %s: direct write timed out after %.2f s, acknowledged: %s",
@@ -210,6 +212,7 @@ class DeviceLink:
                 sorted(done),
             )
             return False
+        _raise_if_cancel_was_swallowed()
         missing = sorted(set(staged) - done)
         if missing:
             log.error("device %s: direct write not acknowledged for %s", self.name, missing)
@@ -217,7 +220,57 @@ class DeviceLink:
             log.info("device %s: direct write acknowledged: %s", self.name, sorted(done))
         return not missing
 
+    async def read_now(self, signal: str, timeout_s: float) -> float | bool | None:
+        """Read one signal at once (e.g. a read-back check); None if it could not be read.
+
+        A good value also refreshes the store, like a cycle's read.
+        """
+        sig = self._signals.get(signal)
+        if sig is None:
+            raise KeyError(f"device {self.name}: {signal!r} is not a signal of this device")
+        block = ReadBlock(
+            sig.table, sig.address, sig.register_count, (BlockMember(signal, 0, sig),)
+        )
+        result: BlockResult | None = None
+        try:
+            async with asyncio.timeout(timeout_s), self._direct_client() as client:
+                if client is not None:
+                    with contextlib.suppress(_LinkDown):
+                        result = await self._read(client, block)
+        except TimeoutError:
+            log.warning(
+                "device %s: read of %s timed out after %.2f s", self.name, signal, timeout_s
+            )
+            return None
+        _raise_if_cancel_was_swallowed()
+        return None if result is None else result.values.get(signal)
+
     # ----------------------------------------------------------------------- internals
+
+    @contextlib.asynccontextmanager
+    async def _direct_client(self) -> AsyncIterator[AsyncModbusTcpClient | None]:
+        """Exclusive use of a connected client, between cycles; None if none can connect.
+
+        The running link's client if it is connected, else a short-lived one of our own.
+        """
+        async with self._io_lock:
+            client = self._client
+            if client is not None and client.connected:
+                yield client
+                return
+            dev = self._device
+            temp = AsyncModbusTcpClient(
+                dev.host,
+                port=dev.port,
+                name=f"ilup-{self.name}-direct",
+                timeout=dev.timeout_s,
+                retries=dev.retries,
+                reconnect_delay=0,  # one-shot: no background reconnect
+            )
+            try:
+                yield temp if await self._connect(temp) else None
+            finally:
+                temp.close()
 
     def _encode_output(self, signal: str, value: float | bool) -> _Output:
         sig = self._signals.get(signal)
@@ -325,7 +378,8 @@ class DeviceLink:
         self._fault_cleared(f"write:{name}", what)
         return True
 
-    async def _read(self, client: AsyncModbusTcpClient, block: ReadBlock) -> None:
+    async def _read(self, client: AsyncModbusTcpClient, block: ReadBlock) -> BlockResult | None:
+        """Read one block into the store; None if the device answered with an exception."""
         unit = self._device.unit_id
         what = f"read {block.table} {block.start}..{block.start + block.count - 1}"
         read = {
@@ -345,7 +399,7 @@ class DeviceLink:
         if rsp.isError():
             self._health.reads_failed += 1
             self._device_fault(key, what, rsp.exception_code)
-            return
+            return None
         self._health.reads_ok += 1
         self._answered(ok=True)
         self._fault_cleared(key, what)
@@ -362,6 +416,7 @@ class DeviceLink:
             if name not in self._bad_signals:
                 self._bad_signals.add(name)
                 log.warning("device %s: signal %s: invalid value: %s", self.name, name, err)
+        return result
 
     # ----------------------------------------------------------------------- state tracking
 

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from ilup_controller import __version__
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.cart import CartCore, TickResult
+from ilup_controller.core.monitor import silent_devices
 from ilup_controller.core.types import Reading
 from ilup_controller.modbus.link import DeviceLink
 from ilup_controller.mqtt.link import MqttLink
@@ -136,15 +137,9 @@ class Daemon:
                 )
 
     def _devices_down(self, t_s: float) -> tuple[str, ...]:
-        stale_s = self.cfg.control.stale_after_s
-        down = []
-        for name, link in self.links.items():
-            h = link.health
-            age = None if h.last_ok_t is None else t_s - h.last_ok_t
-            if age is None or age > stale_s:
-                since = "never answered" if age is None else f"silent for {age:.1f} s"
-                down.append(f"{name}: {since} ({h.last_error or 'no reply'})")
-        return tuple(down)
+        health = {name: link.health for name, link in self.links.items()}
+        return silent_devices(t_s, {n: (h.last_ok_t, h.last_error) for n, h in health.items()},
+                              self.cfg.control.stale_after_s)
 
     async def _control_loop(self) -> None:
         assert self.core is not None
