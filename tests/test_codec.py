@@ -349,12 +349,17 @@ def test_plan_refuses_signals_of_two_devices() -> None:
         plan_reads({"a": sig(device="one"), "b": sig(device="two", address=1)})
 
 
-def test_sim_config_pump_plan() -> None:
+def test_sim_config_plans() -> None:
     cfg = load_config("config/sim.yaml")
-    pump = {n: s for n, s in cfg.signals.items() if s.device == "pump"}
-    assert spans(plan_reads(pump)) == [(Table.input, 0, 1), (Table.holding, 0, 1)]
+    for device in cfg.devices:
+        signals = {n: s for n, s in cfg.signals.items() if s.device == device}
+        blocks = plan_reads(signals)
+        assert sorted(m.name for b in blocks for m in b.members) == sorted(signals)
+        for b in blocks:  # each request reads exactly the registers its members cover
+            assert b.count == sum(m.signal.register_count for m in b.members)
     io = {n: s for n, s in cfg.signals.items() if s.device == "io"}
-    assert spans(plan_reads(io)) == [(Table.input, 0, 5)]
+    # flow, pa_pressure, perfusate_temp, reservoir_volume: one request for input 0..4.
+    assert (Table.input, 0, 5) in spans(plan_reads(io))
 
 
 @st.composite

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -365,3 +366,49 @@ async def test_write_now_times_out_on_a_silent_device(rig: Rig) -> None:
     ok = await heater.write_now({"heater_power_setpoint": 0.0}, timeout_s=0.2)
     assert not ok
     assert loop.time() - t0 <= 0.3
+
+
+async def test_discrete_input_is_read_as_bool(rig: Rig) -> None:
+    await rig.sim.set_inputs({"air_detected": True})
+    await wait_until(lambda: rig.store.get("air_detected", Reading(False, 0.0)).value is True)
+    await rig.sim.set_inputs({"air_detected": False})
+    await wait_until(lambda: rig.store["air_detected"].value is False)
+
+
+async def test_read_now(rig: Rig) -> None:
+    pump = rig.links["pump"]
+    assert await pump.write_now({"pump_watchdog": 1.0}, timeout_s=1.0)
+    assert await pump.read_now("pump_watchdog", timeout_s=1.0) == pytest.approx(1.0)
+    assert await pump.read_now("pump_speed", timeout_s=1.0) == pytest.approx(15.5)
+    with pytest.raises(KeyError, match="flow"):
+        await pump.read_now("flow", timeout_s=1.0)
+    rig.sim.set_exception("pump", 2)
+    assert await pump.read_now("pump_speed", timeout_s=1.0) is None
+    rig.sim.set_exception("pump", None)
+    # Without a running link: a short-lived connection of its own.
+    heater_dev = CONFIG.devices["heater"].model_copy(update={"port": rig.ports["heater"]})
+    lone = DeviceLink("heater", heater_dev, signals_of("heater"), {})
+    assert await lone.read_now("heater_water_temp", timeout_s=1.0) == pytest.approx(38.02)
+    await rig.sim.stop()
+    assert await lone.read_now("heater_water_temp", timeout_s=1.0) is None
+
+
+async def test_run_honours_a_cancel_that_was_swallowed(rig: Rig) -> None:
+    """Python 3.11's wait_for can eat a CancelledError; run() must still stop."""
+    io_dev = CONFIG.devices["io"].model_copy(update={"port": rig.ports["io"]})
+    link = DeviceLink("io", io_dev, signals_of("io"), {})
+
+    async def swallow_then_run() -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        me.cancel()
+        # What wait_for does by accident when its inner call just finished:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+        await link.run()
+
+    task = asyncio.create_task(swallow_then_run())
+    done, _ = await asyncio.wait({task}, timeout=2.0)
+    assert task in done
+    assert task.cancelled()
+    assert link.health.cycles == 0

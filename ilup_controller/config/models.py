@@ -229,6 +229,7 @@ class SensorLimits(Strict):
     """Plausibility checks of one safety sensor (range comes from the signal's ``range``)."""
 
     max_rate_per_s: Pos = Field(description="Largest believable change per second.")
+    max_noise: Pos = Field(description="Noise (standard deviation) above this over 2 s = noisy.")
     stuck_s: Pos = Field(description="Identical readings this long while fresh = stuck sensor.")
 
 
@@ -257,13 +258,13 @@ class Alarms(Strict):
     heater_check_gain_time_s: Pos = Field(120.0, description="Time allowed to rise by the gain.")
     heater_gain_c: Pos = Field(0.5, description="Rise expected within check_gain_time_s.")
     overrun_window_s: Pos = 60.0
-    # A clamped line under a roller pump really does climb by tens of mmHg per tick: only
-    # jumps beyond what the circuit can do are implausible.
-    pressure: SensorLimits = SensorLimits(max_rate_per_s=500.0, stuck_s=2.0)
-    flow: SensorLimits = SensorLimits(max_rate_per_s=3000.0, stuck_s=2.0)
-    temperature: SensorLimits = SensorLimits(max_rate_per_s=2.0, stuck_s=30.0)
-    water: SensorLimits = SensorLimits(max_rate_per_s=2.0, stuck_s=30.0)
-    reservoir: SensorLimits = SensorLimits(max_rate_per_s=300.0, stuck_s=10.0)
+    # A clamped line under a roller pump climbs up to ~75 mmHg/s at full speed: only jumps
+    # beyond what the circuit can do are implausible.
+    pressure: SensorLimits = SensorLimits(max_rate_per_s=150.0, max_noise=2.0, stuck_s=1.0)
+    flow: SensorLimits = SensorLimits(max_rate_per_s=3000.0, max_noise=30.0, stuck_s=1.0)
+    temperature: SensorLimits = SensorLimits(max_rate_per_s=2.0, max_noise=0.3, stuck_s=30.0)
+    water: SensorLimits = SensorLimits(max_rate_per_s=2.0, max_noise=0.5, stuck_s=30.0)
+    reservoir: SensorLimits = SensorLimits(max_rate_per_s=300.0, max_noise=20.0, stuck_s=10.0)
 
     @field_validator("delays_s")
     @classmethod

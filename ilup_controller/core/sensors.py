@@ -5,6 +5,7 @@ of change (spikes, noise) and stuck (identical fresh readings). A reading that f
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 
 from ilup_controller.config.models import SensorLimits
@@ -12,6 +13,11 @@ from ilup_controller.core.types import Reading
 
 RATE_WINDOW_S = 5.0
 RATE_VIOLATIONS = 3  # this many implausible jumps within RATE_WINDOW_S = a faulty sensor
+NOISE_WINDOW_S = 2.0
+# For white noise of std sigma, the second difference has std sigma*sqrt(6), and the median of
+# its absolute value is 0.6745 of that: sigma ~ median(|d2|) / 1.652. The median ignores steps
+# and spikes; the second difference ignores ramps: only noise remains.
+_MEDIAN_ABS_D2_PER_SIGMA = 0.6745 * 6**0.5
 
 
 class SensorCheck:
@@ -29,6 +35,8 @@ class SensorCheck:
         self._prev: Reading | None = None
         self._same_since_s: float | None = None
         self._violations: deque[float] = deque()
+        self._d2: deque[tuple[float, float]] = deque()  # (reading time, |second difference|)
+        self._prev2: Reading | None = None
         self.fault = ""  # why the last reading was unusable ("" = usable)
 
     def check(self, t_s: float, reading: Reading | None) -> float | None:
@@ -54,13 +62,15 @@ class SensorCheck:
             jump = abs(v - self._prev.value) / dt > self._limits.max_rate_per_s
             if jump:
                 self._violations.append(t_s)
+            if self._prev2 is not None:
+                self._d2.append((r.t, abs(v - 2.0 * self._prev.value + self._prev2.value)))
             if v == self._prev.value:
                 if self._same_since_s is None:
                     self._same_since_s = self._prev.t
             else:
                 self._same_since_s = None
         if fresh:
-            self._prev = r
+            self._prev2, self._prev = self._prev, r
         while self._violations and t_s - self._violations[0] > RATE_WINDOW_S:
             self._violations.popleft()
         if len(self._violations) >= RATE_VIOLATIONS:
@@ -69,6 +79,12 @@ class SensorCheck:
             )
         if jump:
             return "implausible jump"
+        while self._d2 and r.t - self._d2[0][0] > NOISE_WINDOW_S:
+            self._d2.popleft()
+        if len(self._d2) >= 8:
+            sigma = statistics.median(d for _, d in self._d2) / _MEDIAN_ABS_D2_PER_SIGMA
+            if sigma > self._limits.max_noise:
+                return f"noisy: noise {sigma:.2f} (limit {self._limits.max_noise:g})"
         if self._same_since_s is not None and r.t - self._same_since_s >= self._limits.stuck_s:
             return f"stuck at {v:.2f} for {r.t - self._same_since_s:.1f} s"
         return ""
