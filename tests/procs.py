@@ -31,6 +31,7 @@ def write_cart_config(tmp: Path, broker_port: int, **control: Any) -> tuple[Path
         dev["port"] = free_port()
     data["mqtt"].update({"host": "127.0.0.1", "port": broker_port, "keepalive_s": 2})
     data["control"]["flow"].update(control)
+    data["procedure"]["priming_s"] = 1.0  # real time: reach the flow target within seconds
     path = tmp / "cart.yaml"
     with path.open("w", encoding="utf-8") as f:
         yaml.dump(data, f)

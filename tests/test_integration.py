@@ -150,3 +150,107 @@ async def test_sigterm_stops_the_pump_and_heater(
 
 def _in_band(flow_ml_min: float | None) -> bool:
     return flow_ml_min is not None and abs(flow_ml_min - TARGET) <= BAND
+
+
+async def test_hung_daemon_leaves_a_safe_circuit(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    """kill -STOP the daemon mid-perfusion: the pump drive's own watchdog stops the pump."""
+    cfg_path, cfg = write_cart_config(tmp_path, mosquitto.port, ramp_s=2.0)
+    ports = {name: dev.port for name, dev in cfg.devices.items()}
+    wd = cfg.devices["pump"].watchdog
+    assert wd is not None
+    with processes() as procs:
+        try:
+            procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
+            procs.append(daemon := Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
+
+            async def pumping() -> bool:
+                try:
+                    return await read_signal(cfg, ports, "pump_speed") > 10.0
+                except ConnectionError:
+                    return False
+
+            await wait_until(pumping, 30, interval_s=0.2, what="pump running above 10 rpm")
+            loop = asyncio.get_running_loop()
+            daemon.signal(signal.SIGSTOP)
+            t_stop = loop.time()
+
+            async def stopped() -> bool:
+                return await read_signal(cfg, ports, "pump_speed") < 0.1
+
+            took = await wait_until(stopped, wd.timeout_s + 2.0, interval_s=0.05,
+                                    what="pump stopped by its own watchdog")
+            # Watchdog timeout, plus the simulator's 20 ms update and the brake.
+            assert took <= wd.timeout_s + 0.3, took
+            assert loop.time() - t_stop >= wd.timeout_s - 0.1  # not earlier than the timeout
+            daemon.signal(signal.SIGCONT)
+        except BaseException:
+            for p in procs:
+                print(f"---- {p.args[0]} log ----\n{p.log()}")
+            raise
+
+
+async def test_daemon_refuses_to_start_when_a_device_watchdog_is_off(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg_path, cfg = write_cart_config(tmp_path, mosquitto.port)
+    ports = {name: dev.port for name, dev in cfg.devices.items()}
+    with processes() as procs:
+        procs.append(Proc(["sim", "-c", str(cfg_path), "--watchdog-off", "pump"],
+                          tmp_path / "sim.log"))
+        procs.append(daemon := Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
+        rc = await asyncio.to_thread(daemon.wait, 30)
+        log = daemon.log()
+        assert rc == 3, log
+        assert ("refusing to start: device 'pump' watchdog register 'pump_watchdog' "
+                "(holding 10) reads back 0 s after writing 1 s: the watchdog is off") in log
+        assert await read_signal(cfg, ports, cfg.control.flow.command) == 0.0
+        assert await read_signal(cfg, ports, "pump_speed") < 0.5  # tacho noise around 0
+
+
+async def test_fault_over_mqtt_raises_the_alarm_on_the_alarms_topic(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg_path, cfg = write_cart_config(tmp_path, mosquitto.port, ramp_s=2.0)
+    prefix = f"{cfg.mqtt.topic_prefix}/{cfg.cart_id}"
+    sub = Subscriber(mosquitto.port, f"{prefix}/#")
+    sub_task = asyncio.create_task(sub.run())
+    with processes() as procs:
+        try:
+            await asyncio.wait_for(sub.connected.wait(), 5)
+            procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
+            procs.append(Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
+            await wait_until(lambda: any(m.payload.get("phase") == "perfusion"
+                                         for m in sub.of("/state")), 30, what="perfusion")
+            import aiomqtt
+
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+                await client.publish(f"{prefix}/sim/fault", b'{"kind": "air", "duration_s": 0.5}',
+                                     qos=1)
+            loop = asyncio.get_running_loop()
+            t_sent = loop.time()
+
+            def air_alarm() -> bool:
+                return any(a["id"] == "air_detected" and a["priority"] == "high"
+                           for m in sub.of("/alarms", t_sent) for a in m.payload["alarms"])
+
+            took = await wait_until(air_alarm, 5, what="air_detected on the alarms topic")
+            assert took < 1.0, took
+            onset = [m.payload for m in sub.of("/events", t_sent)
+                     if m.payload["kind"] == "onset" and m.payload["alarm_id"] == "air_detected"]
+            assert len(onset) == 1
+            assert "pump stopped" in onset[0]["message"]
+            def pump_off() -> bool:
+                states = sub.of("/state", t_sent + took + 0.2)
+                return bool(states) and states[-1].payload["outputs"]["pump_speed_rpm"] == 0.0
+
+            await wait_until(pump_off, 3, what="state shows the pump stopped")
+        except BaseException:
+            for p in procs:
+                print(f"---- {p.args[0]} log ----\n{p.log()}")
+            raise
+        finally:
+            sub_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sub_task
