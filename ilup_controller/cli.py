@@ -134,8 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", required=True)
     s.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
     s.add_argument("--scenario", help="YAML file of timed faults (docs/faults.md)")
-    s.add_argument("--watchdog-off", action="append", default=[], metavar="DEVICE",
-                   help="test aid: this simulated device ignores its watchdog register")
+    s.add_argument(
+        "--watchdog-off",
+        action="append",
+        default=[],
+        metavar="DEVICE",
+        help="test aid: this simulated device ignores its watchdog register",
+    )
     s.set_defaults(func=_cmd_sim)
 
     w = sub.add_parser("watch", help="live terminal view of a cart over MQTT")

@@ -12,8 +12,9 @@ Roller pump (``_step_pump``)
     Occlusive, no intrinsic pressure limit (domain.md, equipment, M). The actual speed follows the
     command with a slew limit ``pump_slew_rpm_per_s`` (30 rpm/s, L placeholder for drive
     acceleration) and brakes at ``pump_brake_rpm_per_s`` (200 rpm/s, L: a roller head at 15 rpm
-    stops within a tenth of a second). Flow = speed x ``stroke_volume_ml_per_rev`` (33 mL/rev: 3/8 in tubing on a
-    6 in head, M; real pumps spread +-10-15 %, so the controller's own stroke volume may differ).
+    stops within a tenth of a second). Flow = speed x ``stroke_volume_ml_per_rev`` (33 mL/rev:
+    3/8 in tubing on a 6 in head, M; real pumps spread +-10-15 %, so the controller's own
+    stroke volume may differ).
     ``pump_stalled`` (fault): the rotor stops, the speed slews to 0 whatever the command.
 
 Inflow line and vascular bed (``_step_hydraulics``)

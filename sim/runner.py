@@ -58,17 +58,22 @@ class SimulatedCart:
             wd = self.cfg.signals[signal]
             # The device ignores the write: its register keeps reading 0 (watchdog off).
             asyncio.get_running_loop().create_task(self.servers.set_inputs({signal: 0.0}))
-            log.warning("device %s ignores its watchdog register (%s %d)", wd.device, wd.table,
-                        wd.address)
+            log.warning(
+                "device %s ignores its watchdog register (%s %d)", wd.device, wd.table, wd.address
+            )
             return
         if self.cfg.signals[signal].device not in self.watchdogs.tripped:
             apply_command(self.cfg, self.plant, signal, float(value))
 
-    async def run(self, stop: asyncio.Event, *, speed: float = 1.0,
-                  publish_period_s: float = 0.02) -> None:
+    async def run(
+        self, stop: asyncio.Event, *, speed: float = 1.0, publish_period_s: float = 0.02
+    ) -> None:
         await self.servers.start()
-        log.info("simulator serving %s at speed x%g",
-                 ", ".join(f"{d}=:{p}" for d, p in self.servers.ports().items()), speed)
+        log.info(
+            "simulator serving %s at speed x%g",
+            ", ".join(f"{d}=:{p}" for d, p in self.servers.ports().items()),
+            speed,
+        )
         faults = asyncio.create_task(self._fault_listener(), name="sim-faults")
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -99,8 +104,9 @@ class SimulatedCart:
         where = topic(m.topic_prefix, self.cfg.cart_id, FAULT_TOPIC)
         while True:
             try:
-                async with aiomqtt.Client(m.host, m.port, username=m.username,
-                                          password=m.password, timeout=3) as client:
+                async with aiomqtt.Client(
+                    m.host, m.port, username=m.username, password=m.password, timeout=3
+                ) as client:
                     await client.subscribe(where, qos=1)
                     log.info("simulator listening for faults on %s", where)
                     async for message in client.messages:

@@ -22,7 +22,6 @@ from sim.plant import Plant, PlantTruth
 from sim.watchdog import DeviceWatchdogs
 from sim.wiring import apply_command, quantise, sensor_values
 
-
 # (tick time, readings) -> the readings the core is handed instead
 Tamper = Callable[[float, dict[str, Reading]], Mapping[str, Reading]]
 
@@ -79,7 +78,7 @@ class VirtualCart:
         self.last_ok: dict[str, tuple[float | None, str | None]] = {
             d: (None, None) for d in cfg.devices
         }
-        for name, dev in cfg.devices.items():  # armed at start-up, as the daemon does
+        for dev in cfg.devices.values():  # armed at start-up, as the daemon does
             if dev.watchdog is not None:
                 self.watchdogs.on_write(dev.watchdog.signal, dev.watchdog.timeout_s, t0_s)
         self._exchange()

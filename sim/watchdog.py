@@ -46,8 +46,11 @@ class DeviceWatchdogs:
                 continue
             if now_s - self.last_write_s.get(device, now_s) > timeout:
                 self.tripped.add(device)
-                log.warning("device %s: no write for > %.2f s: watchdog trips to safe state",
-                            device, timeout)
+                log.warning(
+                    "device %s: no write for > %.2f s: watchdog trips to safe state",
+                    device,
+                    timeout,
+                )
                 for cmd in (b.pump_speed_command, b.heater_power_command):
                     if self._cfg.signals[cmd].device == device:
                         apply_command(self._cfg, self._plant, cmd, 0.0)

@@ -179,8 +179,12 @@ async def test_hung_daemon_leaves_a_safe_circuit(
             async def stopped() -> bool:
                 return await read_signal(cfg, ports, "pump_speed") < 0.1
 
-            took = await wait_until(stopped, wd.timeout_s + 2.0, interval_s=0.05,
-                                    what="pump stopped by its own watchdog")
+            took = await wait_until(
+                stopped,
+                wd.timeout_s + 2.0,
+                interval_s=0.05,
+                what="pump stopped by its own watchdog",
+            )
             # Watchdog timeout, plus the simulator's 20 ms update and the brake.
             assert took <= wd.timeout_s + 0.3, took
             assert loop.time() - t_stop >= wd.timeout_s - 0.1  # not earlier than the timeout
@@ -197,14 +201,17 @@ async def test_daemon_refuses_to_start_when_a_device_watchdog_is_off(
     cfg_path, cfg = write_cart_config(tmp_path, mosquitto.port)
     ports = {name: dev.port for name, dev in cfg.devices.items()}
     with processes() as procs:
-        procs.append(Proc(["sim", "-c", str(cfg_path), "--watchdog-off", "pump"],
-                          tmp_path / "sim.log"))
+        procs.append(
+            Proc(["sim", "-c", str(cfg_path), "--watchdog-off", "pump"], tmp_path / "sim.log")
+        )
         procs.append(daemon := Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
         rc = await asyncio.to_thread(daemon.wait, 30)
         log = daemon.log()
         assert rc == 3, log
-        assert ("refusing to start: device 'pump' watchdog register 'pump_watchdog' "
-                "(holding 10) reads back 0 s after writing 1 s: the watchdog is off") in log
+        assert (
+            "refusing to start: device 'pump' watchdog register 'pump_watchdog' "
+            "(holding 10) reads back 0 s after writing 1 s: the watchdog is off"
+        ) in log
         assert await read_signal(cfg, ports, cfg.control.flow.command) == 0.0
         assert await read_signal(cfg, ports, "pump_speed") < 0.5  # tacho noise around 0
 
@@ -221,26 +228,37 @@ async def test_fault_over_mqtt_raises_the_alarm_on_the_alarms_topic(
             await asyncio.wait_for(sub.connected.wait(), 5)
             procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
             procs.append(Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
-            await wait_until(lambda: any(m.payload.get("phase") == "perfusion"
-                                         for m in sub.of("/state")), 30, what="perfusion")
+            await wait_until(
+                lambda: any(m.payload.get("phase") == "perfusion" for m in sub.of("/state")),
+                30,
+                what="perfusion",
+            )
             import aiomqtt
 
             async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
-                await client.publish(f"{prefix}/sim/fault", b'{"kind": "air", "duration_s": 0.5}',
-                                     qos=1)
+                await client.publish(
+                    f"{prefix}/sim/fault", b'{"kind": "air", "duration_s": 0.5}', qos=1
+                )
             loop = asyncio.get_running_loop()
             t_sent = loop.time()
 
             def air_alarm() -> bool:
-                return any(a["id"] == "air_detected" and a["priority"] == "high"
-                           for m in sub.of("/alarms", t_sent) for a in m.payload["alarms"])
+                return any(
+                    a["id"] == "air_detected" and a["priority"] == "high"
+                    for m in sub.of("/alarms", t_sent)
+                    for a in m.payload["alarms"]
+                )
 
             took = await wait_until(air_alarm, 5, what="air_detected on the alarms topic")
             assert took < 1.0, took
-            onset = [m.payload for m in sub.of("/events", t_sent)
-                     if m.payload["kind"] == "onset" and m.payload["alarm_id"] == "air_detected"]
+            onset = [
+                m.payload
+                for m in sub.of("/events", t_sent)
+                if m.payload["kind"] == "onset" and m.payload["alarm_id"] == "air_detected"
+            ]
             assert len(onset) == 1
             assert "pump stopped" in onset[0]["message"]
+
             def pump_off() -> bool:
                 states = sub.of("/state", t_sent + took + 0.2)
                 return bool(states) and states[-1].payload["outputs"]["pump_speed_rpm"] == 0.0

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from ilup_controller.config import CartConfig, load_config
+from ilup_controller.config import load_config
 from ilup_controller.core.cart import CartCore
 from ilup_controller.core.catalogue import CATALOGUE, HeaterAction, PumpAction
 from ilup_controller.core.procedure import Phase
@@ -87,8 +87,10 @@ def check(out: Outcome, alarm_id: str, budget_s: float, since: float | None = No
         m = x.decision.measured
         if m.temperature_c is None or m.water_temperature_c is None:
             assert x.decision.loop.heater_pct == 0.0
-    REPORT.append(f"| {out.fault} | {alarm_id} | {a.priority} | {delay:.1f} s | "
-                  f"{out.peak_pressure():.1f} mmHg | {out.peak_perfusate():.2f} degC |")
+    REPORT.append(
+        f"| {out.fault} | {alarm_id} | {a.priority} | {delay:.1f} s | "
+        f"{out.peak_pressure():.1f} mmHg | {out.peak_perfusate():.2f} degC |"
+    )
     return s
 
 
@@ -104,15 +106,17 @@ def test_complete_occlusion(warm_cart: VirtualCart, at_s: float) -> None:
     out = inject(cart, {"kind": "occlusion", "complete": True}, 10)
     # The limiter and the servo stop act before the stop limit; whichever alarm comes, it comes
     # within its budget and the pump ends stopped against the clamp.
-    crossed = next((s.decision.t_s for s in out.samples if s.truth.pa_pressure_mmhg >= 30.0),
-                   None)
+    crossed = next((s.decision.t_s for s in out.samples if s.truth.pa_pressure_mmhg >= 30.0), None)
     if crossed is not None or any(
         a.alarm_id == "pressure_high" for s in out.samples for a in s.decision.alarms
     ):
         check(out, "pressure_high", 0.5, since=crossed or out.onset("pressure_high").decision.t_s)
     else:
-        alert_at = next(s.decision.t_s for s in out.samples
-                        if s.truth.pa_pressure_mmhg >= cart.cfg.control.pressure.limit_mmhg)
+        alert_at = next(
+            s.decision.t_s
+            for s in out.samples
+            if s.truth.pa_pressure_mmhg >= cart.cfg.control.pressure.limit_mmhg
+        )
         check(out, "pressure_alert", 1.5, since=alert_at)
     assert all(s.truth.pump_speed_rpm < 1.0 for s in out.samples[-20:])
 
@@ -165,8 +169,12 @@ def test_heater_failed(warm_cart: VirtualCart) -> None:
     # Klipper arithmetic: check_gain_time + max_error / shortfall (>= 1 degC below floor) + 1 s,
     # after the water has fallen out of the hysteresis band.
     s = check(out, "heater_not_heating", 900.0)
-    band_left = next(x.decision.t_s for x in out.samples if x.decision.loop.water_setpoint_c
-                     and x.truth.water_c < x.decision.loop.water_setpoint_c - a.heater_hysteresis_c)
+    band_left = next(
+        x.decision.t_s
+        for x in out.samples
+        if x.decision.loop.water_setpoint_c
+        and x.truth.water_c < x.decision.loop.water_setpoint_c - a.heater_hysteresis_c
+    )
     assert s.decision.t_s - band_left <= a.heater_check_gain_time_s + a.heater_max_error_c_s + 1
     assert all(x.decision.loop.pump_speed_rpm > 10 for x in out.samples)  # the pump keeps going
 
@@ -178,8 +186,9 @@ def test_heater_stuck_on(warm_cart: VirtualCart) -> None:
     check(out, "perfusate_high", 600.0)
     # A welded relay cannot be switched off by software: the perfusate rises until the
     # heater-cooler's own thermostat holds the water at its cap (the table shows how far).
-    assert all(x.decision.loop.heater_pct == 0.0 for x in out.samples
-               if x.decision.t_s >= s.decision.t_s)
+    assert all(
+        x.decision.loop.heater_pct == 0.0 for x in out.samples if x.decision.t_s >= s.decision.t_s
+    )
     assert all(x.decision.loop.pump_speed_rpm > 10 for x in out.samples)
 
 
@@ -194,8 +203,11 @@ SENSOR_CASES = [
     ("pa_pressure", "sensor_pressure", {"kind": "sensor_stuck"}),
     ("pa_pressure", "sensor_pressure", {"kind": "sensor_dropout"}),
     ("pa_pressure", "sensor_pressure", {"kind": "sensor_noise", "sigma": 5.0}),
-    ("pa_pressure", "sensor_pressure", {"kind": "sensor_spike", "magnitude": 40.0,
-                                        "period_s": 0.5}),
+    (
+        "pa_pressure",
+        "sensor_pressure",
+        {"kind": "sensor_spike", "magnitude": 40.0, "period_s": 0.5},
+    ),
     ("flow", "sensor_flow", {"kind": "sensor_stuck"}),
     ("flow", "sensor_flow", {"kind": "sensor_dropout"}),
     ("flow", "sensor_flow", {"kind": "sensor_noise", "sigma": 80.0}),
@@ -209,17 +221,22 @@ SENSOR_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("channel", "alarm_id", "fault"), SENSOR_CASES,
-                         ids=[f"{c}-{f['kind']}" for c, _, f in SENSOR_CASES])
-def test_sensor_fault(warm_cart: VirtualCart, channel: str, alarm_id: str,
-                      fault: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    ("channel", "alarm_id", "fault"),
+    SENSOR_CASES,
+    ids=[f"{c}-{f['kind']}" for c, _, f in SENSOR_CASES],
+)
+def test_sensor_fault(
+    warm_cart: VirtualCart, channel: str, alarm_id: str, fault: dict[str, object]
+) -> None:
     out = inject(warm_cart, {**fault, "channel": channel}, 8)
     check(out, alarm_id, 2.0)
 
 
 def test_pressure_sensor_drift_is_seen_as_rising_resistance(warm_cart: VirtualCart) -> None:
-    out = inject(warm_cart, {"kind": "sensor_drift", "channel": "pa_pressure",
-                             "rate_per_min": 6.0}, 120)
+    out = inject(
+        warm_cart, {"kind": "sensor_drift", "channel": "pa_pressure", "rate_per_min": 6.0}, 120
+    )
     # A drift cannot be told from a real rise by one sensor: the pressure/flow ratio alarms,
     # and the limiter keeps the *reading* under the limit (the true pressure falls).
     check(out, "pvr_rise", 60.0)
@@ -228,12 +245,15 @@ def test_pressure_sensor_drift_is_seen_as_rising_resistance(warm_cart: VirtualCa
 # ------------------------------------------------------------------ equipment faults
 
 
-@pytest.mark.parametrize(("device", "fault"), [
-    ("io", {"kind": "device_unresponsive"}),
-    ("pump", {"kind": "device_unresponsive"}),
-    ("heater", {"kind": "device_exception", "exception_code": 4}),
-    ("io", {"kind": "device_slow", "delay_s": 0.6}),
-])
+@pytest.mark.parametrize(
+    ("device", "fault"),
+    [
+        ("io", {"kind": "device_unresponsive"}),
+        ("pump", {"kind": "device_unresponsive"}),
+        ("heater", {"kind": "device_exception", "exception_code": 4}),
+        ("io", {"kind": "device_slow", "delay_s": 0.6}),
+    ],
+)
 def test_device_fault(warm_cart: VirtualCart, device: str, fault: dict[str, object]) -> None:
     out = inject(warm_cart, {**fault, "device": device}, 6)
     check(out, "device_comms", 2.2)

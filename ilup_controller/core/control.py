@@ -21,8 +21,8 @@ from ilup_controller.core.pid import Pid
 from ilup_controller.core.procedure import RUNNING, Phase
 from ilup_controller.core.ramp import approach
 
-RAMP_LEAD_C = 0.2
-SERVO_LOOKAHEAD_TICKS = 2  # reading age + time for a stop command to take effect  # the rewarming setpoint may lead the perfusate by this much
+RAMP_LEAD_C = 0.2  # the rewarming setpoint may lead the perfusate by this much
+SERVO_LOOKAHEAD_TICKS = 2  # reading age + time for a stop command to take effect
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,8 +221,11 @@ class Monitor:
         out["pressure_alert"] = _above(p, ctx.pressure_limit_mmhg)
         servo = ctx.pump_limited_by == SERVO_STOP
         out["pressure_high"] = Condition(
-            servo or (p is not None and p >= c.pressure.stop_mmhg), p, c.pressure.stop_mmhg,
-            " (servo stop ahead of the limit)" if servo else "")
+            servo or (p is not None and p >= c.pressure.stop_mmhg),
+            p,
+            c.pressure.stop_mmhg,
+            " (servo stop ahead of the limit)" if servo else "",
+        )
 
         ramped = ctx.phase in (Phase.perfusion, Phase.washout) and (
             abs(ctx.flow_setpoint_ml_min - ctx.flow_target_ml_min) < 1e-6

@@ -138,8 +138,11 @@ class Daemon:
 
     def _devices_down(self, t_s: float) -> tuple[str, ...]:
         health = {name: link.health for name, link in self.links.items()}
-        return silent_devices(t_s, {n: (h.last_ok_t, h.last_error) for n, h in health.items()},
-                              self.cfg.control.stale_after_s)
+        return silent_devices(
+            t_s,
+            {n: (h.last_ok_t, h.last_error) for n, h in health.items()},
+            self.cfg.control.stale_after_s,
+        )
 
     async def _control_loop(self) -> None:
         assert self.core is not None
