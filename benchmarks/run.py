@@ -119,13 +119,16 @@ def _stop(p: subprocess.Popen[bytes]) -> None:
 # ------------------------------------------------------------------ 2. tick timing
 
 
-async def _tick_run(cfg: CartConfig, seconds: float) -> list[tuple[float, float, float]]:
+async def _tick_run(
+    cfg: CartConfig, seconds: float
+) -> tuple[list[tuple[float, float, float]], int]:
     ticks: list[tuple[float, float, float]] = []
     daemon = Daemon(cfg, on_tick=lambda d, s, e: ticks.append((d, s, e)))
     stop = asyncio.Event()
     asyncio.get_running_loop().call_later(seconds, stop.set)
     await daemon.run(stop)
-    return ticks
+    assert daemon.core is not None
+    return ticks, daemon.alarm_onsets
 
 
 def bench_ticks(tmp: Path, broker: MosquittoProcess, seconds: float) -> str:
@@ -135,7 +138,7 @@ def bench_ticks(tmp: Path, broker: MosquittoProcess, seconds: float) -> str:
         sim = _spawn(["sim", "-c", str(path)], tmp / f"sim-{hz}.log")
         try:
             time.sleep(1.0)
-            ticks = asyncio.run(_tick_run(cfg, seconds))
+            ticks, onsets = asyncio.run(_tick_run(cfg, seconds))
         finally:
             _stop(sim)
         ticks = ticks[hz:]  # first second: connections coming up

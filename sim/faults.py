@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, Protocol, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from ilup_controller.config.loader import ConfigError, parse_yaml
+from ilup_controller.config.loader import ConfigError, format_validation_error, read_yaml_file
 from ilup_controller.config.models import Name
 from sim.plant import (
     NUMERIC_SENSOR_CHANNELS,
@@ -382,41 +382,8 @@ class ScenarioError(ConfigError):
     """A scenario file that cannot be used; ``problems`` holds one line per error."""
 
 
-def _key_path(loc: Sequence[int | str]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item not in FAULT_KINDS:  # the union's tag: the kind is in the data already
-            parts.append(("." if parts else "") + item)
-    return "".join(parts)
-
-
 def _problems(err: ValidationError) -> list[str]:
-    """One line per error, each prefixed with its key path (as the config loader does)."""
-    problems: list[str] = []
-    for e in err.errors(include_url=False):
-        loc = tuple(e["loc"])
-        kind = e["type"]
-        msg = str(e["msg"]).removeprefix("Value error, ")
-        if kind == "extra_forbidden":
-            msg = "unknown key"
-        elif kind == "missing":
-            msg = "required key is missing"
-        elif kind == "union_tag_not_found":
-            loc, msg = (*loc, "kind"), f"required key is missing (one of: {', '.join(FAULT_KINDS)})"
-        elif kind == "union_tag_invalid":
-            tag = (e.get("ctx") or {}).get("tag")
-            loc, msg = (
-                (*loc, "kind"),
-                f"unknown fault kind {tag!r}; known: {', '.join(FAULT_KINDS)}",
-            )
-        path = _key_path(loc)
-        if not path:
-            problems.extend(part.strip() for part in msg.split("; "))
-        else:
-            problems.append(f"{path}: {msg}")
-    return problems
+    return format_validation_error(err, union_tags=FAULT_KINDS, what="fault kind")
 
 
 def scenario_from_data(data: Any, source: str = "<scenario>") -> Scenario:
@@ -430,18 +397,8 @@ def scenario_from_data(data: Any, source: str = "<scenario>") -> Scenario:
 
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario YAML file; ScenarioError names every problem's key path."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ScenarioError(str(p), ["file not found"]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ScenarioError(str(p), [f"cannot read: {e}"]) from None
-    try:
-        data = parse_yaml(text, str(p))
-    except ConfigError as e:
-        raise ScenarioError(e.source, e.problems) from None
-    return scenario_from_data(data, str(p))
+    data, source = read_yaml_file(path, ScenarioError)
+    return scenario_from_data(data, source)
 
 
 def parse_runtime_message(payload: bytes) -> Fault | FaultClear:

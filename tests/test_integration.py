@@ -58,6 +58,9 @@ async def test_daemon_perfuses_the_simulator_and_survives_the_broker(
             assert last["targets"]["flow_ml_min"] == TARGET
             assert {"flow_ml_min", "pressure_mmhg", "temperature_c"} <= last["measured"].keys()
             assert {"pump_speed_rpm", "heater_pct"} <= last["outputs"].keys()
+            # A healthy circuit over real Modbus raises no alarm at all (false alarms fail too).
+            raised = {a for m in sub.of("/state") for a in m.payload["active_alarms"]}
+            assert raised == set(), raised
             seqs = [m.payload["seq"] for m in window]
             assert seqs == sorted(seqs)
             assert len(set(seqs)) == len(seqs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +27,36 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
-def _key_path(loc: tuple[int | str, ...]) -> str:
+def _key_path(loc: Sequence[int | str], skip: Collection[str] = ()) -> str:
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        else:
+        elif item not in skip:  # a discriminated union's tag: the data names it already
             parts.append(("." if parts else "") + item)
     return "".join(parts)
 
 
-def format_validation_error(err: ValidationError) -> list[str]:
+def format_validation_error(
+    err: ValidationError, *, union_tags: Sequence[str] = (), what: str = "kind"
+) -> list[str]:
+    """One line per error, each prefixed with its key path. ``union_tags`` are the values of
+    a discriminated union's ``kind`` field, for errors that name a missing or unknown one."""
     problems: list[str] = []
     for e in err.errors(include_url=False):
-        path = _key_path(tuple(e["loc"]))
-        msg = str(e["msg"])
-        if e["type"] == "extra_forbidden":
+        loc = tuple(e["loc"])
+        kind = e["type"]
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if kind == "extra_forbidden":
             msg = "unknown key"
-        elif e["type"] == "missing":
+        elif kind == "missing":
             msg = "required key is missing"
-        elif msg.startswith("Value error, "):
-            msg = msg.removeprefix("Value error, ")
+        elif kind == "union_tag_not_found":
+            loc, msg = (*loc, "kind"), f"required key is missing (one of: {', '.join(union_tags)})"
+        elif kind == "union_tag_invalid":
+            tag = (e.get("ctx") or {}).get("tag")
+            loc, msg = (*loc, "kind"), f"unknown {what} {tag!r}; known: {', '.join(union_tags)}"
+        path = _key_path(loc, union_tags)
         if not path:
             # Cross-reference checks already name their key paths, joined by "; ".
             problems.extend(part.strip() for part in msg.split("; "))
@@ -76,12 +86,21 @@ def config_from_data(data: Any, source: str = "<config>") -> CartConfig:
         raise ConfigError(source, format_validation_error(e)) from None
 
 
-def load_config(path: str | Path) -> CartConfig:
+def read_yaml_file(path: str | Path, error: type[ConfigError] = ConfigError) -> tuple[Any, str]:
+    """Parsed YAML of ``path`` and the path as text; ``error`` names what went wrong."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(str(p), ["file not found"]) from None
+        raise error(str(p), ["file not found"]) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(str(p), [f"cannot read: {e}"]) from None
-    return config_from_data(parse_yaml(text, str(p)), str(p))
+        raise error(str(p), [f"cannot read: {e}"]) from None
+    try:
+        return parse_yaml(text, str(p)), str(p)
+    except ConfigError as e:
+        raise error(e.source, e.problems) from None
+
+
+def load_config(path: str | Path) -> CartConfig:
+    data, source = read_yaml_file(path)
+    return config_from_data(data, source)

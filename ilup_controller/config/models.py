@@ -305,6 +305,21 @@ class Mqtt(Strict):
     reconnect_max_s: Pos = 5.0
 
 
+# --------------------------------------------------------------------------- record
+
+
+class Record(Strict):
+    """Durable procedure record: one SQLite file (WAL, synchronous=FULL) per procedure."""
+
+    directory: str = Field("records", description="Directory of the record files.")
+    sample_every_ticks: int = Field(
+        1, ge=1, description="Record every Nth control tick (1: every tick)."
+    )
+    queue_size: int = Field(
+        10000, ge=1, description="Rows waiting for the writer; a full queue drops and alarms."
+    )
+
+
 # --------------------------------------------------------------------------- simulator
 
 
@@ -380,6 +395,7 @@ class CartConfig(Strict):
     alarms: Alarms = Alarms()
     procedure: Procedure = Procedure()
     mqtt: Mqtt = Mqtt()
+    record: Record = Record()
     simulator: Simulator | None = None
 
     @field_validator("signals")

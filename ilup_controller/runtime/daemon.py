@@ -46,6 +46,7 @@ class Daemon:
         self.mqtt: MqttLink | None = None
         self.core: CartCore | None = None
         self._event_seq = 0
+        self.alarm_onsets = 0  # for benchmarks and soak checks: a healthy run has none
         self._alarm_signature: tuple[object, ...] | None = None
 
     def _safe_outputs(self) -> dict[str, float]:
@@ -181,6 +182,8 @@ class Daemon:
         assert self.mqtt is not None
         for e in r.events:
             event = build_event(self.cfg, e, seq=self._event_seq, utc_of=utc_of)
+            if event.kind == "onset":
+                self.alarm_onsets += 1
             level = logging.WARNING if event.kind in ("onset", "refused") else logging.INFO
             log.log(
                 level,
