@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,10 +20,11 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from ilup_controller.broker import BrokerHandle, ensure_broker
-from ilup_controller.config import load_config
+from ilup_controller.config import CartConfig, load_config
 from ilup_controller.view import watch
 
 STOP_TIMEOUT_S = 10.0
+SIM_START_TIMEOUT_S = 10.0
 
 
 def write_config(source: str | Path, dest: Path, **mqtt: Any) -> Path:
@@ -58,8 +60,46 @@ def _stop(proc: subprocess.Popen[bytes], name: str) -> None:
         print(f"  {name} did not stop in {STOP_TIMEOUT_S:.0f} s: killed")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), 0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_listening(sim: subprocess.Popen[bytes], cfg: CartConfig, log: Path) -> None:
+    """Wait until the simulator owns its ports, or say why it did not start."""
+    deadline = time.monotonic() + SIM_START_TIMEOUT_S
+    pending = {(d.host, d.port) for d in cfg.devices.values()}
+    while pending:
+        if sim.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+            raise RuntimeError(f"the simulator exited (code {sim.returncode}):\n{tail}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the simulator did not listen on {sorted(pending)} in time")
+        pending = {hp for hp in pending if not _listening(*hp)}
+        time.sleep(0.05)
+
+
 def run_demo(config_path: str, *, speed: float = 1.0) -> int:
     cfg = load_config(config_path)  # fail early, with key paths, before starting anything
+    busy = [f"{d.host}:{d.port}" for d in cfg.devices.values() if _listening(d.host, d.port)]
+    if busy:
+        # A simulator left from an earlier run would be driven by two daemons at once.
+        print(
+            f"demo: {', '.join(busy)} already in use (a simulator from an earlier run?): "
+            "stop it first",
+            file=sys.stderr,
+        )
+        return 1
+    # A closed terminal or a kill must still stop the children in order.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     host, port, broker, protocol = ensure_broker(cfg.mqtt.host, cfg.mqtt.port)
     workdir = Path(tempfile.mkdtemp(prefix="ilup-demo-"))
     demo_cfg = write_config(
@@ -68,17 +108,24 @@ def run_demo(config_path: str, *, speed: float = 1.0) -> int:
     origin = "started by the demo" if broker is not None else "already running"
     print(f"broker {host}:{port} (MQTT {protocol}, {origin}); logs in {workdir}")
     sim = _spawn(["sim", "-c", str(demo_cfg), "--speed", str(speed)], workdir / "sim.log")
-    time.sleep(0.5)  # the daemon copes with a late simulator; this only spares a warning line
-    daemon = _spawn(["run", "-c", str(demo_cfg)], workdir / "daemon.log")
+    daemon: subprocess.Popen[bytes] | None = None
     rc = 0
     try:
+        _wait_listening(sim, cfg, workdir / "sim.log")
+        daemon = _spawn(["run", "-c", str(demo_cfg)], workdir / "daemon.log")
         with contextlib.suppress(KeyboardInterrupt):
             rc = asyncio.run(
                 watch(host, port, cfg.mqtt.topic_prefix, cfg.cart_id, protocol=protocol)
             )
+    except RuntimeError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        rc = 1
+    except KeyboardInterrupt:
+        pass
     finally:
         print("stopping: daemon first (pump to zero, heater off), then simulator")
-        _stop(daemon, "daemon")
+        if daemon is not None:
+            _stop(daemon, "daemon")
         _stop(sim, "simulator")
         _stop_broker(broker)
     return rc

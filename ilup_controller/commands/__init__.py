@@ -1,0 +1,51 @@
+"""Operator commands over MQTT: payload models (models.py) and their processing (processor.py)."""
+
+from ilup_controller.commands.models import (
+    COMMAND_MODELS,
+    REASON_CODES,
+    AlarmCommand,
+    AnyCommand,
+    Command,
+    CommandName,
+    MarkerCommand,
+    ModeCommand,
+    PhaseCommand,
+    ReasonCode,
+    Reply,
+    SetpointCommand,
+    command_filter,
+    default_reply_topic,
+    response_topic_allowed,
+    split_command_topic,
+)
+from ilup_controller.commands.processor import (
+    CommandEvent,
+    CommandProcessor,
+    ParsedCommand,
+    SetpointBounds,
+    setpoint_bounds,
+)
+
+__all__ = [
+    "COMMAND_MODELS",
+    "REASON_CODES",
+    "AlarmCommand",
+    "AnyCommand",
+    "Command",
+    "CommandEvent",
+    "CommandName",
+    "CommandProcessor",
+    "MarkerCommand",
+    "ModeCommand",
+    "ParsedCommand",
+    "PhaseCommand",
+    "ReasonCode",
+    "Reply",
+    "SetpointBounds",
+    "SetpointCommand",
+    "command_filter",
+    "default_reply_topic",
+    "response_topic_allowed",
+    "setpoint_bounds",
+    "split_command_topic",
+]

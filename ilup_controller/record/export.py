@@ -1,0 +1,62 @@
+"""``ilup export RECORD --csv``: the samples table as CSV (NULL, a missing reading, as empty)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sqlite3
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ilup_controller.record.store import SAMPLE_COLUMNS, RecordError, connect_read
+
+
+def export_csv(record_path: str | Path, out: str | Path | TextIO) -> int:
+    """Write the samples of ``record_path`` as CSV to ``out`` (a path or an open text file);
+    returns the number of data rows written. The header is the samples column names."""
+    p = Path(record_path)
+    conn = connect_read(p)
+    try:
+        check = [str(r[0]) for r in conn.execute("PRAGMA integrity_check")]
+        if check != ["ok"]:
+            raise RecordError(f"{p}: integrity check failed: {'; '.join(check)}")
+        rows = conn.execute(f"SELECT {', '.join(SAMPLE_COLUMNS)} FROM samples ORDER BY seq")
+        if not isinstance(out, str | Path):
+            return _write(out, rows)
+        with open(out, "w", newline="", encoding="utf-8") as f:
+            return _write(f, rows)
+    except sqlite3.Error as e:
+        raise RecordError(f"{p}: cannot read samples: {e}") from e
+    finally:
+        conn.close()
+
+
+def _write(f: TextIO, rows: Iterable[tuple[Any, ...]]) -> int:
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(SAMPLE_COLUMNS)
+    n = 0
+    for row in rows:
+        # repr keeps every digit of a float; None (a missing reading) becomes an empty field.
+        w.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in row])
+        n += 1
+    return n
+
+
+def main_export(argv: Sequence[str] | None = None) -> int:
+    """``ilup export RECORD --csv [-o OUT]`` (OUT ``-``: standard output); exit status."""
+    ap = argparse.ArgumentParser(prog="ilup export", description=__doc__)
+    ap.add_argument("record", type=Path, help="record file (.sqlite)")
+    ap.add_argument("--csv", action="store_true", required=True, help="export the samples as CSV")
+    ap.add_argument("-o", "--output", help="CSV file (default: RECORD.csv; '-': stdout)")
+    args = ap.parse_args(argv)
+    out: str = args.output or str(args.record.with_suffix(".csv"))
+    try:
+        n = export_csv(args.record, sys.stdout if out == "-" else out)
+    except (RecordError, OSError) as e:
+        print(f"ilup export: {e}", file=sys.stderr)
+        return 2
+    if out != "-":
+        print(f"{out}: {n} samples", file=sys.stderr)
+    return 0
