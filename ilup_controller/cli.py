@@ -106,6 +106,66 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+SETPOINT_FIELDS = {
+    "flow": "flow_ml_min",
+    "pressure-limit": "pressure_limit_mmhg",
+    "temperature": "temperature_c",
+}
+
+
+def _operator_body(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
+    """(command name, JSON body) of an operator subcommand."""
+    match args.command:
+        case "set":
+            return "setpoint", {SETPOINT_FIELDS[args.what]: args.value}
+        case "mode":
+            body: dict[str, object] = {"control": args.control, "output_mode": args.output}
+            if args.pump_speed_rpm is not None:
+                body["pump_speed_rpm"] = args.pump_speed_rpm
+            return "mode", body
+        case "phase":
+            return "phase", {"action": args.action.replace("-", "_")}
+        case "ack":
+            return "alarm", {"action": "acknowledge", "alarm_id": args.alarm_id}
+        case "reset":
+            return "alarm", {"action": "reset", "alarm_id": args.alarm_id}
+        case "pause-audio":
+            return "alarm", {"action": "pause_audio"}
+        case "marker":
+            return "marker", {"text": args.text}
+    raise AssertionError(args.command)
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from ilup_controller.client import print_reply, send_command, settings_from
+
+    name, body = _operator_body(args)
+    settings = settings_from(args)
+    try:
+        reply = asyncio.run(send_command(settings, name, body, timeout_s=args.timeout))
+    except Exception as e:
+        print(
+            f"ilup {args.command}: cannot reach the broker {settings.host}:{settings.port}: {e}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return print_reply(reply)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ilup_controller.client import print_snapshot, settings_from, snapshot
+
+    settings = settings_from(args)
+    try:
+        return print_snapshot(asyncio.run(snapshot(settings)))
+    except Exception as e:
+        print(
+            f"ilup status: cannot reach the broker {settings.host}:{settings.port}: {e}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ilup_controller.demo import run_demo
 
@@ -150,6 +210,42 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--protocol", choices=["3.1.1", "5"])
     w.add_argument("--once", action="store_true", help="print one snapshot and exit")
     w.set_defaults(func=_cmd_watch)
+
+    from ilup_controller.client import add_connection_flags
+
+    st = sub.add_parser("status", help="one snapshot of state and active alarms")
+    add_connection_flags(st)
+    st.set_defaults(func=_cmd_status)
+
+    ops: list[argparse.ArgumentParser] = []
+    o = sub.add_parser("set", help="change a target: flow, pressure-limit or temperature")
+    o.add_argument("what", choices=sorted(SETPOINT_FIELDS))
+    o.add_argument("value", type=float)
+    ops.append(o)
+    o = sub.add_parser("mode", help="control mode: flow or pressure; auto or manual output")
+    o.add_argument("control", choices=["flow", "pressure"])
+    o.add_argument("--output", choices=["auto", "manual"], default="auto")
+    o.add_argument("--pump-speed-rpm", type=float)
+    ops.append(o)
+    o = sub.add_parser("phase", help="procedure phase")
+    o.add_argument(
+        "action", choices=["priming", "perfusion", "washout", "complete", "safe-stop", "resume"]
+    )
+    ops.append(o)
+    o = sub.add_parser("ack", help="acknowledge an alarm (silences this occurrence)")
+    o.add_argument("alarm_id")
+    ops.append(o)
+    o = sub.add_parser("reset", help="reset a latched alarm whose condition has cleared")
+    o.add_argument("alarm_id")
+    ops.append(o)
+    ops.append(sub.add_parser("pause-audio", help="pause alarm audio (max 120 s)"))
+    o = sub.add_parser("marker", help="free-text event in the record, e.g. 'drug in'")
+    o.add_argument("text")
+    ops.append(o)
+    for o in ops:
+        add_connection_flags(o)
+        o.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+        o.set_defaults(func=_cmd_operator)
 
     d = sub.add_parser("demo", help="simulator + daemon + broker + live view")
     d.add_argument("-c", "--config", default="config/sim.yaml")

@@ -34,7 +34,8 @@ from ilup_controller.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "config" / "mosquitto" / "mosquitto.conf"
 ACL = REPO / "config" / "mosquitto" / "acl"
-CART = "sim"  # cart_id of config/sim.yaml
+SIM = load_config(REPO / "config" / "sim.yaml")
+CART = SIM.cart_id
 DAEMON, OPERATOR, MONITOR = "ilup-daemon", "operator", "monitor"
 DELIVERY_TIMEOUT_S = 3.0
 V5 = aiomqtt.ProtocolVersion.V5
@@ -73,7 +74,25 @@ def make_certificates(d: Path) -> None:
          "-days", "2", "-extfile", str(ext))  # fmt: skip
 
 
-def derive_conf(text: str, port: int, files: dict[str, Path]) -> str:
+def make_client_certificate(d: Path, user: str) -> tuple[Path, Path]:
+    """A client certificate with the username as CN, signed by the test CA (docs/security.md)."""
+    openssl = _tool("openssl")
+    key, csr, crt, ext = (d / f"{user}.{x}" for x in ("key", "csr", "crt", "ext"))
+    _run(openssl, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={user}")  # fmt: skip
+    ext.write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=clientAuth\n"
+    )
+    _run(openssl, "x509", "-req", "-in", str(csr), "-CA", str(d / "ca.crt"),
+         "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(crt),
+         "-days", "2", "-extfile", str(ext))  # fmt: skip
+    return crt, key
+
+
+def derive_conf(
+    text: str, port: int, files: dict[str, Path], overrides: dict[str, str] | None = None
+) -> str:
     """The committed config with the listener, file paths and log destination replaced.
 
     Every replaced key must occur exactly once, so a reshaped config breaks this test loudly
@@ -83,6 +102,7 @@ def derive_conf(text: str, port: int, files: dict[str, Path]) -> str:
         "listener": f"{port} 127.0.0.1",
         "log_dest": "stdout",
         **{key: str(path) for key, path in files.items()},
+        **(overrides or {}),
     }
     seen = dict.fromkeys(replace, 0)
     out: list[str] = []
@@ -99,17 +119,28 @@ def derive_conf(text: str, port: int, files: dict[str, Path]) -> str:
 
 
 @dataclass(frozen=True)
-class SecureBroker:
-    port: int
-    ca_file: Path
+class Pki:
+    """Throwaway CA, server certificate and password file in ``dir``."""
+
+    dir: Path
     passwords: dict[str, str]
 
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "ca.crt"
+
+
+@dataclass(frozen=True)
+class SecureBroker:
+    port: int
+    pki: Pki
+
     def tls(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.ca_file))
+        return ssl.create_default_context(cafile=str(self.pki.ca_file))
 
     def client(self, user: str | None, password: str | None = None, **kw: object) -> aiomqtt.Client:
         if user is not None and password is None:
-            password = self.passwords[user]
+            password = self.pki.passwords[user]
         options: dict[str, object] = {"tls_context": self.tls(), "timeout": 3.0, **kw}
         return aiomqtt.Client(
             "127.0.0.1",
@@ -122,27 +153,32 @@ class SecureBroker:
 
 
 @pytest.fixture(scope="module")
-def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
-    d = tmp_path_factory.mktemp("secure-broker")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
     make_certificates(d)
     passwords = {u: secrets.token_urlsafe(12) for u in (DAEMON, OPERATOR, MONITOR)}
-    passwd = d / "passwd"
     first = True
     for user, password in passwords.items():
         flags = ["-b", "-c"] if first else ["-b"]
-        _run(_tool("mosquitto_passwd"), *flags, str(passwd), user, password)
+        _run(_tool("mosquitto_passwd"), *flags, str(d / "passwd"), user, password)
         first = False
+    return Pki(d, passwords)
+
+
+@contextlib.contextmanager
+def run_broker(pki: Pki, overrides: dict[str, str] | None = None) -> Iterator[SecureBroker]:
+    """The committed mosquitto.conf and acl on a free loopback port, stopped on exit."""
     port = free_port()
     files = {
-        "password_file": passwd,
+        "password_file": pki.dir / "passwd",
         "acl_file": ACL,  # the committed ACL, unchanged
-        "cafile": d / "ca.crt",
-        "certfile": d / "server.crt",
-        "keyfile": d / "server.key",
+        "cafile": pki.ca_file,
+        "certfile": pki.dir / "server.crt",
+        "keyfile": pki.dir / "server.key",
     }
-    conf = d / "mosquitto.conf"
-    conf.write_text(derive_conf(CONF.read_text(), port, files))
-    log_path = d / "broker.log"
+    conf = pki.dir / f"mosquitto-{port}.conf"
+    conf.write_text(derive_conf(CONF.read_text(), port, files, overrides))
+    log_path = pki.dir / f"broker-{port}.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
             [_tool("mosquitto"), "-c", str(conf)],
@@ -158,7 +194,7 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBr
             if proc.poll() is not None or time.monotonic() > deadline_s:
                 pytest.fail(f"mosquitto did not start:\n{log_path.read_text()}", pytrace=False)
             time.sleep(0.02)
-        yield SecureBroker(port, d / "ca.crt", passwords)
+        yield SecureBroker(port, pki)
     finally:
         proc.terminate()
         try:
@@ -166,6 +202,12 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBr
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def secure_broker(pki: Pki) -> Iterator[SecureBroker]:
+    with run_broker(pki) as broker:
+        yield broker
 
 
 class Collector:
@@ -226,7 +268,8 @@ def test_committed_config_is_hardened() -> None:
     keys = [ln[0] for ln in conf]
     assert ["per_listener_settings", "false"] in conf
     assert ["allow_anonymous", "false"] in conf
-    assert keys.count("password_file") == 1 and keys.count("acl_file") == 1
+    assert keys.count("password_file") == 1
+    assert keys.count("acl_file") == 1
     listeners = [ln for ln in conf if ln[0] == "listener"]
     assert listeners == [["listener", "8883"]], "exactly one listener, the TLS one"
     after_listener = keys[keys.index("listener") :]
@@ -319,9 +362,7 @@ async def test_only_the_operator_reaches_the_daemon(secure_broker: SecureBroker)
     topic = daemon.messages[0][0]
     split = split_command_topic(topic, "ilup", CART)
     assert split == (OPERATOR, "phase")
-    parsed = CommandProcessor(load_config(REPO / "config" / "sim.yaml")).parse(
-        split[1], command, now, split[0]
-    )
+    parsed = CommandProcessor(SIM).parse(split[1], command, now, split[0])
     assert isinstance(parsed, ParsedCommand)
     assert parsed.sender == OPERATOR
 
@@ -339,3 +380,21 @@ async def test_monitor_reads_state_and_replies(secure_broker: SecureBroker) -> N
                 assert (reply_topic, b'{"reply": 1}') in monitor.messages
         finally:
             await daemon.publish(state_topic, b"", qos=1, retain=True)  # clear the retained
+
+
+async def test_client_certificate_when_required(pki: Pki) -> None:
+    crt, key = make_client_certificate(pki.dir, OPERATOR)
+    with run_broker(pki, {"require_certificate": "true"}) as broker:
+        # A password alone is no longer enough...
+        with pytest.raises(aiomqtt.MqttError):
+            async with broker.client(OPERATOR, timeout=1.0):
+                pass
+        # ...with the certificate the same login works, and a wrong password still fails.
+        with_cert = broker.tls()
+        with_cert.load_cert_chain(str(crt), str(key))
+        async with broker.client(OPERATOR, tls_context=with_cert):
+            pass
+        with pytest.raises(MqttConnectError) as wrong:
+            async with broker.client(OPERATOR, "not-the-password", tls_context=with_cert):
+                pass
+        assert wrong.value.rc == NOT_AUTHORIZED

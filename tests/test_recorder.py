@@ -87,11 +87,13 @@ def new_recorder(directory: Path, **kw: Any) -> Recorder:
     return rec
 
 
-def max_call_s(rec: Recorder, states: list[State], events: dict[int, Event] | None = None) -> float:
-    """Longest single sample()/event() call (models built beforehand, GC off: only the
-    recorder's own work is timed)."""
+def call_times_s(
+    rec: Recorder, states: list[State], events: dict[int, Event] | None = None
+) -> list[float]:
+    """Duration of each sample() (+ event()) call, sorted; models are built beforehand and GC
+    is off, so only the recorder's own work is timed."""
     events = events or {}
-    worst_s = 0.0
+    times: list[float] = []
     gc.disable()
     try:
         for i, state in enumerate(states):
@@ -99,10 +101,19 @@ def max_call_s(rec: Recorder, states: list[State], events: dict[int, Event] | No
             rec.sample(state)
             if i in events:
                 rec.event(events[i])
-            worst_s = max(worst_s, time.perf_counter() - t)
+            times.append(time.perf_counter() - t)
     finally:
         gc.enable()
-    return worst_s
+    return sorted(times)
+
+
+def assert_never_waits(times: list[float], stall_s: float) -> None:
+    """A call that waited for the writer would take about ``stall_s`` (the writer's delay per
+    row); the worst call must be far below that. The 99th percentile shows the usual cost,
+    the maximum only has to stay clear of OS preemption (a few ms on a loaded 2-CPU box)."""
+    p99_s = times[int(0.99 * len(times))]
+    assert p99_s < 1e-3, f"p99 {p99_s * 1e3:.3f} ms"
+    assert times[-1] < stall_s / 3, f"worst call {times[-1] * 1e3:.1f} ms: it waited"
 
 
 def count(path: Path, sql: str, *args: Any) -> int:
@@ -248,11 +259,10 @@ async def test_full_queue_drops_are_counted_and_recorded_as_gaps_without_blockin
     tmp_path: Path,
 ) -> None:
     rec = new_recorder(tmp_path, queue_size=50)
-    rec.write_delay_s = 0.02  # slow disk: ~50 rows/s against 10 000 offered
+    rec.write_delay_s = 0.3  # slow disk: each row takes 0.3 s
     states = [make_state(i) for i in range(10_000)]
     events = {i: make_event(i) for i in range(500, 10_000, 1000)}
-    worst_s = max_call_s(rec, states, events)
-    assert worst_s < 1e-3, f"sample() took {worst_s * 1e3:.2f} ms: it must never wait"
+    assert_never_waits(call_times_s(rec, states, events), stall_s=0.3)
     assert rec.dropped > 9000
     assert rec.queue_depth <= 50 + 1
     rec.write_delay_s = 0.0
@@ -327,7 +337,7 @@ async def test_write_error_fails_the_recorder_for_good(
     assert lost == 4
 
     Flaky.fail_on = None  # the disk "recovers": no retry, the recorder stays failed
-    assert max_call_s(rec, [make_state(i) for i in range(8, 1008)]) < 1e-3
+    assert_never_waits(call_times_s(rec, [make_state(i) for i in range(8, 1008)]), stall_s=0.3)
     rec.event(make_event(3))
     assert rec.dropped == lost + 1001
     with pytest.raises(RecorderError, match="recorder failed"):

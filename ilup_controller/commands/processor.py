@@ -22,14 +22,25 @@ Order of the checks in ``parse``, cheapest first, so that a flood costs little:
    (``invalid``, or ``out_of_range`` when only bounds were broken);
 4. ``(sender, command_id)`` seen before: the same command again gets the FIRST reply and is
    never applied twice; a different command under a used id is rejected ``duplicate``;
-5. sender clock more than ``MAX_CLOCK_AHEAD_S`` ahead (``invalid``), or older than its
-   ``expires_in_s`` (``expired``).
+5. sender clock more than ``MAX_CLOCK_AHEAD_S`` ahead (``invalid``), older than its
+   ``expires_in_s`` (``expired``), a v5 response topic outside the sender's reply space
+   (``invalid``);
+6. the duplicate cache full of commands still inside their validity window (``rate_limited``):
+   forgetting one of those would let its replay be applied again.
 
 ``apply`` then checks the command against the cart: setpoints against bounds derived from the
 configuration and against per-command slew limits (``out_of_range``), phase changes through the
 procedure (``not_allowed_in_phase``, ``interlock_active``), alarm actions through the alarm
 engine (``refused``). A rejected command changes nothing. Every outcome is a ``CommandEvent``
 for the record; collect them with ``drain_events``.
+
+Wiring in the daemon: subscribe to ``command_filter(prefix, cart_id)`` at QoS 1; for each
+message take ``(sender, name)`` from ``split_command_topic`` (ignore other topics), call
+``parse(name, payload, datetime.now(UTC), sender, response_topic=<v5 ResponseTopic>)``; call
+``apply`` for a ``ParsedCommand`` in the control task, between two core steps (or ``reject``
+with ``recorder_failed`` when its event cannot be recorded first); publish
+``reply.model_dump_json()`` to ``reply_topic(sender, name, response_topic)`` at QoS 1, not
+retained, with the command's CorrelationData copied.
 """
 
 from __future__ import annotations
@@ -254,7 +265,7 @@ class CommandProcessor:
         try:
             entry = self._cache.get(key)
             if entry is not None and entry.reply is not None:
-                self._emit(entry.reply, cmd.sender, repeated=True)
+                self._emit(entry.reply, cmd.sender, now, repeated=True)
                 return entry.reply
             reason, detail = self._decide(cmd, core, t_s, operator)
         except Exception:  # the core refused in a way we did not foresee: nothing was changed
@@ -267,7 +278,29 @@ class CommandProcessor:
             reason, detail = "refused", "internal error while applying the command"
         reply = _reply(cmd.command.command_id, cmd.name, now, reason, detail)
         self._record(key, cmd.name, cmd.command, reply, now)
-        self._emit(reply, cmd.sender, arguments=_arguments(cmd.command))
+        self._emit(reply, cmd.sender, now, arguments=_arguments(cmd.command))
+        self._log(reply, cmd.sender)
+        return reply
+
+    def reject(
+        self,
+        cmd: ParsedCommand,
+        reason: ReasonCode,
+        detail: str,
+        *,
+        now_utc: datetime | None = None,
+    ) -> Reply:
+        """Answer a parsed command without applying it, e.g. ``recorder_failed`` when its event
+        cannot be recorded first. A repeat of the command then gets this reply."""
+        now = cmd.received_at if now_utc is None else _as_utc(now_utc)
+        key = (cmd.sender, cmd.command.command_id)
+        entry = self._cache.get(key)
+        if entry is not None and entry.reply is not None:
+            self._emit(entry.reply, cmd.sender, now, repeated=True)
+            return entry.reply
+        reply = _reply(cmd.command.command_id, cmd.name, now, reason, detail)
+        self._record(key, cmd.name, cmd.command, reply, now)
+        self._emit(reply, cmd.sender, now, arguments=_arguments(cmd.command))
         self._log(reply, cmd.sender)
         return reply
 
@@ -283,7 +316,9 @@ class CommandProcessor:
         return default_reply_topic(prefix, cart_id, sender, name)
 
     def drain_events(self) -> list[CommandEvent]:
-        """Command events since the last call, oldest first."""
+        """Command events since the last call, oldest first: one for every message ``parse``
+        answered itself, and one for every ``apply`` or ``reject``. At most ``MAX_EVENTS`` are
+        kept between calls (older ones are dropped and counted in ``events_dropped``)."""
         events = list(self._events)
         self._events.clear()
         return events
@@ -341,7 +376,7 @@ class CommandProcessor:
             self._cache.move_to_end(key)
             if entry.name == name and entry.command == cmd:
                 if entry.reply is not None:
-                    self._emit(entry.reply, sender, repeated=True)
+                    self._emit(entry.reply, sender, now, repeated=True)
                     return entry.reply
                 return self._answer(
                     cmd.command_id,
@@ -552,7 +587,7 @@ class CommandProcessor:
         detail: str,
     ) -> Reply:
         reply = _reply(command_id, name, now, reason, detail)
-        self._emit(reply, sender)
+        self._emit(reply, sender, now)
         self._log(reply, sender)
         return reply
 
@@ -560,6 +595,7 @@ class CommandProcessor:
         self,
         reply: Reply,
         sender: str,
+        t: datetime,
         *,
         repeated: bool = False,
         arguments: dict[str, Any] | None = None,
@@ -569,7 +605,7 @@ class CommandProcessor:
             self.events_dropped += 1
         self._events.append(
             CommandEvent(
-                t=reply.t,
+                t=t,
                 sender=sender,
                 command=reply.command,
                 command_id=reply.command_id,
@@ -613,9 +649,9 @@ def _valid_until(cmd: Command) -> datetime:
 
 
 def _safe(text: str, limit: int = 40) -> str:
-    """Untrusted text for a detail message: bounded and printable."""
-    cut = text[:limit] + ("..." if len(text) > limit else "")
-    return cut if cut.isprintable() else cut.encode("unicode_escape").decode("ascii")
+    """Untrusted text for a reply: printable (escaped) and at most ``limit`` characters."""
+    shown = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def _reply(

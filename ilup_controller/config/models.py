@@ -292,12 +292,19 @@ class Procedure(Strict):
 # --------------------------------------------------------------------------- MQTT
 
 
+class MqttTls(Strict):
+    ca_file: str = Field(description="CA certificate that signed the broker's certificate.")
+    cert_file: str | None = Field(None, description="Client certificate, when the broker asks.")
+    key_file: str | None = None
+
+
 class Mqtt(Strict):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     protocol: Literal["3.1.1", "5"] = "5"
     username: str | None = None
     password: str | None = None
+    tls: MqttTls | None = Field(None, description="Connect over TLS (port 8883 usually).")
     topic_prefix: str = Field("ilup", pattern=r"^[A-Za-z0-9_\-/]+$")
     keepalive_s: int = Field(5, ge=2, le=600)
     state_period_s: Pos = Field(0.5, le=1.0, description="State is published at least 1 Hz.")

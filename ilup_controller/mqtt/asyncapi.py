@@ -34,9 +34,8 @@ COMMAND = "python -m ilup_controller.mqtt.asyncapi"
 ASYNCAPI_VERSION = "3.0.0"
 MQTT_BINDING_VERSION = "0.2.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
-# Commands and replies: at least once; a repeat is answered from the duplicate cache.
+# Commands: at least once; a repeat is answered from the duplicate cache.
 COMMAND_QOS = 1
-REPLY_QOS = 1
 
 Doc = dict[str, Any]
 

@@ -16,11 +16,14 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pydantic import BaseModel
 
 from ilup_controller.config.models import Mqtt
@@ -62,6 +65,22 @@ class _Event:
     topic: str
     payload: str
     retain: bool
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A message received on a subscribed topic (commands)."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    response_topic: str | None
+    correlation_data: bytes | None
+
+
+# Called in the receive task for every message on the subscribed topics; must not block.
+IncomingHandler = Callable[[Incoming], None]
 
 
 class _LinkStopped(Exception):
@@ -76,8 +95,19 @@ class MqttLink:
     (also tries to publish the offline status first). A closed link cannot be run again.
     """
 
-    def __init__(self, cfg: Mqtt, cart_id: str, *, simulated: bool, version: str) -> None:
+    def __init__(
+        self,
+        cfg: Mqtt,
+        cart_id: str,
+        *,
+        simulated: bool,
+        version: str,
+        subscribe: str | None = None,
+        on_message: IncomingHandler | None = None,
+    ) -> None:
         self._cfg = cfg
+        self._subscribe = subscribe
+        self._on_message = on_message
         self._cart_id = cart_id
         self._simulated = simulated
         self._version = version
@@ -120,7 +150,15 @@ class MqttLink:
         When the queue already holds ``queue_size`` events, the oldest one is dropped and counted.
         Raises ValueError only for a topic name that is not valid (a programming error).
         """
-        event = _Event(self.topics.name(topic_name), payload.model_dump_json(), retain)
+        self._enqueue(_Event(self.topics.name(topic_name), payload.model_dump_json(), retain))
+
+    def publish_to(
+        self, topic: str, payload: BaseModel, *, correlation_data: bytes | None = None
+    ) -> None:
+        """Queue ``payload`` for an absolute ``topic`` (a command reply). Never waits."""
+        self._enqueue(_Event(topic, payload.model_dump_json(), False, correlation_data))
+
+    def _enqueue(self, event: _Event) -> None:
         if len(self._events) >= self._cfg.queue_size:
             self._events.popleft()
             self._dropped += 1
@@ -219,7 +257,11 @@ class MqttLink:
         protocol = (
             aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
         )
-        # TLS (tls_context=...) is added here when the configuration grows a TLS section.
+        tls = None
+        if cfg.tls is not None:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file
+            )
         return aiomqtt.Client(
             cfg.host,
             cfg.port,
@@ -235,6 +277,7 @@ class MqttLink:
                 retain=STATUS_SPEC.retained,
             ),
             timeout=CLIENT_TIMEOUT_S,
+            tls_params=tls,
         )
 
     def _status(self, *, online: bool) -> Status:
@@ -303,17 +346,38 @@ class MqttLink:
         qos: int,
         retain: bool,
         timeout_s: float = PUBLISH_TIMEOUT_S,
+        correlation_data: bytes | None = None,
     ) -> None:
         data = payload if isinstance(payload, str) else payload.model_dump_json()
-        await client.publish(topic, data, qos=qos, retain=retain, timeout=timeout_s)
+        properties = None
+        if correlation_data is not None and self._cfg.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.CorrelationData = correlation_data
+        await client.publish(
+            topic, data, qos=qos, retain=retain, timeout=timeout_s, properties=properties
+        )
         self._published += 1
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        # Commands will be subscribed and routed here (a later issue). Until then this task's job
-        # is to notice a dropped connection at once: iterating raises MqttError on disconnect,
+        # Also notices a dropped connection at once: iterating raises MqttError on disconnect,
         # whereas a publisher would only notice at its next publish.
+        if self._subscribe is not None:
+            await client.subscribe(self._subscribe, qos=1, timeout=PUBLISH_TIMEOUT_S)
         async for message in client.messages:
-            log.debug("MQTT message on %s ignored (no subscriptions yet)", message.topic.value)
+            if self._on_message is None:
+                continue
+            props = message.properties
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            response = getattr(props, "ResponseTopic", None) if props is not None else None
+            correlation = getattr(props, "CorrelationData", None) if props is not None else None
+            try:
+                self._on_message(
+                    Incoming(
+                        message.topic.value, payload, bool(message.retain), response, correlation
+                    )
+                )
+            except Exception:  # a bad message must not take the link down
+                log.exception("MQTT message on %s could not be handled", message.topic.value)
 
     async def _publish_states(self, client: aiomqtt.Client) -> None:
         loop = asyncio.get_running_loop()
@@ -353,7 +417,12 @@ class MqttLink:
             # connection. If it was dropped by an overflow meanwhile, it is no longer the head.
             event = self._events[0]
             await self._publish(
-                client, event.topic, event.payload, qos=EVENT_QOS, retain=event.retain
+                client,
+                event.topic,
+                event.payload,
+                qos=EVENT_QOS,
+                retain=event.retain,
+                correlation_data=event.correlation_data,
             )
             if self._events and self._events[0] is event:
                 self._events.popleft()

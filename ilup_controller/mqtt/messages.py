@@ -113,7 +113,8 @@ class Event(Message):
     seq: int = Field(ge=0, description="Event number since the daemon started.")
     cart_id: str
     kind: str = Field(
-        description="onset, end, acknowledge, audio_pause, audio_resume, reset, refused, phase."
+        description="Alarms: onset, end, acknowledge, audio_pause, audio_resume, reset, refused; "
+        "phase; command (every command and its outcome); marker (operator's free text)."
     )
     alarm_id: str | None = None
     priority: str | None = None

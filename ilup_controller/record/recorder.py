@@ -430,7 +430,7 @@ class Recorder:
                     continue  # the caller gave up before we started: not recorded
                 if self.write_delay_s > 0.0:
                     time.sleep(self.write_delay_s)
-                if not batch and not conn.in_transaction:
+                if not conn.in_transaction:
                     conn.execute("BEGIN")
                 if isinstance(item, _Sample):
                     batch += 1  # counted first: lost with the transaction if this fails
@@ -449,7 +449,7 @@ class Recorder:
                 batch = 0
                 if isinstance(item, _Event) and item.done is not None:
                     item.done.set_result(None)
-            except (sqlite3.Error, OSError) as e:
+            except Exception as e:  # any failure to write (I/O or a bug) fails the recorder
                 # What the failed transaction held is lost: count it, then stop writing.
                 self._dropped_writer += batch + (1 if isinstance(item, _Event) else 0)
                 batch = 0
@@ -462,14 +462,14 @@ class Recorder:
 
     def _discard(self, item: _Item | None) -> None:
         """After a failure: nothing more is written; commit() waiters get the error."""
+        if isinstance(item, _Sample | _Event):
+            self._dropped_writer += 1  # counted before a waiter is woken
         if (
             isinstance(item, _Event)
             and item.done is not None
             and item.done.set_running_or_notify_cancel()
         ):
             item.done.set_exception(RecorderError(f"recorder failed: {self._failed}"))
-        if isinstance(item, _Sample | _Event):
-            self._dropped_writer += 1
 
     def _fail(self, why: str) -> None:
         if self._failed is None:

@@ -12,8 +12,8 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from matplotlib.patches import Patch
 from ilup_controller.record.store import RecordData, RecordError, open_record
 
 PRIORITIES = ("high", "medium", "low")
-PRIORITY_COLOURS = {"high": "#d62728", "medium": "#ff7f0e", "low": "#1f77b4"}
+# IEC 60601-1-8 alarm colours (high red, medium yellow, low cyan), kept off the data colours.
+PRIORITY_COLOURS = {"high": "#ff0000", "medium": "#e6b800", "low": "#00bcd4"}
 PHASE_COLOURS = {
     "idle": "#bbbbbb",
     "priming": "#9ecae1",
@@ -256,8 +257,8 @@ PLOTS: tuple[_Plot, ...] = (
         "Temperature",
         "°C",
         (
-            _Series("perfusate", "temperature_c", {"color": "#d62728"}),
-            _Series("heater water", "water_temperature_c", {"color": "#ff7f0e"}),
+            _Series("perfusate", "temperature_c", {"color": "#1f77b4"}),
+            _Series("heater water", "water_temperature_c", {"color": "#8c564b"}),
             _Series("target", "temperature_target_c", {"color": "black", **_TARGET}),
             _Series("ramped setpoint", "temperature_ramped_c", {"color": "#555555", **_RAMP}),
         ),
@@ -268,7 +269,7 @@ PLOTS: tuple[_Plot, ...] = (
         "rpm",
         (
             _Series("command", "pump_speed_rpm", {"color": "#2ca02c"}),
-            _Series("measured", "pump_speed_rpm_measured", {"color": "#17becf", **_RAMP}),
+            _Series("measured", "pump_speed_rpm_measured", {"color": "#7f7f7f", **_RAMP}),
         ),
     ),
     _Plot(
@@ -281,7 +282,7 @@ PLOTS: tuple[_Plot, ...] = (
         "reservoir",
         "Reservoir volume",
         "mL",
-        (_Series("measured", "reservoir_volume_ml", {"color": "#8c564b"}),),
+        (_Series("measured", "reservoir_volume_ml", {"color": "#1f77b4"}),),
     ),
 )
 

@@ -17,13 +17,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from ilup_controller import __version__
+from ilup_controller.commands.models import Reply, command_filter
+from ilup_controller.commands.processor import CommandEvent
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.cart import CartCore, TickResult
 from ilup_controller.core.monitor import silent_devices
 from ilup_controller.core.types import Reading
 from ilup_controller.modbus.link import DeviceLink
 from ilup_controller.mqtt.link import MqttLink
+from ilup_controller.mqtt.messages import Event
 from ilup_controller.mqtt.topics import ALARMS, EVENTS
+from ilup_controller.runtime.commands import CommandIntake
 from ilup_controller.runtime.state import build_alarms, build_event, build_state
 from ilup_controller.runtime.ticker import Ticker
 from ilup_controller.runtime.watchdog import WatchdogError, arm_watchdogs
@@ -60,7 +64,15 @@ class Daemon:
         for name, dev in cfg.devices.items():
             signals = {s: sig for s, sig in cfg.signals.items() if sig.device == name}
             self.links[name] = DeviceLink(name, dev, signals, self.store, clock=loop.time)
-        self.mqtt = MqttLink(cfg.mqtt, cfg.cart_id, simulated=cfg.simulated, version=__version__)
+        self.intake = CommandIntake(cfg, self._send_reply)
+        self.mqtt = MqttLink(
+            cfg.mqtt,
+            cfg.cart_id,
+            simulated=cfg.simulated,
+            version=__version__,
+            subscribe=command_filter(cfg.mqtt.topic_prefix, cfg.cart_id),
+            on_message=self.intake.on_message,
+        )
         # Commands start safe in every mailbox, so the very first cycle writes zeros.
         for sig, value in self._safe_outputs().items():
             self._link_of(sig).set_output(sig, value)
@@ -115,6 +127,10 @@ class Daemon:
         if crashed is not None:
             raise crashed
 
+    def _send_reply(self, topic: str, reply: Reply, correlation: bytes | None) -> None:
+        assert self.mqtt is not None
+        self.mqtt.publish_to(topic, reply, correlation_data=correlation)
+
     def _link_of(self, signal: str) -> DeviceLink:
         return self.links[self.cfg.signals[signal].device]
 
@@ -159,6 +175,7 @@ class Daemon:
         on_tick = self._on_tick
         async for t_s in self.ticker.ticks():
             started_s = time.monotonic() if on_tick is not None else 0.0
+            command_events = self.intake.apply_pending(core, t_s)
             r = core.step(
                 t_s,
                 self.store,
@@ -171,10 +188,25 @@ class Daemon:
             for link in self.links.values():
                 link.request_cycle()
             mqtt.offer_state(build_state(cfg, r, seq=seq, utc_of=utc_of, stats=self.ticker.stats))
+            self._publish_command_events(command_events)
             self._publish_alarms_and_events(r, utc_of)
             seq += 1
             if on_tick is not None:
                 on_tick(t_s, started_s, time.monotonic())
+
+    def _publish_command_events(self, events: list[CommandEvent]) -> None:
+        assert self.mqtt is not None
+        for e in events:
+            event = Event(
+                t=e.t,
+                seq=self._event_seq,
+                cart_id=self.cfg.cart_id,
+                kind=e.kind,
+                message=e.message,
+                operator=e.sender,
+            )
+            self.mqtt.publish_event(EVENTS, event)
+            self._event_seq += 1
 
     def _publish_alarms_and_events(
         self, r: TickResult, utc_of: Callable[[float], datetime]

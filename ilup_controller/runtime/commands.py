@@ -1,0 +1,79 @@
+"""Command intake: MQTT messages -> CommandProcessor -> the core, replies back over MQTT.
+
+Parsing, validation, duplicates, expiry and the rate limit run in the MQTT receive task as each
+message arrives, so a flood is answered with rejections without touching the control tick.
+Accepted commands wait in a bounded queue and are applied by the control loop at the start of
+a tick, so the core stays single-threaded and deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from ilup_controller.commands.models import Reply, split_command_topic
+from ilup_controller.commands.processor import CommandEvent, CommandProcessor, ParsedCommand
+from ilup_controller.config.models import CartConfig
+from ilup_controller.core.cart import CartCore
+from ilup_controller.mqtt.link import Incoming
+
+log = logging.getLogger("ilup.commands")
+
+MAX_PENDING = 64  # accepted commands waiting for a tick (the rate limit keeps this small)
+MAX_PER_TICK = 16
+
+
+class CommandIntake:
+    def __init__(
+        self,
+        cfg: CartConfig,
+        send_reply: Callable[[str, Reply, bytes | None], None],
+    ) -> None:
+        self._cfg = cfg
+        self.processor = CommandProcessor(cfg)
+        self._send_reply = send_reply
+        self._pending: deque[tuple[ParsedCommand, str, bytes | None]] = deque()
+
+    def on_message(self, msg: Incoming) -> None:
+        """Runs in the MQTT receive task for every message under ``cmd/``; never raises."""
+        m = self._cfg.mqtt
+        where = split_command_topic(msg.topic, m.topic_prefix, self._cfg.cart_id)
+        if where is None:
+            return  # a reply topic or something else under cmd/: not a command
+        sender, name = where
+        reply_topic = self.processor.reply_topic(sender, name, msg.response_topic)
+        if msg.retain:
+            # A retained command would be re-applied by every restart: never accepted.
+            log.warning("retained command on %s ignored", msg.topic)
+            return
+        now = datetime.now(UTC)
+        parsed = self.processor.parse(
+            name, msg.payload, now, sender, response_topic=msg.response_topic
+        )
+        if isinstance(parsed, Reply):
+            self._send_reply(reply_topic, parsed, msg.correlation_data)
+            return
+        if len(self._pending) >= MAX_PENDING:
+            reply = self.processor.reject(parsed, "rate_limited", "command queue full")
+            self._send_reply(reply_topic, reply, msg.correlation_data)
+            return
+        self._pending.append((parsed, reply_topic, msg.correlation_data))
+
+    def apply_pending(self, core: CartCore, t_s: float) -> list[CommandEvent]:
+        """Apply queued commands at tick time ``t_s``; returns every command event since the
+        last call (rejections from the intake included), for the events topic and the record."""
+        for _ in range(min(MAX_PER_TICK, len(self._pending))):
+            parsed, topic, correlation = self._pending.popleft()
+            reply = self.processor.apply(parsed, core, t_s, parsed.sender)
+            log.info(
+                "command %s from %s: %s %s %s",
+                parsed.name,
+                parsed.sender,
+                reply.status,
+                reply.reason or "",
+                reply.detail,
+            )
+            self._send_reply(topic, reply, correlation)
+        return self.processor.drain_events()
