@@ -93,6 +93,7 @@ def _cart_config(tmp: Path, broker_port: int, tick_period_s: float) -> tuple[Pat
         dev["port"] = free_port()
     data["mqtt"]["port"] = broker_port
     data["control"]["tick_period_s"] = tick_period_s
+    data["record"] = {"directory": str(tmp / f"records-{tick_period_s}")}
     path = tmp / f"cart-{tick_period_s}.yaml"
     with path.open("w", encoding="utf-8") as f:
         yaml.dump(data, f)

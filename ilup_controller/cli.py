@@ -41,13 +41,13 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 async def _run_daemon(cfg: CartConfig) -> int:
     from ilup_controller.runtime.daemon import Daemon
-    from ilup_controller.runtime.watchdog import WatchdogError
+    from ilup_controller.runtime.watchdog import StartRefused
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
     try:
         await Daemon(cfg).run(stop)
-    except WatchdogError as e:
+    except StartRefused as e:
         print(f"ilup run: refusing to start: {e}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
@@ -247,11 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
         o.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
         o.set_defaults(func=_cmd_operator)
 
+    for name, text in (
+        ("report", "HTML report with plots from a procedure record"),
+        ("export", "export a procedure record's samples (--csv)"),
+    ):
+        t = sub.add_parser(name, help=text, add_help=False)
+        t.add_argument("rest", nargs=argparse.REMAINDER)
+        t.set_defaults(func=_cmd_record_tool)
+
     d = sub.add_parser("demo", help="simulator + daemon + broker + live view")
     d.add_argument("-c", "--config", default="config/sim.yaml")
     d.add_argument("--speed", type=float, default=1.0)
     d.set_defaults(func=_cmd_demo)
     return p
+
+
+def _cmd_record_tool(args: argparse.Namespace) -> int:
+    if args.command == "report":
+        from ilup_controller.record.report import main_report
+
+        return main_report(args.rest)
+    from ilup_controller.record.export import main_export
+
+    return main_export(args.rest)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,10 +28,11 @@ SIM_START_TIMEOUT_S = 10.0
 
 
 def write_config(source: str | Path, dest: Path, **mqtt: Any) -> Path:
-    """A copy of ``source`` with the given ``mqtt`` keys replaced (used by the demo and tests)."""
+    """A copy of ``source`` with the given ``mqtt`` keys replaced, recording next to it."""
     yaml = YAML(typ="safe", pure=True)
     data = yaml.load(Path(source).read_text(encoding="utf-8"))
     data.setdefault("mqtt", {}).update(mqtt)
+    data["record"] = {"directory": str(dest.parent / "records")}
     with dest.open("w", encoding="utf-8") as f:
         yaml.dump(data, f)
     return dest

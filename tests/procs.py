@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,19 +23,40 @@ from ilup_controller.config import CartConfig, load_config
 from ilup_controller.modbus.codec import decode
 
 
-def write_cart_config(tmp: Path, broker_port: int, **control: Any) -> tuple[Path, CartConfig]:
-    """config/sim.yaml on free ports, with a given broker and ``control.flow`` overrides."""
+def write_cart_config(
+    tmp: Path,
+    broker_port: int,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    **control: Any,
+) -> tuple[Path, CartConfig]:
+    """config/sim.yaml on free ports, with a given broker and ``control.flow`` overrides.
+
+    ``overrides`` is merged into the whole configuration last (nested mappings key by key), e.g.
+    ``{"control": {"autostart": False}, "mqtt": {"username": "u"}}``.
+    """
     yaml = YAML(typ="safe", pure=True)
     data = yaml.load(Path("config/sim.yaml").read_text(encoding="utf-8"))
     for dev in data["devices"].values():
         dev["port"] = free_port()
     data["mqtt"].update({"host": "127.0.0.1", "port": broker_port, "keepalive_s": 2})
     data["control"]["flow"].update(control)
+    data["record"] = {"directory": str(tmp / "records")}  # no record shared between tests
     data["procedure"]["priming_s"] = 1.0  # real time: reach the flow target within seconds
+    if overrides:
+        _merge(data, overrides)
     path = tmp / "cart.yaml"
     with path.open("w", encoding="utf-8") as f:
         yaml.dump(data, f)
     return path, load_config(path)
+
+
+def _merge(into: dict[str, Any], changes: Mapping[str, Any]) -> None:
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 class Proc:

@@ -184,6 +184,16 @@ class AlarmEngine:
             self._event(t_s, "reset", d, s, "reset by operator", operator=operator)
         ]
 
+    def raise_latched(
+        self, alarm_id: str, t_s: float, *, value: float | None = None, detail: str = ""
+    ) -> list[AlarmEvent]:
+        """Put an alarm straight into ``latched`` (restored after a restart, or a one-off such
+        as the restart itself): it stays until reset, and a reset needs no condition."""
+        d, s = self._defs[alarm_id], self._state[alarm_id]
+        s.presence, s.acknowledged, s.onset_s = Presence.latched, False, t_s
+        s.value, s.limit, s.detail = value, None, detail
+        return [self._event(t_s, "onset", d, s)]
+
     # ------------------------------------------------------------------ queries
 
     def is_present(self, alarm_id: str) -> bool:

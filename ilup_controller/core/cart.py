@@ -19,6 +19,19 @@ from ilup_controller.core.types import Readings
 
 
 @dataclass(frozen=True, slots=True)
+class Restored:
+    """What a restart takes back from the procedure record."""
+
+    phase: Phase
+    flow_target_ml_min: float
+    pressure_limit_mmhg: float
+    temperature_target_c: float
+    drug_elapsed_s: float
+    latched_alarms: tuple[str, ...]
+    outage_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class TickResult:
     t_s: float
     phase: Phase
@@ -87,6 +100,32 @@ class CartCore:
         self._pending.extend(events)
         return verdict
 
+    def restore(self, t_s: float, snapshot: Restored) -> None:
+        """Start from what the record says after a crash: safe state, nothing resumes by
+        itself (safety.md 5.3). Targets and the drug timer come back; latched alarms stay."""
+        ctl = self.controller
+        ctl.flow_target_ml_min = snapshot.flow_target_ml_min
+        ctl.pressure_limit_mmhg = snapshot.pressure_limit_mmhg
+        ctl.temperature_target_c = snapshot.temperature_target_c
+        reason = f"restart after {snapshot.outage_s:.1f} s"
+        if snapshot.phase is not Phase.idle:
+            self._pending.append(
+                self.procedure.restore(t_s, snapshot.phase, snapshot.drug_elapsed_s, reason)
+            )
+        for alarm_id in snapshot.latched_alarms:
+            if alarm_id in CATALOGUE:
+                self._pending.extend(
+                    self.alarms.raise_latched(alarm_id, t_s, detail="restored from the record")
+                )
+        self._pending.extend(
+            self.alarms.raise_latched(
+                "controller_restarted",
+                t_s,
+                value=snapshot.outage_s,
+                detail=f"last phase {snapshot.phase}",
+            )
+        )
+
     # ------------------------------------------------------------------ the tick
 
     def step(
@@ -97,6 +136,7 @@ class CartCore:
         devices_down: tuple[str, ...] = (),
         overruns_total: int = 0,
         remote_ok: bool = True,
+        recorder_problem: str = "",
     ) -> TickResult:
         dt_s = t_s - self._last_t_s
         if not dt_s > 0.0:
@@ -123,6 +163,7 @@ class CartCore:
             devices_down=devices_down,
             overruns_total=overruns_total,
             remote_ok=remote_ok,
+            recorder_problem=recorder_problem,
         )
         conditions = {**sensor_conditions, **self.monitor.evaluate(t_s, dt_s, m, ctx)}
         events.extend(self.alarms.update(t_s, conditions))

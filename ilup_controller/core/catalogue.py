@@ -310,6 +310,27 @@ _ENTRIES = [
         message="control tick missed its deadline {value} times in the last minute",
     ),
     AlarmDef(
+        id="recorder",
+        title="Procedure record not being written",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.0,
+        hazard="H10 incomplete legal record of the procedure",
+        message="procedure record: {detail}",
+    ),
+    AlarmDef(
+        id="controller_restarted",
+        title="Controller restarted",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.0,
+        hazard="H8 loss of control",
+        message="controller restarted after {value} s without control: {detail}; "
+        "pump and heater held safe until the operator resumes",
+    ),
+    AlarmDef(
         id="remote_link",
         title="Remote monitoring lost",
         priority=_L,

@@ -54,6 +54,7 @@ class Context:
     devices_down: tuple[str, ...] = ()
     overruns_total: int = 0
     remote_ok: bool = True
+    recorder_problem: str = ""  # why the procedure record is not being written ("" = fine)
 
 
 class _Trend:
@@ -287,6 +288,7 @@ class Monitor:
         recent = ctx.overruns_total - self._overruns[0][1]
         out["tick_overrun"] = Condition(recent > 0, float(recent), 0.0)
         out["remote_link"] = Condition(not ctx.remote_ok)
+        out["recorder"] = Condition(bool(ctx.recorder_problem), detail=ctx.recorder_problem)
         return out
 
     def _pvr(self, p: float | None, q: float | None, ramped: bool, ctx: Context) -> Condition:

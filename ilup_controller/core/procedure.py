@@ -93,6 +93,13 @@ class Procedure:
         to, self.resume_to = self.resume_to, None
         return self._enter(to, t_s, "resumed from safe_stop", operator)
 
+    def restore(self, t_s: float, phase: Phase, drug_elapsed_s: float, reason: str) -> PhaseEvent:
+        """After a restart: safe_stop, resuming to the phase the record last showed."""
+        self.drug_elapsed_s = drug_elapsed_s
+        self.drug_done = drug_elapsed_s >= self._cfg.drug_phase_s
+        self.phase = phase
+        return self.request(Phase.safe_stop, t_s, reason)  # type: ignore[return-value]
+
     def tick(self, t_s: float, dt_s: float, *, at_target: bool) -> list[PhaseEvent]:
         """Advance timers; returns the automatic transitions taken (only with auto_advance)."""
         events: list[PhaseEvent] = []

@@ -205,13 +205,10 @@ class Recorder:
     @classmethod
     def from_config(cls, cfg: CartConfig) -> Recorder:
         """``create`` from the effective configuration (the MQTT password is not recorded)."""
-        data: dict[str, Any] = cfg.model_dump(mode="json")
-        if data["mqtt"].get("password") is not None:
-            data["mqtt"]["password"] = "***"
         return cls.create(
             cfg.record.directory,
             cfg.cart_id,
-            json.dumps(data, sort_keys=True),
+            config_json_of(cfg),
             sample_every_ticks=cfg.record.sample_every_ticks,
             queue_size=cfg.record.queue_size,
         )
@@ -475,6 +472,14 @@ class Recorder:
         if self._failed is None:
             self._failed = why
             log.error("recorder failed", extra={"record": str(self.path), "error": why})
+
+
+def config_json_of(cfg: CartConfig) -> str:
+    """The effective configuration as recorded: canonical JSON, MQTT password masked."""
+    data: dict[str, Any] = cfg.model_dump(mode="json")
+    if data["mqtt"].get("password") is not None:
+        data["mqtt"]["password"] = "***"
+    return json.dumps(data, sort_keys=True)
 
 
 def config_sha256(config_json: str) -> str:

@@ -24,6 +24,8 @@ log = logging.getLogger("ilup.commands")
 MAX_PENDING = 64  # accepted commands waiting for a tick (the rate limit keeps this small)
 MAX_PER_TICK = 16
 
+PendingReply = tuple[str, Reply, bytes | None]  # (reply topic, reply, correlation data)
+
 
 class CommandIntake:
     def __init__(
@@ -61,9 +63,13 @@ class CommandIntake:
             return
         self._pending.append((parsed, reply_topic, msg.correlation_data))
 
-    def apply_pending(self, core: CartCore, t_s: float) -> list[CommandEvent]:
-        """Apply queued commands at tick time ``t_s``; returns every command event since the
-        last call (rejections from the intake included), for the events topic and the record."""
+    def apply_pending(
+        self, core: CartCore, t_s: float
+    ) -> tuple[list[PendingReply], list[CommandEvent]]:
+        """Apply queued commands at tick time ``t_s``. Returns their replies, which the caller
+        sends once the outcome is on disk, and every command event since the last call
+        (rejections from the intake included), for the events topic and the record."""
+        replies: list[PendingReply] = []
         for _ in range(min(MAX_PER_TICK, len(self._pending))):
             parsed, topic, correlation = self._pending.popleft()
             reply = self.processor.apply(parsed, core, t_s, parsed.sender)
@@ -75,5 +81,5 @@ class CommandIntake:
                 reply.reason or "",
                 reply.detail,
             )
-            self._send_reply(topic, reply, correlation)
-        return self.processor.drain_events()
+            replies.append((topic, reply, correlation))
+        return replies, self.processor.drain_events()

@@ -20,17 +20,19 @@ from ilup_controller import __version__
 from ilup_controller.commands.models import Reply, command_filter
 from ilup_controller.commands.processor import CommandEvent
 from ilup_controller.config.models import CartConfig
-from ilup_controller.core.cart import CartCore, TickResult
+from ilup_controller.core.cart import CartCore, Restored, TickResult
 from ilup_controller.core.monitor import silent_devices
 from ilup_controller.core.types import Reading
 from ilup_controller.modbus.link import DeviceLink
 from ilup_controller.mqtt.link import MqttLink
 from ilup_controller.mqtt.messages import Event
 from ilup_controller.mqtt.topics import ALARMS, EVENTS
-from ilup_controller.runtime.commands import CommandIntake
+from ilup_controller.record.recorder import Recorder, RecorderError
+from ilup_controller.runtime.commands import CommandIntake, PendingReply
+from ilup_controller.runtime.recovery import open_procedure
 from ilup_controller.runtime.state import build_alarms, build_event, build_state
 from ilup_controller.runtime.ticker import Ticker
-from ilup_controller.runtime.watchdog import WatchdogError, arm_watchdogs
+from ilup_controller.runtime.watchdog import StartRefused, arm_watchdogs
 
 log = logging.getLogger("ilup.daemon")
 
@@ -49,7 +51,10 @@ class Daemon:
         self.links: dict[str, DeviceLink] = {}
         self.mqtt: MqttLink | None = None
         self.core: CartCore | None = None
+        self.recorder: Recorder | None = None
+        self._acks: set[asyncio.Task[None]] = set()
         self._event_seq = 0
+        self._dropped_seen = 0
         self.alarm_onsets = 0  # for benchmarks and soak checks: a healthy run has none
         self._alarm_signature: tuple[object, ...] | None = None
 
@@ -87,7 +92,17 @@ class Daemon:
         try:
             # Device-side dead-man first: no actuator is commanded before its watchdog is armed.
             await arm_watchdogs(cfg, self.links)
+            try:
+                recorder, restored = await asyncio.to_thread(open_procedure, cfg)
+                await asyncio.to_thread(recorder.start)
+            except RecorderError as e:
+                raise StartRefused(f"cannot write the procedure record: {e}") from e
+            self.recorder = recorder
+            log.info("recording to %s", recorder.path)
             self.core = CartCore(cfg, t0_s=loop.time())
+            if restored is not None:
+                self.core.restore(loop.time(), restored)
+            recorder.event(self._daemon_event("daemon started", restored))
             control = asyncio.create_task(self._control_loop(), name="control")
             log.info(
                 "daemon started cart_id=%s devices=%s tick=%.3fs",
@@ -104,7 +119,7 @@ class Daemon:
                     log.critical(
                         "task %s crashed: %r; driving actuators safe", task.get_name(), crashed
                     )
-        except WatchdogError as e:
+        except StartRefused as e:
             crashed = e
             log.critical("refusing to start: %s", e)
         finally:
@@ -114,6 +129,13 @@ class Daemon:
                 with contextlib.suppress(asyncio.CancelledError):
                     await control
             await self._drive_safe()
+            if self._acks:
+                await asyncio.wait(self._acks, timeout=2.0)
+            if self.recorder is not None:
+                stop_note = "daemon stopped" if crashed is None else f"daemon crashed: {crashed!r}"
+                with contextlib.suppress(RecorderError):
+                    await self.recorder.commit(self._daemon_event(stop_note, None))
+                await asyncio.to_thread(self.recorder.close)
             with contextlib.suppress(Exception):
                 await self.mqtt.close()
             for task in background:
@@ -175,27 +197,34 @@ class Daemon:
         on_tick = self._on_tick
         async for t_s in self.ticker.ticks():
             started_s = time.monotonic() if on_tick is not None else 0.0
-            command_events = self.intake.apply_pending(core, t_s)
+            replies, command_events = self.intake.apply_pending(core, t_s)
             r = core.step(
                 t_s,
                 self.store,
                 devices_down=self._devices_down(t_s),
                 overruns_total=self.ticker.stats.overruns,
                 remote_ok=mqtt.connected,
+                recorder_problem=self._recorder_problem(),
             )
             for sig, value in r.outputs.items():
                 self._link_of(sig).set_output(sig, value)
             for link in self.links.values():
                 link.request_cycle()
-            mqtt.offer_state(build_state(cfg, r, seq=seq, utc_of=utc_of, stats=self.ticker.stats))
-            self._publish_command_events(command_events)
+            state = build_state(cfg, r, seq=seq, utc_of=utc_of, stats=self.ticker.stats)
+            mqtt.offer_state(state)
+            assert self.recorder is not None
+            self.recorder.sample(state, t_mono_s=t_s)
+            self._publish_command_events(command_events, replies)
             self._publish_alarms_and_events(r, utc_of)
             seq += 1
             if on_tick is not None:
                 on_tick(t_s, started_s, time.monotonic())
 
-    def _publish_command_events(self, events: list[CommandEvent]) -> None:
+    def _publish_command_events(
+        self, events: list[CommandEvent], replies: list[PendingReply]
+    ) -> None:
         assert self.mqtt is not None
+        assert self.recorder is not None
         for e in events:
             event = Event(
                 t=e.t,
@@ -206,7 +235,58 @@ class Daemon:
                 operator=e.sender,
             )
             self.mqtt.publish_event(EVENTS, event)
+            self.recorder.event(event)
             self._event_seq += 1
+        if replies:
+            # Acknowledged only once on disk: the commit is queued behind the events above.
+            task = asyncio.create_task(self._ack_after_commit(replies))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+
+    async def _ack_after_commit(self, replies: list[PendingReply]) -> None:
+        assert self.recorder is not None
+        ids = ", ".join(str(r.command_id) for _, r, _ in replies)
+        note = Event(
+            t=datetime.now(UTC),
+            seq=self._event_seq,
+            cart_id=self.cfg.cart_id,
+            kind="acknowledged",
+            message=f"replies sent for commands {ids}",
+        )
+        self._event_seq += 1
+        problem = ""
+        try:
+            await self.recorder.commit(note)
+        except RecorderError as e:
+            problem = f" (NOT RECORDED: {e})"
+            log.error("commands %s acknowledged without a durable record: %s", ids, e)
+        for topic, reply, correlation in replies:
+            if problem:
+                reply = reply.model_copy(update={"detail": (reply.detail + problem)[:500]})
+            self._send_reply(topic, reply, correlation)
+
+    def _recorder_problem(self) -> str:
+        rec = self.recorder
+        if rec is None:
+            return ""
+        if rec.failed:
+            return f"writer failed: {rec.failed}"
+        if rec.dropped > self._dropped_seen:
+            self._dropped_seen = rec.dropped
+            return f"{rec.dropped} rows dropped (queue full: the disk is too slow)"
+        return ""
+
+    def _daemon_event(self, what: str, restored: Restored | None) -> Event:
+        message = f"{what}: ilup {__version__}, cart {self.cfg.cart_id}"
+        if restored is not None:
+            message += (
+                f"; continuing the procedure after {restored.outage_s:.1f} s, in "
+                f"safe_stop (resume to {restored.phase})"
+            )
+        seq, self._event_seq = self._event_seq, self._event_seq + 1
+        return Event(
+            t=datetime.now(UTC), seq=seq, cart_id=self.cfg.cart_id, kind="daemon", message=message
+        )
 
     def _publish_alarms_and_events(
         self, r: TickResult, utc_of: Callable[[float], datetime]
@@ -227,6 +307,8 @@ class Daemon:
                 event.message,
             )
             self.mqtt.publish_event(EVENTS, event)
+            assert self.recorder is not None
+            self.recorder.event(event)
             self._event_seq += 1
         signature: tuple[object, ...] = (
             r.audio_paused_until_s,

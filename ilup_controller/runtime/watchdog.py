@@ -20,7 +20,11 @@ RETRY_S = 0.5
 TOLERANCE_S = 0.05
 
 
-class WatchdogError(RuntimeError):
+class StartRefused(RuntimeError):
+    """A start-up safety check failed: the daemon does not start (exit code 3)."""
+
+
+class WatchdogError(StartRefused):
     pass
 
 

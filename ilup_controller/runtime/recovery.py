@@ -1,0 +1,94 @@
+"""Start-up: continue an unfinished procedure record, or begin a new one.
+
+A record is unfinished when its procedure left idle and never reached ``complete``. The daemon
+then reopens that same file, raises "controller restarted" with the outage, and restores targets,
+drug-phase time, the phase to resume to and the latched alarms from it, in the safe state: the
+operator decides to resume (safety.md 5.3). Nothing reverts silently to defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ilup_controller.config.models import CartConfig
+from ilup_controller.core.cart import Restored
+from ilup_controller.core.catalogue import CATALOGUE
+from ilup_controller.core.procedure import Phase
+from ilup_controller.record.recorder import Recorder, config_json_of
+from ilup_controller.record.store import RecordData, RecordError, open_record
+
+log = logging.getLogger("ilup.recovery")
+
+
+def _unfinished(data: RecordData) -> Phase | None:
+    """The phase to resume to, or None if the record holds no unfinished procedure."""
+    phase, before_stop = Phase.idle, Phase.idle
+    for e in data.events:
+        if e["kind"] == "phase" and e["to_phase"]:
+            new = Phase(e["to_phase"])
+            if new is Phase.safe_stop and phase is not Phase.safe_stop:
+                before_stop = phase
+            phase = new
+    if phase is Phase.safe_stop:
+        phase = before_stop
+    return None if phase in (Phase.idle, Phase.complete) else phase
+
+
+def _latched(data: RecordData) -> tuple[str, ...]:
+    present: dict[str, bool] = {}
+    for e in data.events:
+        alarm_id = e["alarm_id"]
+        if alarm_id not in CATALOGUE or alarm_id == "controller_restarted":
+            continue
+        if e["kind"] == "onset":
+            present[alarm_id] = True
+        elif e["kind"] == "reset" or (e["kind"] == "end" and not CATALOGUE[alarm_id].latching):
+            present[alarm_id] = False
+    return tuple(sorted(a for a, on in present.items() if on))
+
+
+def restored_from(data: RecordData, now: datetime) -> Restored | None:
+    phase = _unfinished(data)
+    if phase is None or data.n_samples == 0:
+        return None
+    s = {k: v[-1] for k, v in data.samples.items()}
+    last_t = datetime.fromisoformat(str(s["t_utc"]))
+    return Restored(
+        phase=phase,
+        flow_target_ml_min=float(s["flow_target_ml_min"]),
+        pressure_limit_mmhg=float(s["pressure_limit_mmhg"]),
+        temperature_target_c=float(s["temperature_target_c"]),
+        drug_elapsed_s=float(s["drug_elapsed_s"]),
+        latched_alarms=_latched(data),
+        outage_s=max(0.0, (now - last_t).total_seconds()),
+    )
+
+
+def open_procedure(cfg: CartConfig) -> tuple[Recorder, Restored | None]:
+    """The recorder to use, and what to restore if it continues an unfinished procedure."""
+    directory = Path(cfg.record.directory)
+    latest = sorted(directory.glob(f"{cfg.cart_id}-*.sqlite"))[-1:] if directory.is_dir() else []
+    for path in latest:
+        try:
+            snapshot = restored_from(open_record(path), datetime.now(UTC))
+        except RecordError as e:
+            log.error("last record %s is unusable (%s): starting a new one", path, e)
+            continue
+        if snapshot is None:
+            continue
+        log.warning(
+            "continuing unfinished procedure record=%s phase=%s outage=%.1fs",
+            path,
+            snapshot.phase,
+            snapshot.outage_s,
+        )
+        recorder = Recorder.reopen(
+            path,
+            config_json=config_json_of(cfg),
+            sample_every_ticks=cfg.record.sample_every_ticks,
+            queue_size=cfg.record.queue_size,
+        )
+        return recorder, snapshot
+    return Recorder.from_config(cfg), None
