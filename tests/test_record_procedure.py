@@ -80,4 +80,5 @@ def test_recorded_procedure_matches_ground_truth(tmp_path: Path) -> None:
     html = render_report(rec.path, tmp_path / "report.html")
     text = html.read_text()
     assert "30:00" in text  # drug phase time at target shown as mm:ss
-    assert "http://" not in text and "https://" not in text
+    assert "http://" not in text
+    assert "https://" not in text
