@@ -114,7 +114,9 @@ class Event(Message):
     cart_id: str
     kind: str = Field(
         description="Alarms: onset, end, acknowledge, audio_pause, audio_resume, reset, refused; "
-        "phase; command (every command and its outcome); marker (operator's free text)."
+        "phase; command (every command and its outcome); marker (operator's free text); "
+        "acknowledged (replies sent after the record was on disk); device (link up/down); "
+        "daemon (start, stop)."
     )
     alarm_id: str | None = None
     priority: str | None = None

@@ -55,6 +55,8 @@ class Daemon:
         self._acks: set[asyncio.Task[None]] = set()
         self._event_seq = 0
         self._dropped_seen = 0
+        self._link_up: dict[str, bool] = {}
+        self._device_events: list[str] = []
         self.alarm_onsets = 0  # for benchmarks and soak checks: a healthy run has none
         self._alarm_signature: tuple[object, ...] | None = None
 
@@ -177,6 +179,11 @@ class Daemon:
 
     def _devices_down(self, t_s: float) -> tuple[str, ...]:
         health = {name: link.health for name, link in self.links.items()}
+        for name, h in health.items():  # link changes go to the events topic and the record
+            if self._link_up.get(name) != h.connected:
+                self._link_up[name] = h.connected
+                what = "link up" if h.connected else f"link down ({h.last_error or 'no reply'})"
+                self._device_events.append(f"device {name}: {what}")
         return silent_devices(
             t_s,
             {n: (h.last_ok_t, h.last_error) for n, h in health.items()},
@@ -225,6 +232,18 @@ class Daemon:
     ) -> None:
         assert self.mqtt is not None
         assert self.recorder is not None
+        for text in self._device_events:
+            event = Event(
+                t=datetime.now(UTC),
+                seq=self._event_seq,
+                cart_id=self.cfg.cart_id,
+                kind="device",
+                message=text,
+            )
+            self.mqtt.publish_event(EVENTS, event)
+            self.recorder.event(event)
+            self._event_seq += 1
+        self._device_events.clear()
         for e in events:
             event = Event(
                 t=e.t,
