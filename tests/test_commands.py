@@ -85,6 +85,9 @@ def snapshot(core: CartCore) -> tuple[Any, ...]:
         ctl.flow_target_ml_min,
         ctl.pressure_limit_mmhg,
         ctl.temperature_target_c,
+        ctl.control_mode,
+        ctl.output_mode,
+        ctl.manual_speed_rpm,
         tuple(core.alarms.active(T_S)),
         core.alarms.audio_paused_until(),
     )
@@ -189,19 +192,21 @@ def test_marker_is_an_event_with_its_text(cart: Cart) -> None:
     assert (event.kind, event.message, event.sender) == ("marker", "drug in", OPERATOR)
 
 
-def test_mode_other_than_flow_auto_is_refused_as_not_supported(cart: Cart) -> None:
+def test_mode_changes_the_controller_and_out_of_range_speed_is_rejected(cart: Cart) -> None:
+    ctl = cart.core.controller
+    reply = cart.send("mode", body("m0", control="pressure", output_mode="auto"))
+    assert reply.status == "ok"
+    assert (ctl.control_mode, ctl.output_mode) == ("pressure", "auto")
+    too_fast = CFG.control.flow.speed_max_rpm + 1.0
     before = snapshot(cart.core)
-    for i, (control, output, speed) in enumerate(
-        [("pressure", "auto", None), ("flow", "manual", 12.0), ("pressure", "manual", 0.0)]
-    ):
-        fields: dict[str, Any] = {"control": control, "output_mode": output}
-        if speed is not None:
-            fields["pump_speed_rpm"] = speed
-        rejected(cart.send("mode", body(f"m{i}", **fields)), "refused", "not supported yet")
+    rejected(cart.send("mode", body("m1", control="flow", output_mode="manual",
+                                    pump_speed_rpm=too_fast)), "out_of_range", "pump_speed_rpm")
     assert snapshot(cart.core) == before
-    same = cart.send("mode", body("m9", control="flow", output_mode="auto"))
-    assert same.status == "ok"
-    assert "nothing to change" in same.detail
+    assert (ctl.control_mode, ctl.output_mode) == ("pressure", "auto")
+    reply = cart.send("mode", body("m2", control="flow", output_mode="manual",
+                                   pump_speed_rpm=12.0))
+    assert reply.status == "ok"
+    assert (ctl.output_mode, ctl.manual_speed_rpm) == ("manual", 12.0)
 
 
 # --------------------------------------------------------------------------- each reason code

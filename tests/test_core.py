@@ -189,3 +189,36 @@ def test_pid_never_winds_up_while_held() -> None:
         pid.track(0.0)
     out = pid.update(10.0, 0.0, 0.1)
     assert out == pytest.approx(1.0)  # 0 + one tick of ki * e * dt, not 50
+
+
+def test_manual_output_is_bumpless_both_ways(cfg: CartConfig) -> None:
+    cart = running(cfg)
+    ctl = cart.core.controller
+    auto_rpm = cart.tick().decision.loop.pump_speed_rpm
+    ctl.set_mode("flow", "manual", auto_rpm)  # take over at the current speed
+    manual = [cart.tick().decision for _ in range(50)]
+    assert all(abs(r.loop.pump_speed_rpm - auto_rpm) < 1e-9 for r in manual)
+    assert manual[-1].loop.pump_limited_by == "manual"
+    assert "flow_deviation" not in ids(manual[-1])
+    ctl.set_mode("flow", "manual", auto_rpm - 3.0)  # lower by hand: applied at once
+    assert cart.tick().decision.loop.pump_speed_rpm == pytest.approx(auto_rpm - 3.0)
+    ctl.set_mode("flow", "auto")
+    back = [cart.tick().decision.loop.pump_speed_rpm for _ in range(100)]
+    # Back to auto without a jump: the first step is within one tick of slew and trim.
+    assert abs(back[0] - (auto_rpm - 3.0)) <= cfg.control.flow.slew_rpm_per_s * PERIOD + 0.2
+    assert abs(back[-1] - auto_rpm) < 0.5  # and the flow loop brings it back
+
+
+def test_constant_pressure_holds_the_pressure_under_a_flow_ceiling(cfg: CartConfig) -> None:
+    cart = running(cfg)
+    ctl = cart.core.controller
+    ctl.set_mode("pressure", "auto")
+    ctl.flow_target_ml_min = 1200.0  # the ceiling, well above what the pressure allows
+    samples = [cart.tick() for _ in range(4000)]  # the flow ramps up until pressure caps it
+    tail = samples[-300:]
+    regulate_at = cfg.control.pressure.limit_mmhg - cfg.control.pressure.margin_mmhg
+    mean_p = sum(s.decision.measured.pressure_mmhg or 0.0 for s in tail) / len(tail)
+    assert mean_p == pytest.approx(regulate_at, abs=0.5)
+    assert all(s.decision.loop.pump_limited_by == "pressure" for s in tail)
+    assert max(s.truth.pa_pressure_mmhg for s in samples) <= cfg.control.pressure.limit_mmhg
+    assert all(s.decision.alarms == [] for s in tail)  # no flow deviation in this mode

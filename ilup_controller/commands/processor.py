@@ -499,12 +499,19 @@ class CommandProcessor:
         if isinstance(c, SetpointCommand):
             return self._setpoint(c, core)
         if isinstance(c, ModeCommand):
-            if c.control == "flow" and c.output_mode == "auto":
-                return None, "already constant-flow with automatic output: nothing to change"
-            return "refused", (
-                f"mode {c.control}/{c.output_mode}: not supported yet (the controller runs "
-                "constant-flow with automatic output only)"
-            )
+            ctl = core.controller
+            if (
+                c.output_mode == "manual"
+                and c.pump_speed_rpm is not None
+                and not (0.0 <= c.pump_speed_rpm <= self._cfg.control.flow.speed_max_rpm)
+            ):
+                return "out_of_range", (
+                    f"mode.pump_speed_rpm: {c.pump_speed_rpm:g} outside 0.."
+                    f"{self._cfg.control.flow.speed_max_rpm:g} rpm"
+                )
+            ctl.set_mode(c.control, c.output_mode, c.pump_speed_rpm)
+            manual = f" at {ctl.manual_speed_rpm:g} rpm" if c.output_mode == "manual" else ""
+            return None, f"mode now constant-{c.control}, {c.output_mode} output{manual}"
         if isinstance(c, PhaseCommand):
             before = core.procedure.phase
             result: PhaseEvent | Refusal = (

@@ -160,6 +160,7 @@ class CartCore:
             heater_enabled=last.heater_enabled if last else False,
             water_setpoint_c=last.water_setpoint_c if last else None,
             pump_limited_by=last.pump_limited_by if last else "",
+            flow_leads=ctl.flow_leads,
             devices_down=devices_down,
             overruns_total=overruns_total,
             remote_ok=remote_ok,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.catalogue import HeaterAction, PumpAction
@@ -22,6 +23,8 @@ from ilup_controller.core.procedure import RUNNING, Phase
 from ilup_controller.core.ramp import approach
 
 RAMP_LEAD_C = 0.2  # the rewarming setpoint may lead the perfusate by this much
+ControlMode = Literal["flow", "pressure"]
+OutputMode = Literal["auto", "manual"]
 SERVO_LOOKAHEAD_TICKS = 2  # reading age + time for a stop command to take effect
 
 
@@ -47,6 +50,9 @@ class Controller:
         self._flow_ramp_ml_min_per_s = (
             c.flow.target_ml_min / c.flow.ramp_s if c.flow.ramp_s else math.inf
         )
+        self.control_mode: ControlMode = "flow"
+        self.output_mode: OutputMode = "auto"
+        self.manual_speed_rpm = 0.0
         self._flow_sp = 0.0
         self._temp_sp: float | None = None
         self._pump_rpm = 0.0
@@ -60,6 +66,27 @@ class Controller:
         # Outer loop output: water setpoint relative to the perfusate setpoint.
         self._outer_pid = Pid(t.outer_pid, -10.0, t.max_gradient_c)
         self._inner_pid = Pid(t.inner_pid, 0.0, t.heater_max_pct)
+
+    def set_mode(
+        self, control: ControlMode, output: OutputMode, manual_speed_rpm: float | None = None
+    ) -> None:
+        """Constant flow: the flow loop leads and the pressure limiter caps it. Constant
+        pressure: the same override pair, with the flow target a ceiling under which the
+        pressure loop holds limit - margin. Manual: the operator sets the pump speed; the
+        pressure cap and every safe action still apply. Changes are bumpless: every loop
+        tracks the speed really applied."""
+        if output == "manual":
+            if manual_speed_rpm is None:
+                raise ValueError("manual output needs a pump speed")
+            self.manual_speed_rpm = min(
+                max(manual_speed_rpm, 0.0), self._cfg.control.flow.speed_max_rpm
+            )
+        self.control_mode, self.output_mode = control, output
+
+    @property
+    def flow_leads(self) -> bool:
+        """Whether a flow below its setpoint is a deviation (not in pressure or manual mode)."""
+        return self.control_mode == "flow" and self.output_mode == "auto"
 
     def phase_target_ml_min(self, phase: Phase) -> float:
         if phase is Phase.priming:
@@ -129,11 +156,12 @@ class Controller:
             regulate_at = self.pressure_limit_mmhg - c.pressure.margin_mmhg
             pressure_demand = self._pressure_pid.update(regulate_at, self._pressure_filtered, dt_s)
 
-        demand, by = (
-            (flow_demand, "flow")
-            if flow_demand <= pressure_demand
-            else (pressure_demand, "pressure")
+        lead, lead_by = (
+            (self.manual_speed_rpm, "manual")
+            if self.output_mode == "manual"
+            else (flow_demand, "flow")
         )
+        demand, by = (lead, lead_by) if lead <= pressure_demand else (pressure_demand, "pressure")
         demand = min(max(demand, 0.0), fc.speed_max_rpm)
         # Safe actions: on measurements, after the PID, whatever the PID said.
         if phase not in RUNNING:

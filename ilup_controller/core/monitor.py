@@ -51,6 +51,7 @@ class Context:
     heater_enabled: bool
     water_setpoint_c: float | None
     pump_limited_by: str = ""
+    flow_leads: bool = True  # constant-flow, automatic: a low flow is a deviation
     devices_down: tuple[str, ...] = ()
     overruns_total: int = 0
     remote_ok: bool = True
@@ -228,8 +229,10 @@ class Monitor:
             " (servo stop ahead of the limit)" if servo else "",
         )
 
-        ramped = ctx.phase in (Phase.perfusion, Phase.washout) and (
-            abs(ctx.flow_setpoint_ml_min - ctx.flow_target_ml_min) < 1e-6
+        ramped = (
+            ctx.flow_leads
+            and ctx.phase in (Phase.perfusion, Phase.washout)
+            and (abs(ctx.flow_setpoint_ml_min - ctx.flow_target_ml_min) < 1e-6)
         )
         band = max(
             a.flow_deviation_pct / 100.0 * ctx.flow_setpoint_ml_min, a.flow_deviation_min_ml_min
