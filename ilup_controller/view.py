@@ -13,6 +13,8 @@ import logging
 import os
 import secrets
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiomqtt
@@ -88,14 +90,43 @@ def _age_line(state: State, age_s: float | None, stale: bool) -> Text:
     return Text(f"state age {age_s:.1f} s ({when})", style="green")
 
 
-def _values_table(state: State, stale: bool) -> Table:
+TREND_POINTS = 40  # live states kept per value for the sparklines
+_BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float | None]) -> str:
+    """One character per value, scaled to the window's range; a gap (missing value) is a space."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return ""
+    lo, hi = min(known), max(known)
+    span = hi - lo
+    return "".join(
+        " "
+        if v is None
+        else _BLOCKS[0 if span == 0 else min(len(_BLOCKS) - 1, int((v - lo) / span * len(_BLOCKS)))]
+        for v in values
+    )
+
+
+def trend_of(history: Sequence[State]) -> dict[str, str]:
+    return {
+        "flow": sparkline([s.measured.flow_ml_min for s in history]),
+        "pressure": sparkline([s.measured.pressure_mmhg for s in history]),
+        "temperature": sparkline([s.measured.temperature_c for s in history]),
+    }
+
+
+def _values_table(state: State, stale: bool, trend: dict[str, str] | None = None) -> Table:
     m, tg, out, lp = state.measured, state.targets, state.outputs, state.loop
+    trend = trend or {}
     table = Table(expand=False, pad_edge=False, box=None, padding=(0, 2))
     table.add_column("")
     table.add_column("measured", justify="right")
     table.add_column("setpoint/command", justify="right")
     table.add_column("target/limit", justify="right")
     table.add_column("unit")
+    table.add_column("trend", style="dim red" if stale else "cyan", no_wrap=True)
     pressure = _num(m.pressure_mmhg, 1, stale=stale)
     if not stale and m.pressure_mmhg is not None and m.pressure_mmhg >= tg.pressure_limit_mmhg:
         pressure.stylize("bold white on red")
@@ -105,6 +136,7 @@ def _values_table(state: State, stale: bool) -> Table:
         _ref(tg.flow_ramped_ml_min, 0, stale=stale),
         _ref(tg.flow_ml_min, 0, stale=stale),
         "mL/min",
+        trend.get("flow", ""),
     )
     table.add_row(
         "PA pressure",
@@ -112,6 +144,7 @@ def _values_table(state: State, stale: bool) -> Table:
         Text(_NO_VALUE, style="dim"),
         _ref(tg.pressure_limit_mmhg, 1, stale=stale),
         "mmHg",
+        trend.get("pressure", ""),
     )
     table.add_row(
         "Perfusate temp",
@@ -119,6 +152,7 @@ def _values_table(state: State, stale: bool) -> Table:
         _ref(tg.temperature_ramped_c, 2, stale=stale),
         _ref(tg.temperature_c, 2, stale=stale),
         "degC",
+        trend.get("temperature", ""),
     )
     table.add_row(
         "Heater water",
@@ -152,6 +186,7 @@ def render_state(
     broker_ok: bool,
     *,
     detail: str | None = None,
+    trend: dict[str, str] | None = None,
 ) -> RenderableType:
     """One frame of the view. ``now_s`` and ``received_at_s`` are on the same monotonic clock.
 
@@ -175,7 +210,7 @@ def render_state(
                 ("   simulated" if state.simulated else "", "magenta"),
             )
         )
-        lines.append(_values_table(state, stale))
+        lines.append(_values_table(state, stale, trend))
         lines.append(
             Text(
                 f"pump limited by: {state.loop.pump_limited_by}    "
@@ -230,6 +265,7 @@ class _Latest:
     broker_ok: bool = False
     detail: str | None = None
     live_state: asyncio.Event = field(default_factory=asyncio.Event)  # set by a non-retained state
+    history: deque[State] = field(default_factory=lambda: deque(maxlen=TREND_POINTS))
 
     def take(self, topics: Topics, message: aiomqtt.Message, now_s: float) -> None:
         payload = message.payload
@@ -242,6 +278,7 @@ class _Latest:
                 if not message.retain:
                     self.received_at_s = now_s
                     self.live_state.set()
+                    self.history.append(state)
                 elif self.state is None or (state.seq, state.t) != (self.state.seq, self.state.t):
                     self.received_at_s = None  # retained from before we subscribed: age unknown
                 self.state = state
@@ -300,6 +337,7 @@ def _frame(latest: _Latest) -> RenderableType:
         latest.received_at_s,
         latest.broker_ok,
         detail=latest.detail,
+        trend=trend_of(latest.history),
     )
 
 

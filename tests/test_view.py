@@ -159,3 +159,25 @@ async def test_follower_reconnects_after_a_broker_restart(mosquitto: MosquittoPr
         follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await follower
+
+
+def test_sparkline_scales_to_the_window_and_marks_gaps() -> None:
+    from ilup_controller.view import sparkline
+
+    assert sparkline([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]) == "▁▂▃▄▅▆▇█"
+    assert sparkline([5.0, None, 5.0]) == "▁ ▁"
+    assert sparkline([None, None]) == ""
+
+
+def test_trend_column_shows_the_recent_values() -> None:
+    from ilup_controller.view import trend_of
+
+    history = [sample_state(i, CART) for i in range(5)]
+    history = [
+        s.model_copy(update={"measured": s.measured.model_copy(update={"flow_ml_min": 100.0 * i})})
+        for i, s in enumerate(history)
+    ]
+    trend = trend_of(history)
+    assert trend["flow"] == "▁▂▄▆█"
+    text = _text(render_state(history[-1], ONLINE, 10.0, 9.5, True, trend=trend))
+    assert "▁▂▄▆█" in _row(text, "Flow")[-1]
