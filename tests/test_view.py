@@ -178,6 +178,6 @@ def test_trend_column_shows_the_recent_values() -> None:
         for i, s in enumerate(history)
     ]
     trend = trend_of(history)
-    assert trend["flow"] == "▁▂▄▆█"
+    assert trend["flow"] == "▁▃▅▇█"
     text = _text(render_state(history[-1], ONLINE, 10.0, 9.5, True, trend=trend))
-    assert "▁▂▄▆█" in _row(text, "Flow")[-1]
+    assert "▁▃▅▇█" in _row(text, "Flow")[-1]
