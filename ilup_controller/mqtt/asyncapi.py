@@ -9,7 +9,6 @@ Every payload schema is the model's own ``model_json_schema()``, with its ``$def
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from ilup_controller.commands.models import (
     REPLY,
     Reply,
 )
+from ilup_controller.docgen import generated_doc_main
 from ilup_controller.mqtt.topics import TOPIC_SPECS, TopicSpec
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
@@ -279,22 +279,13 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate docs/asyncapi.yaml from the models.")
-    parser.add_argument("--output", type=Path, default=DOC_PATH, help=f"default: {DOC_PATH}")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date")
-    args = parser.parse_args(argv)
-    text = render()
-    path: Path = args.output
-    if args.check:
-        current = path.read_text(encoding="utf-8") if path.exists() else None
-        if current != text:
-            print(f"{path} is out of date: run `{COMMAND}`", file=sys.stderr)
-            return 1
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    print(f"wrote {path}")
-    return 0
+    return generated_doc_main(
+        argv,
+        description="Generate docs/asyncapi.yaml from the models.",
+        default_path=DOC_PATH,
+        render=render,
+        command=COMMAND,
+    )
 
 
 if __name__ == "__main__":

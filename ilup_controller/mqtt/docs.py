@@ -6,13 +6,13 @@ tests/test_topics_doc.py fails when the committed file differs from ``render()``
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ilup_controller.docgen import generated_doc_main
 from ilup_controller.mqtt.topics import TOPIC_SPECS, TopicSpec
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "topics.md"
@@ -162,22 +162,13 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate docs/topics.md from the MQTT models.")
-    parser.add_argument("--output", type=Path, default=DOC_PATH, help=f"default: {DOC_PATH}")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date")
-    args = parser.parse_args(argv)
-    text = render()
-    path: Path = args.output
-    if args.check:
-        current = path.read_text(encoding="utf-8") if path.exists() else None
-        if current != text:
-            print(f"{path} is out of date: run `{COMMAND}`", file=sys.stderr)
-            return 1
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    print(f"wrote {path}")
-    return 0
+    return generated_doc_main(
+        argv,
+        description="Generate docs/topics.md from the MQTT models.",
+        default_path=DOC_PATH,
+        render=render,
+        command=COMMAND,
+    )
 
 
 if __name__ == "__main__":
