@@ -37,6 +37,8 @@ class CommandIntake:
         self.processor = CommandProcessor(cfg)
         self._send_reply = send_reply
         self._pending: deque[tuple[ParsedCommand, str, bytes | None]] = deque()
+        # Repeats of a command still waiting for its tick: they get its reply when it is applied.
+        self._repeats: dict[tuple[str, str], list[tuple[str, bytes | None]]] = {}
 
     def on_message(self, msg: Incoming) -> None:
         """Runs in the MQTT receive task for every message under ``cmd/``; never raises."""
@@ -55,13 +57,18 @@ class CommandIntake:
             name, msg.payload, now, sender, response_topic=msg.response_topic
         )
         if isinstance(parsed, Reply):
-            self._send_reply(reply_topic, parsed, msg.correlation_data)
+            key = (sender, parsed.command_id or "")
+            if parsed.reason == "duplicate" and key in self._repeats:
+                self._repeats[key].append((reply_topic, msg.correlation_data))
+            else:
+                self._send_reply(reply_topic, parsed, msg.correlation_data)
             return
         if len(self._pending) >= MAX_PENDING:
             reply = self.processor.reject(parsed, "rate_limited", "command queue full")
             self._send_reply(reply_topic, reply, msg.correlation_data)
             return
         self._pending.append((parsed, reply_topic, msg.correlation_data))
+        self._repeats[(sender, parsed.command.command_id)] = []
 
     def apply_pending(
         self, core: CartCore, t_s: float
@@ -82,4 +89,6 @@ class CommandIntake:
                 reply.detail,
             )
             replies.append((topic, reply, correlation))
+            repeats = self._repeats.pop((parsed.sender, parsed.command.command_id), [])
+            replies.extend((t, reply, c) for t, c in repeats)  # the first reply, again
         return replies, self.processor.drain_events()
