@@ -308,7 +308,9 @@ class Mqtt(Strict):
     topic_prefix: str = Field("ilup", pattern=r"^[A-Za-z0-9_\-/]+$")
     keepalive_s: int = Field(5, ge=2, le=600)
     state_period_s: Pos = Field(0.5, le=1.0, description="State is published at least 1 Hz.")
-    queue_size: int = Field(100, ge=1, le=10000)
+    queue_size: int = Field(
+        2000, ge=1, le=100000, description="Events and replies waiting for the broker."
+    )
     reconnect_max_s: Pos = 5.0
 
 

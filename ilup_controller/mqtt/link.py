@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -51,6 +52,7 @@ CLOSE_TIMEOUT_S = 2.0
 _CLOSE_FLUSH_SHARE = 0.4
 # Queued messages (alarms, events) must arrive; duplicates after a timeout are acceptable.
 EVENT_QOS = EVENTS_SPEC.qos
+EVENTS_IN_FLIGHT = 50  # QoS 1 publishes awaiting their PUBACK at once
 
 
 class LinkStats(NamedTuple):
@@ -278,6 +280,7 @@ class MqttLink:
             ),
             timeout=CLIENT_TIMEOUT_S,
             tls_params=tls,
+            max_inflight_messages=EVENTS_IN_FLIGHT,
         )
 
     def _status(self, *, online: bool) -> Status:
@@ -414,18 +417,25 @@ class MqttLink:
                 await self._events_ready.wait()
                 continue
             # Peek, publish, then pop: an event whose publish failed stays queued for the next
-            # connection. If it was dropped by an overflow meanwhile, it is no longer the head.
-            event = self._events[0]
-            await self._publish(
-                client,
-                event.topic,
-                event.payload,
-                qos=EVENT_QOS,
-                retain=event.retain,
-                correlation_data=event.correlation_data,
+            # connection. Up to EVENTS_IN_FLIGHT go out together (QoS 1 waits for each PUBACK:
+            # one at a time would cap replies and events near the broker's round-trip rate).
+            batch = list(itertools.islice(self._events, EVENTS_IN_FLIGHT))
+            await asyncio.gather(
+                *(
+                    self._publish(
+                        client,
+                        e.topic,
+                        e.payload,
+                        qos=EVENT_QOS,
+                        retain=e.retain,
+                        correlation_data=e.correlation_data,
+                    )
+                    for e in batch
+                )
             )
-            if self._events and self._events[0] is event:
-                self._events.popleft()
+            for e in batch:  # an overflow may have dropped some meanwhile
+                if self._events and self._events[0] is e:
+                    self._events.popleft()
             if not self._events:
                 self._events_drained.set()
             if not self._events and self._dropping:

@@ -233,34 +233,55 @@ class Daemon:
         assert self.mqtt is not None
         assert self.recorder is not None
         for text in self._device_events:
-            event = Event(
-                t=datetime.now(UTC),
-                seq=self._event_seq,
-                cart_id=self.cfg.cart_id,
-                kind="device",
-                message=text,
+            self._emit(
+                Event(
+                    t=datetime.now(UTC),
+                    seq=self._event_seq,
+                    cart_id=self.cfg.cart_id,
+                    kind="device",
+                    message=text,
+                )
             )
-            self.mqtt.publish_event(EVENTS, event)
-            self.recorder.event(event)
-            self._event_seq += 1
         self._device_events.clear()
+        limited: dict[str, int] = {}
         for e in events:
-            event = Event(
-                t=e.t,
-                seq=self._event_seq,
-                cart_id=self.cfg.cart_id,
-                kind=e.kind,
-                message=e.message,
-                operator=e.sender,
+            if e.reason == "rate_limited":  # a flood is summarised, not echoed message by message
+                limited[e.sender] = limited.get(e.sender, 0) + 1
+                continue
+            self._emit(
+                Event(
+                    t=e.t,
+                    seq=self._event_seq,
+                    cart_id=self.cfg.cart_id,
+                    kind=e.kind,
+                    message=e.message,
+                    operator=e.sender,
+                )
             )
-            self.mqtt.publish_event(EVENTS, event)
-            self.recorder.event(event)
-            self._event_seq += 1
+        for sender, n in limited.items():
+            self._emit(
+                Event(
+                    t=datetime.now(UTC),
+                    seq=self._event_seq,
+                    cart_id=self.cfg.cart_id,
+                    kind="command",
+                    operator=sender,
+                    message=f"{n} command(s) from {sender} rejected: rate_limited",
+                )
+            )
         if replies:
             # Acknowledged only once on disk: the commit is queued behind the events above.
             task = asyncio.create_task(self._ack_after_commit(replies))
             self._acks.add(task)
             task.add_done_callback(self._acks.discard)
+
+    def _emit(self, event: Event) -> None:
+        """An event to the events topic and the record."""
+        assert self.mqtt is not None
+        assert self.recorder is not None
+        self.mqtt.publish_event(EVENTS, event)
+        self.recorder.event(event)
+        self._event_seq += 1
 
     async def _ack_after_commit(self, replies: list[PendingReply]) -> None:
         assert self.recorder is not None
