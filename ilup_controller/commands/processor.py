@@ -137,7 +137,9 @@ class CommandEvent:
     @property
     def kind(self) -> str:
         """'marker' for an accepted marker, else 'command'."""
-        return "marker" if self.command == "marker" and self.status == "ok" else "command"
+        # A repeated delivery is not a second marker: it is a command answered again.
+        ok_marker = self.command == "marker" and self.status == "ok" and not self.repeated
+        return "marker" if ok_marker else "command"
 
     @property
     def message(self) -> str:

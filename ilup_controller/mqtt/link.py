@@ -264,7 +264,7 @@ class MqttLink:
             tls = aiomqtt.TLSParameters(
                 ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file
             )
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             cfg.host,
             cfg.port,
             identifier=self.client_id,
@@ -282,6 +282,9 @@ class MqttLink:
             tls_params=tls,
             max_inflight_messages=EVENTS_IN_FLIGHT,
         )
+        # Up to EVENTS_IN_FLIGHT publishes wait together by design: not worth a warning each.
+        client.pending_calls_threshold = EVENTS_IN_FLIGHT + 10
+        return client
 
     def _status(self, *, online: bool) -> Status:
         return Status(
