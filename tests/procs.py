@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,3 +159,24 @@ async def read_signal(cfg: CartConfig, port_of: dict[str, int], signal_name: str
 
 def wall_deadline(seconds: float) -> float:
     return time.monotonic() + seconds
+
+
+@contextlib.asynccontextmanager
+async def session(sub: Subscriber | None = None) -> AsyncIterator[list[Proc]]:
+    """Processes a test starts, with an optional subscriber running and connected. On a failure
+    each process's log tail is printed; everything is stopped on the way out."""
+    task = asyncio.create_task(sub.run()) if sub is not None else None
+    with processes() as procs:
+        try:
+            if sub is not None:
+                await asyncio.wait_for(sub.connected.wait(), 5)
+            yield procs
+        except BaseException:
+            for p in procs:
+                print(f"---- {p.log_path.name} ----\n{p.log()[-4000:]}")
+            raise
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from helpers import wait_until
-from procs import Proc, Subscriber, processes, read_signal, write_cart_config
+from procs import Proc, Subscriber, read_signal, session, write_cart_config
 
 from ilup_controller.broker import MosquittoProcess
 from ilup_controller.record.store import open_record
@@ -67,15 +67,13 @@ async def test_kill_9_at_random_moments(tmp_path: Path, mosquitto: MosquittoProc
     prefix = f"{cfg.mqtt.topic_prefix}/{cfg.cart_id}"
     rng = random.Random(7)
     sub = Subscriber(mosquitto.port, f"{prefix}/#")
-    sub_task = asyncio.create_task(sub.run())
     loop = asyncio.get_running_loop()
     acked: list[str] = []
     stop_ops = asyncio.Event()
     ops = asyncio.create_task(_operator(mosquitto.port, prefix, acked, stop_ops))
     records = tmp_path / "records"
-    with processes() as procs:
-        try:
-            await asyncio.wait_for(sub.connected.wait(), 5)
+    try:
+        async with session(sub) as procs:
             procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
             for k in range(KILLS):
                 started = loop.time()
@@ -117,16 +115,11 @@ async def test_kill_9_at_random_moments(tmp_path: Path, mosquitto: MosquittoProc
                 lost_s = (killed_at - last).total_seconds()
                 assert lost_s <= 1.0 + 0.2, f"kill {k}: last sample {lost_s:.2f} s before kill"
             assert len(acked) >= KILLS  # the operator really was acknowledged along the way
-        except BaseException:
-            for p in procs[-2:]:
-                print(f"---- {p.args[0]} log ----\n{p.log()[-4000:]}")
-            raise
-        finally:
-            stop_ops.set()
-            for task in (ops, sub_task):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+    finally:
+        stop_ops.set()
+        ops.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ops
 
 
 async def _command(port: int, prefix: str, name: str, body: dict[str, object]) -> dict[str, object]:
@@ -151,71 +144,57 @@ async def test_restart_restores_targets_phase_and_latched_alarms(
     cfg_path, cfg = write_cart_config(tmp_path, mosquitto.port, ramp_s=2.0)
     prefix = f"{cfg.mqtt.topic_prefix}/{cfg.cart_id}"
     sub = Subscriber(mosquitto.port, f"{prefix}/#")
-    sub_task = asyncio.create_task(sub.run())
     loop = asyncio.get_running_loop()
-    with processes() as procs:
-        try:
-            await asyncio.wait_for(sub.connected.wait(), 5)
-            procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
-            procs.append(first := Proc(["run", "-c", str(cfg_path)], tmp_path / "d1.log"))
-            await wait_until(
-                lambda: any(m.payload["phase"] == "perfusion" for m in sub.of("/state")),
-                20,
-                what="perfusion",
+    async with session(sub) as procs:
+        procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
+        procs.append(first := Proc(["run", "-c", str(cfg_path)], tmp_path / "d1.log"))
+        await wait_until(
+            lambda: any(m.payload["phase"] == "perfusion" for m in sub.of("/state")),
+            20,
+            what="perfusion",
+        )
+        reply = await _command(mosquitto.port, prefix, "setpoint", {"flow_ml_min": 450.0})
+        assert reply["status"] == "ok", reply
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+            await client.publish(f"{prefix}/sim/fault", b'{"kind": "air", "duration_s": 0.3}')
+        await wait_until(
+            lambda: any(
+                a["id"] == "air_detected" for m in sub.of("/alarms") for a in m.payload["alarms"]
+            ),
+            5,
+            what="air alarm",
+        )
+        first.signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 5)
+        restarted = loop.time()
+        procs.append(Proc(["run", "-c", str(cfg_path)], tmp_path / "d2.log"))
+        await wait_until(lambda: bool(sub.of("/state", restarted)), 20, what="restarted")
+        state = sub.of("/state", restarted)[-1].payload
+        assert state["phase"] == "safe_stop"
+        assert state["targets"]["flow_ml_min"] == 450.0
+        assert state["outputs"]["pump_speed_rpm"] == 0.0
+        await wait_until(lambda: bool(sub.of("/alarms", restarted)), 5, what="alarms")
+        present = {a["id"]: a for a in sub.of("/alarms", restarted)[-1].payload["alarms"]}
+        assert {"air_detected", "controller_restarted"} <= present.keys()
+        assert present["air_detected"]["presence"] == "latched"
+        # The operator decides: resume is refused while the air interlock is latched...
+        refused = await _command(mosquitto.port, prefix, "phase", {"action": "resume"})
+        assert refused["status"] == "rejected"
+        assert refused["reason"] == "interlock_active"
+        # ...and accepted once it is reset: back to perfusion, the flow ramps up again.
+        for alarm_id in ("air_detected", "controller_restarted"):
+            ok = await _command(
+                mosquitto.port, prefix, "alarm", {"action": "reset", "alarm_id": alarm_id}
             )
-            reply = await _command(mosquitto.port, prefix, "setpoint", {"flow_ml_min": 450.0})
-            assert reply["status"] == "ok", reply
-            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
-                await client.publish(f"{prefix}/sim/fault", b'{"kind": "air", "duration_s": 0.3}')
-            await wait_until(
-                lambda: any(
-                    a["id"] == "air_detected"
-                    for m in sub.of("/alarms")
-                    for a in m.payload["alarms"]
-                ),
-                5,
-                what="air alarm",
-            )
-            first.signal(signal.SIGKILL)
-            await asyncio.to_thread(first.wait, 5)
-            restarted = loop.time()
-            procs.append(Proc(["run", "-c", str(cfg_path)], tmp_path / "d2.log"))
-            await wait_until(lambda: bool(sub.of("/state", restarted)), 20, what="restarted")
-            state = sub.of("/state", restarted)[-1].payload
-            assert state["phase"] == "safe_stop"
-            assert state["targets"]["flow_ml_min"] == 450.0
-            assert state["outputs"]["pump_speed_rpm"] == 0.0
-            await wait_until(lambda: bool(sub.of("/alarms", restarted)), 5, what="alarms")
-            present = {a["id"]: a for a in sub.of("/alarms", restarted)[-1].payload["alarms"]}
-            assert {"air_detected", "controller_restarted"} <= present.keys()
-            assert present["air_detected"]["presence"] == "latched"
-            # The operator decides: resume is refused while the air interlock is latched...
-            refused = await _command(mosquitto.port, prefix, "phase", {"action": "resume"})
-            assert refused["status"] == "rejected"
-            assert refused["reason"] == "interlock_active"
-            # ...and accepted once it is reset: back to perfusion, the flow ramps up again.
-            for alarm_id in ("air_detected", "controller_restarted"):
-                ok = await _command(
-                    mosquitto.port, prefix, "alarm", {"action": "reset", "alarm_id": alarm_id}
-                )
-                assert ok["status"] == "ok", ok
-            resumed = await _command(mosquitto.port, prefix, "phase", {"action": "resume"})
-            assert resumed["status"] == "ok", resumed
-            t_resume = loop.time()
-            await wait_until(
-                lambda: any(
-                    m.payload["phase"] == "perfusion"
-                    and m.payload["outputs"]["pump_speed_rpm"] > 5.0
-                    for m in sub.of("/state", t_resume)
-                ),
-                15,
-                what="perfusion resumed",
-            )
-        except BaseException:
-            for p in procs:
-                print(f"---- {p.args[0]} log ----\n{p.log()[-3000:]}")
-            raise
-        finally:
-            sub_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sub_task
+            assert ok["status"] == "ok", ok
+        resumed = await _command(mosquitto.port, prefix, "phase", {"action": "resume"})
+        assert resumed["status"] == "ok", resumed
+        t_resume = loop.time()
+        await wait_until(
+            lambda: any(
+                m.payload["phase"] == "perfusion" and m.payload["outputs"]["pump_speed_rpm"] > 5.0
+                for m in sub.of("/state", t_resume)
+            ),
+            15,
+            what="perfusion resumed",
+        )

@@ -4,7 +4,6 @@ driven from the terminal, every reply checked, and the specific rejections."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from helpers import wait_until
-from procs import Proc, Subscriber, processes, write_cart_config
+from procs import Proc, Subscriber, session, write_cart_config
 from ruamel.yaml import YAML
 
 from ilup_controller.broker import MosquittoProcess
@@ -45,84 +44,69 @@ async def test_cli_runs_a_procedure_and_gets_specific_rejections(
         yaml.dump(data, f)
     prefix = f"{cfg.mqtt.topic_prefix}/{cfg.cart_id}"
     sub = Subscriber(mosquitto.port, f"{prefix}/#")
-    sub_task = asyncio.create_task(sub.run())
-    with processes() as procs:
-        try:
-            await asyncio.wait_for(sub.connected.wait(), 5)
-            procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
-            procs.append(Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
-            await wait_until(lambda: bool(sub.of("/state")), 20, what="daemon up")
+    async with session(sub) as procs:
+        procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
+        procs.append(Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
+        await wait_until(lambda: bool(sub.of("/state")), 20, what="daemon up")
 
-            out_of_phase = await asyncio.to_thread(ilup, cfg_path, "phase", "washout")
-            assert out_of_phase.returncode == 2
-            assert "not_allowed_in_phase" in out_of_phase.stderr
-            for action in ("priming", "perfusion"):
-                r = await asyncio.to_thread(ilup, cfg_path, "phase", action)
-                assert r.returncode == 0, r.stderr
-                assert r.stdout.startswith("phase ok")
-            r = await asyncio.to_thread(ilup, cfg_path, "marker", "drug in")
+        out_of_phase = await asyncio.to_thread(ilup, cfg_path, "phase", "washout")
+        assert out_of_phase.returncode == 2
+        assert "not_allowed_in_phase" in out_of_phase.stderr
+        for action in ("priming", "perfusion"):
+            r = await asyncio.to_thread(ilup, cfg_path, "phase", action)
             assert r.returncode == 0, r.stderr
-            r = await asyncio.to_thread(ilup, cfg_path, "set", "flow", "450")
+            assert r.stdout.startswith("phase ok")
+        r = await asyncio.to_thread(ilup, cfg_path, "marker", "drug in")
+        assert r.returncode == 0, r.stderr
+        r = await asyncio.to_thread(ilup, cfg_path, "set", "flow", "450")
+        assert r.returncode == 0, r.stderr
+        too_big = await asyncio.to_thread(ilup, cfg_path, "set", "flow", "5000")
+        assert too_big.returncode == 2
+        assert "out_of_range" in too_big.stderr or "invalid" in too_big.stderr
+        status = await asyncio.to_thread(ilup, cfg_path, "status")
+        assert status.returncode == 0, status.stderr
+        assert "phase perfusion" in status.stdout
+        assert "(target 450.0)" in status.stdout
+        for action in ("washout", "complete"):
+            r = await asyncio.to_thread(ilup, cfg_path, "phase", action)
             assert r.returncode == 0, r.stderr
-            too_big = await asyncio.to_thread(ilup, cfg_path, "set", "flow", "5000")
-            assert too_big.returncode == 2
-            assert "out_of_range" in too_big.stderr or "invalid" in too_big.stderr
-            status = await asyncio.to_thread(ilup, cfg_path, "status")
-            assert status.returncode == 0, status.stderr
-            assert "phase perfusion" in status.stdout
-            assert "(target 450.0)" in status.stdout
-            for action in ("washout", "complete"):
-                r = await asyncio.to_thread(ilup, cfg_path, "phase", action)
-                assert r.returncode == 0, r.stderr
 
-            # Duplicate and expired commands, sent by hand.
-            topic = f"{prefix}/cmd/op1/marker"
-            stale = datetime.now(UTC) - timedelta(seconds=30)
-            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
-                await client.subscribe(f"{topic}/reply", qos=1)
-                same = json.dumps(
-                    {
-                        "command_id": "dup-1",
-                        "text": "once",
-                        "issued_at": datetime.now(UTC).isoformat(),
-                    }
-                )
-                old = json.dumps(
-                    {"command_id": uuid.uuid4().hex, "text": "late", "issued_at": stale.isoformat()}
-                )
-                for payload in (same, same, old):
-                    await client.publish(topic, payload, qos=1)
-                replies: list[dict[str, object]] = []
-                async with asyncio.timeout(10):
-                    async for m in client.messages:
-                        assert isinstance(m.payload, bytes)
-                        replies.append(json.loads(m.payload))
-                        if len(replies) == 3:
-                            break
-            by_id: dict[object, list[dict[str, object]]] = {}
-            for rep in replies:
-                by_id.setdefault(rep["command_id"], []).append(rep)
-            assert by_id["dup-1"][0] == by_id["dup-1"][1]  # the first reply, again
-            assert by_id["dup-1"][0]["status"] == "ok"
-            (expired,) = [r for k, v in by_id.items() if k != "dup-1" for r in v]
-            assert (expired["status"], expired["reason"]) == ("rejected", "expired")
+        # Duplicate and expired commands, sent by hand.
+        topic = f"{prefix}/cmd/op1/marker"
+        stale = datetime.now(UTC) - timedelta(seconds=30)
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+            await client.subscribe(f"{topic}/reply", qos=1)
+            same = json.dumps(
+                {
+                    "command_id": "dup-1",
+                    "text": "once",
+                    "issued_at": datetime.now(UTC).isoformat(),
+                }
+            )
+            old = json.dumps(
+                {"command_id": uuid.uuid4().hex, "text": "late", "issued_at": stale.isoformat()}
+            )
+            for payload in (same, same, old):
+                await client.publish(topic, payload, qos=1)
+            replies: list[dict[str, object]] = []
+            async with asyncio.timeout(10):
+                async for m in client.messages:
+                    assert isinstance(m.payload, bytes)
+                    replies.append(json.loads(m.payload))
+                    if len(replies) == 3:
+                        break
+        by_id: dict[object, list[dict[str, object]]] = {}
+        for rep in replies:
+            by_id.setdefault(rep["command_id"], []).append(rep)
+        assert by_id["dup-1"][0] == by_id["dup-1"][1]  # the first reply, again
+        assert by_id["dup-1"][0]["status"] == "ok"
+        (expired,) = [r for k, v in by_id.items() if k != "dup-1" for r in v]
+        assert (expired["status"], expired["reason"]) == ("rejected", "expired")
 
-            phases = [
-                m.payload["to_phase"] for m in sub.of("/events") if m.payload["kind"] == "phase"
-            ]
-            assert phases == ["priming", "perfusion", "washout", "complete"]
-            markers = [
-                m.payload["message"] for m in sub.of("/events") if m.payload["kind"] == "marker"
-            ]
-            assert markers.count("once") == 1  # applied once despite the duplicate
-            assert "drug in" in markers
-            commands = [m for m in sub.of("/events") if m.payload["kind"] == "command"]
-            assert any("not_allowed_in_phase" in m.payload["message"] for m in commands)
-        except BaseException:
-            for p in procs:
-                print(f"---- {p.args[0]} log ----\n{p.log()[-3000:]}")
-            raise
-        finally:
-            sub_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sub_task
+        phases = [m.payload["to_phase"] for m in sub.of("/events") if m.payload["kind"] == "phase"]
+        assert phases == ["priming", "perfusion", "washout", "complete"]
+        markers = [m.payload["message"] for m in sub.of("/events") if m.payload["kind"] == "marker"]
+        assert markers.count("once") == 1  # applied once despite the duplicate
+        assert "drug in" in markers
+        commands = [m for m in sub.of("/events") if m.payload["kind"] == "command"]
+        assert any("not_allowed_in_phase" in m.payload["message"] for m in commands)
