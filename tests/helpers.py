@@ -29,7 +29,7 @@ from ilup_controller.mqtt.messages import (
 
 async def wait_until(
     predicate: Callable[[], bool | Awaitable[bool]],
-    timeout_s: float,
+    timeout_s: float = 3.0,
     interval_s: float = 0.01,
     what: str | None = None,
 ) -> float:

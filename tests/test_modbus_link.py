@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from helpers import wait_until
 
 from ilup_controller.config import load_config
 from ilup_controller.config.models import CartConfig, Device, Signal
@@ -28,27 +28,6 @@ INPUTS: dict[str, float | bool] = {
     "pump_speed": 15.5,
     "heater_water_temp": 38.02,
 }
-
-
-@pytest.fixture(autouse=True)
-def _quiet_pymodbus() -> Iterator[None]:
-    logger = logging.getLogger("pymodbus")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    yield
-    logger.setLevel(level)
-
-
-async def wait_until(pred: Callable[[], bool], timeout_s: float = 3.0) -> None:
-    """Poll ``pred`` until true; fail the test (TimeoutError) after ``timeout_s``."""
-
-    async def poll() -> None:
-        while True:
-            if pred():
-                return
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), timeout_s)
 
 
 async def stays_false(pred: Callable[[], bool], window_s: float) -> bool:

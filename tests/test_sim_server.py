@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from helpers import wait_until
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusIOException
 
@@ -18,27 +18,6 @@ from ilup_controller.modbus.codec import encode
 from sim.server import SimModbusServers
 
 HOST = "127.0.0.1"
-
-
-@pytest.fixture(autouse=True)
-def _quiet_pymodbus() -> Iterator[None]:
-    logger = logging.getLogger("pymodbus")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    yield
-    logger.setLevel(level)
-
-
-async def wait_until(pred: Callable[[], bool], timeout_s: float = 3.0) -> None:
-    """Poll ``pred`` until true; fail the test after ``timeout_s``."""
-
-    async def poll() -> None:
-        while True:
-            if pred():
-                return
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), timeout_s)
 
 
 def sim_config() -> CartConfig:
