@@ -145,3 +145,24 @@ def test_there_is_no_way_to_switch_a_protective_alarm_off() -> None:
     e = AlarmEngine()
     assert not hasattr(e, "disable")
     assert not hasattr(e, "alarm_off")
+
+
+def test_latched_alarm_whose_condition_toggles_is_one_onset() -> None:
+    """A latched sensor alarm whose condition comes and goes 50 times is one occurrence: one
+    onset and one end, still latched, and a reset afterwards clears it."""
+    e = AlarmEngine()  # sensor_flow: latching, 0.5 s delay
+    events = []
+    t = 0.0
+    for _ in range(50):
+        for cond, seconds in ((ON, 1.0), (OFF, 1.0)):
+            for _ in range(round(seconds / 0.1)):
+                t += 0.1
+                events += e.update(t, {"sensor_flow": cond})
+    kinds = [ev.kind for ev in events]
+    assert kinds.count("onset") == 1
+    assert kinds.count("end") == 1
+    assert present(e, t) == {"sensor_flow": "latched"}
+    assert e.reset("sensor_flow", t, "op1")[0].ok
+    # After the reset a new occurrence announces itself again.
+    t = run(e, t, 1.0, sensor_flow=ON)
+    assert present(e, t) == {"sensor_flow": "on"}

@@ -67,6 +67,9 @@ class _State:
     value: float | None = None
     limit: float | None = None
     detail: str = ""
+    # The condition of this occurrence has cleared once: while it stays latched, its condition
+    # coming and going is the same occurrence (no new onset, no new end).
+    cleared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +129,15 @@ class AlarmEngine:
                 due = t_s - s.raw_since_s >= self._delay_s[alarm_id] - 1e-9
                 if s.presence is Presence.on:
                     s.value = cond.value  # keep the current value visible
+                elif s.presence is Presence.latched and due:
+                    # The same occurrence, not a new one: it stays unreset, and announcing it
+                    # again each time the condition returns buried the operator in onsets.
+                    s.presence = Presence.on
+                    s.value = cond.value
                 elif due:
                     s.presence = Presence.on
                     s.acknowledged = False
+                    s.cleared = False
                     s.onset_s = t_s
                     s.value, s.limit, s.detail = cond.value, cond.limit, cond.detail
                     events.append(self._event(t_s, "onset", d, s))
@@ -137,9 +146,13 @@ class AlarmEngine:
                 if s.presence is Presence.on:
                     if d.latching:
                         s.presence = Presence.latched
-                        events.append(
-                            self._event(t_s, "end", d, s, "condition cleared; latched until reset")
-                        )
+                        if not s.cleared:
+                            s.cleared = True
+                            events.append(
+                                self._event(
+                                    t_s, "end", d, s, "condition cleared; latched until reset"
+                                )
+                            )
                     else:
                         s.presence = Presence.off
                         events.append(self._event(t_s, "end", d, s, "condition cleared"))
@@ -191,7 +204,7 @@ class AlarmEngine:
         as the restart itself): it stays until reset, and a reset needs no condition."""
         d, s = self._defs[alarm_id], self._state[alarm_id]
         s.presence, s.acknowledged, s.onset_s = Presence.latched, False, t_s
-        s.value, s.limit, s.detail = value, None, detail
+        s.value, s.limit, s.detail, s.cleared = value, None, detail, True
         return [self._event(t_s, "onset", d, s)]
 
     # ------------------------------------------------------------------ queries
