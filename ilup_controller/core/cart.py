@@ -144,7 +144,6 @@ class CartCore:
         self._last_t_s = t_s
         events, self._pending = self._pending, []
         ctl, proc = self.controller, self.procedure
-        m, sensor_conditions = self.monitor.sense(t_s, readings)
         last = self._last
         ctx = Context(
             phase=proc.phase,
@@ -166,6 +165,7 @@ class CartCore:
             remote_ok=remote_ok,
             recorder_problem=recorder_problem,
         )
+        m, sensor_conditions = self.monitor.sense(t_s, readings, ctx)
         conditions = {**sensor_conditions, **self.monitor.evaluate(t_s, dt_s, m, ctx)}
         events.extend(self.alarms.update(t_s, conditions))
         pump_action, heater_action, pump_by, heater_by = self.alarms.actions()

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.alarms import Condition
+from ilup_controller.core.diagnostics import Inputs, ProcessDiagnostics
 from ilup_controller.core.procedure import RUNNING, Phase
-from ilup_controller.core.sensors import SensorCheck
+from ilup_controller.core.sensors import Run, SensorCheck, resolution_of
 from ilup_controller.core.types import Readings
 
 STARTUP_GRACE_S = 5.0  # a sensor never read is a fault only after this long
@@ -133,10 +134,18 @@ class Monitor:
         a, c = cfg.alarms, cfg.control
         stale = c.stale_after_s
 
+        def lsb(signal: str | None) -> float:
+            if signal is None:
+                return 0.0
+            sig = cfg.signals[signal]
+            return resolution_of(sig.scale, str(sig.data_type))
+
         def check(label: str, signal: str | None, limits_name: str) -> SensorCheck | None:
             if signal is None:
                 return None
-            return SensorCheck(label, getattr(a, limits_name), cfg.signals[signal].range, stale)
+            return SensorCheck(
+                label, getattr(a, limits_name), cfg.signals[signal].range, stale, lsb(signal)
+            )
 
         self._checks: dict[str, tuple[str, SensorCheck | None]] = {
             "sensor_pressure": (
@@ -157,6 +166,12 @@ class Monitor:
                 check("reservoir", c.reservoir_measured, "reservoir"),
             ),
         }
+        self._diagnostics = ProcessDiagnostics(
+            c.flow.stroke_volume_ml_per_rev,
+            lsb(c.flow.measured),
+            lsb(c.pressure.measured),
+            lsb(c.temperature.measured),
+        )
         self._t0_s = t0_s
         self._ever_ok: set[str] = set()
         self._heating = _Trend(a.heating_rate_window_s)
@@ -173,20 +188,30 @@ class Monitor:
 
     # ------------------------------------------------------------------ sensing
 
-    def sense(self, t_s: float, readings: Readings) -> tuple[Measured, dict[str, Condition]]:
+    def sense(
+        self, t_s: float, readings: Readings, ctx: Context | None = None
+    ) -> tuple[Measured, dict[str, Condition]]:
+        """Usable measurements and the sensor conditions. ``ctx`` (what the core decided last
+        tick) enables the cross-checks of core/diagnostics.py."""
         values: dict[str, float | None] = {}
         conditions: dict[str, Condition] = {}
         for alarm_id, (signal, chk) in self._checks.items():
+            values[alarm_id] = None if chk is None else chk.check(t_s, readings.get(signal))
+        c = self._cfg.control
+        tacho = None
+        if c.flow.speed_measured is not None:
+            r = readings.get(c.flow.speed_measured)
+            tacho = r.value if r is not None and t_s - r.t <= c.stale_after_s else None
+        if ctx is not None:
+            flow = readings.get(c.flow.measured)
+            self._cross_check(t_s if flow is None else flow.t, values, tacho, ctx)
+        for alarm_id, (_, chk) in self._checks.items():
             if chk is None:
-                values[alarm_id] = None
                 continue
-            v = chk.check(t_s, readings.get(signal))
-            values[alarm_id] = v
-            if v is not None:
+            if values[alarm_id] is not None:
                 self._ever_ok.add(alarm_id)
             armed = alarm_id in self._ever_ok or t_s - self._t0_s >= STARTUP_GRACE_S
             conditions[alarm_id] = Condition(bool(chk.fault) and armed, detail=chk.fault)
-        c = self._cfg.control
         air: bool | None = None
         if c.air_measured is not None:
             r = readings.get(c.air_measured)
@@ -198,10 +223,6 @@ class Monitor:
             conditions["sensor_air"] = Condition(
                 air is None and armed, detail="missing or stale" if air is None else ""
             )
-        tacho = None
-        if c.flow.speed_measured is not None:
-            r = readings.get(c.flow.speed_measured)
-            tacho = r.value if r is not None and t_s - r.t <= c.stale_after_s else None
         m = Measured(
             flow_ml_min=values["sensor_flow"],
             pressure_mmhg=values["sensor_pressure"],
@@ -212,6 +233,41 @@ class Monitor:
             air_detected=air,
         )
         return m, conditions
+
+    def _cross_check(
+        self, read_t_s: float, values: dict[str, float | None], tacho: float | None, ctx: Context
+    ) -> None:
+        """Stuck from the process (core/diagnostics.py): a stuck reading becomes unusable."""
+        x = Inputs(
+            flow_ml_min=values["sensor_flow"],
+            pressure_mmhg=values["sensor_pressure"],
+            temperature_c=values["sensor_temperature"],
+            water_temperature_c=values["sensor_water"],
+            pump_speed_rpm=tacho,
+            pump_command_rpm=ctx.pump_command_rpm,
+            pressure_limit_mmhg=ctx.pressure_limit_mmhg,
+            phase=ctx.phase,
+            read_t_s=read_t_s,
+        )
+        checks = {k: chk for k, (_, chk) in self._checks.items()}
+        if self._diagnostics.operating_point_changed(x):
+            for k in ("sensor_flow", "sensor_pressure"):  # their noise depends on the flow
+                chk = checks[k]
+                if chk is not None:
+                    chk.relearn()
+
+        def run(k: str) -> Run | None:
+            chk = checks[k]
+            return None if chk is None else chk.run
+
+        verdicts = self._diagnostics.assess(
+            x, run("sensor_flow"), run("sensor_pressure"), run("sensor_temperature")
+        )
+        for k, why in verdicts.items():
+            chk = checks[k]
+            if chk is not None:
+                chk.declare(why)
+                values[k] = None
 
     # ------------------------------------------------------------------ conditions
 

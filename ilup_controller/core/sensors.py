@@ -1,12 +1,22 @@
 """Plausibility of one safety sensor: missing, stale, not finite, out of range, implausible rate
-of change (spikes, noise) and stuck (identical fresh readings). A reading that fails any check is
-*unusable*: the loops never see it, and the sensor alarm says why."""
+of change (spikes, noise) and stuck. A reading that fails any check is *unusable*: the loops never
+see it, and the sensor alarm says why.
+
+Stuck is decided from evidence, never from silence: a healthy digital sensor often reads a steady
+or quantised value for minutes. Two kinds of evidence count. Here, the loss of a noise signature
+this sensor has shown: after ``SIGNATURE_MIN_TRANSITIONS`` fresh readings in which consecutive
+values were rarely equal (share p <= ``SIGNATURE_MAX_SAME``, i.e. noise of about 1 LSB or more),
+a run of n identical readings has probability p**n; at n with p**n < ``SIGNATURE_FALSE_ALARM`` it
+is a frozen sensor. In core/diagnostics.py, the process: the reading did not move when the pump,
+the flow or the heat input says it must have (analytical redundancy).
+"""
 
 from __future__ import annotations
 
 import math
 import statistics
 from collections import deque
+from dataclasses import dataclass
 
 from ilup_controller.config.models import SensorLimits
 from ilup_controller.core.types import Reading
@@ -18,6 +28,26 @@ NOISE_WINDOW_S = 2.0
 # its absolute value is 0.6745 of that: sigma ~ median(|d2|) / 1.652. The median ignores steps
 # and spikes; the second difference ignores ramps: only noise remains.
 _MEDIAN_ABS_D2_PER_SIGMA = 0.6745 * 6**0.5
+SIGNATURE_WINDOW_S = 60.0
+SIGNATURE_MIN_TRANSITIONS = 200
+SIGNATURE_MAX_SAME = 0.35  # above this the noise is under ~1 LSB: no signature to lose
+SIGNATURE_FALSE_ALARM = 1e-7  # chance that a healthy noisy sensor repeats itself this long
+_SIGNATURE_P_FLOOR = 0.02  # never trust a learned p below this (few samples, correlated noise)
+
+
+def resolution_of(scale: float, data_type: str) -> float:
+    """One least significant bit of a register in engineering units (0 for a float)."""
+    return 0.0 if data_type == "float32" else abs(scale)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """The current run of identical fresh readings: ``value`` since ``since_s`` (the first
+    reading of the run), repeated ``repeats`` times after it."""
+
+    value: float
+    since_s: float
+    repeats: int
 
 
 class SensorCheck:
@@ -27,17 +57,38 @@ class SensorCheck:
         limits: SensorLimits,
         value_range: tuple[float, float] | None,
         stale_after_s: float,
+        resolution: float = 0.0,
     ) -> None:
         self.label = label
+        self.resolution = resolution
         self._limits = limits
         self._range = value_range
         self._stale_after_s = stale_after_s
         self._prev: Reading | None = None
-        self._same_since_s: float | None = None
+        self._run_since_s: float | None = None
+        self._repeats = 0
+        self._same: deque[tuple[float, bool]] = deque()  # (reading time, equal to previous)
+        self._same_count = 0
         self._violations: deque[float] = deque()
         self._d2: deque[tuple[float, float]] = deque()  # (reading time, |second difference|)
         self._prev2: Reading | None = None
         self.fault = ""  # why the last reading was unusable ("" = usable)
+
+    @property
+    def run(self) -> Run | None:
+        if self._prev is None or self._run_since_s is None:
+            return None
+        return Run(self._prev.value, self._run_since_s, self._repeats)
+
+    def relearn(self) -> None:
+        """Forget the noise signature: the operating point changed (a flow meter with a low-flow
+        cut-off is noisy at 500 mL/min and reads exactly 0.0 at rest)."""
+        self._same.clear()
+        self._same_count = 0
+
+    def declare(self, fault: str) -> None:
+        """A fault found by a cross-check (core/diagnostics.py): this reading is unusable."""
+        self.fault = fault
 
     def check(self, t_s: float, reading: Reading | None) -> float | None:
         """The usable value of ``reading`` at time ``t_s``, or None (and ``fault`` says why)."""
@@ -61,17 +112,26 @@ class SensorCheck:
             dt = r.t - self._prev.t
             # Reads can come close together (a link cycle on request right after its own), so
             # the allowance includes the noise a good sensor shows between any two readings.
-            allowed = self._limits.max_rate_per_s * dt + 3.0 * self._limits.max_noise
+            # One least significant bit of change is never a jump.
+            allowed = (
+                self._limits.max_rate_per_s * dt + 3.0 * self._limits.max_noise + self.resolution
+            )
             jump = abs(v - self._prev.value) > allowed
             if jump:
                 self._violations.append(t_s)
             if self._prev2 is not None:
                 self._d2.append((r.t, abs(v - 2.0 * self._prev.value + self._prev2.value)))
-            if v == self._prev.value:
-                if self._same_since_s is None:
-                    self._same_since_s = self._prev.t
+            same = v == self._prev.value
+            self._same.append((r.t, same))
+            self._same_count += same
+            if same:
+                self._repeats += 1
             else:
-                self._same_since_s = None
+                self._run_since_s, self._repeats = r.t, 0
+        elif self._prev is None:
+            self._run_since_s, self._repeats = r.t, 0
+        while self._same and r.t - self._same[0][0] > SIGNATURE_WINDOW_S:
+            self._same_count -= self._same.popleft()[1]
         if fresh:
             self._prev2, self._prev = self._prev, r
         while self._violations and t_s - self._violations[0] > RATE_WINDOW_S:
@@ -86,8 +146,29 @@ class SensorCheck:
             self._d2.popleft()
         if len(self._d2) >= 8:
             sigma = statistics.median(d for _, d in self._d2) / _MEDIAN_ABS_D2_PER_SIGMA
-            if sigma > self._limits.max_noise:
+            # A value flipping by one LSB shows as ~1.2 LSB of "noise": that is quantisation.
+            if sigma > self._limits.max_noise + 1.25 * self.resolution:
                 return f"noisy: noise {sigma:.2f} (limit {self._limits.max_noise:g})"
-        if self._same_since_s is not None and r.t - self._same_since_s >= self._limits.stuck_s:
-            return f"stuck at {v:.2f} for {r.t - self._same_since_s:.1f} s"
-        return ""
+        return self._signature_lost(r.t, v)
+
+    def _signature_lost(self, t_s: float, v: float) -> str:
+        if self._run_since_s is None or t_s - self._run_since_s < self._limits.stuck_s:
+            return ""
+        n = self._repeats
+        # The signature is learned from the readings before this run.
+        before = len(self._same) - min(n, len(self._same))
+        same_before = self._same_count - min(n, len(self._same))
+        if before < SIGNATURE_MIN_TRANSITIONS:
+            return ""
+        p_same = (same_before + 1.0) / (before + 2.0)  # Laplace: never 0 from few samples
+        if p_same > SIGNATURE_MAX_SAME:
+            return ""
+        needed = math.ceil(
+            math.log(SIGNATURE_FALSE_ALARM) / math.log(max(p_same, _SIGNATURE_P_FLOOR))
+        )
+        if n < needed:
+            return ""
+        return (
+            f"stuck at {v:.2f}: {n} identical readings in {t_s - self._run_since_s:.1f} s "
+            f"where its noise repeated a value {p_same * 100.0:.0f} % of the time"
+        )
