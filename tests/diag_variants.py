@@ -64,8 +64,11 @@ VARIANTS: dict[str, Callable[[], CartConfig]] = {
     # a reservoir reading a steady 1500.0 mL and a flow meter reading exactly 0.0 at rest (the
     # meter's low-flow cut-off emulated by zero noise: the true flow at rest is exactly 0)
     "steady_reservoir_zero_flow": lambda: variant(
-        plant={"reservoir_volume_ml": 1500.0, "reservoir_volume_noise_ml": 0.0,
-               "flow_noise_ml_min": 0.0},
+        plant={
+            "reservoir_volume_ml": 1500.0,
+            "reservoir_volume_noise_ml": 0.0,
+            "flow_noise_ml_min": 0.0,
+        },
         scales={"reservoir_volume": 1.0},
     ),
 }

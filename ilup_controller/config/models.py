@@ -230,7 +230,10 @@ class SensorLimits(Strict):
 
     max_rate_per_s: Pos = Field(description="Largest believable change per second.")
     max_noise: Pos = Field(description="Noise (standard deviation) above this over 2 s = noisy.")
-    stuck_s: Pos = Field(description="Identical readings this long while fresh = stuck sensor.")
+    stuck_s: Pos = Field(
+        description="Identical readings may be called stuck only after this long, and only "
+        "with evidence (docs/alarms.md)."
+    )
 
 
 class Alarms(Strict):

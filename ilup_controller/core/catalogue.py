@@ -346,6 +346,40 @@ CATALOGUE: dict[str, AlarmDef] = {d.id: d for d in _ENTRIES}
 assert len(CATALOGUE) == len(_ENTRIES), "duplicate alarm id"
 
 
+# How a stuck sensor is found, and how long it takes (core/sensors.py, core/diagnostics.py).
+STUCK_EVIDENCE = """\
+## Stuck sensors: evidence and detection budgets
+
+A healthy digital sensor may read one steady or quantised value for hours, so identical
+readings alone never raise a sensor alarm, and a change of one least significant bit (the
+register `scale`) is neither a jump nor noise. Stuck is declared only on evidence:
+
+| evidence | sensors | detection budget | why |
+|---|---|---|---|
+| loss of the sensor's own noise signature: after >= 200 readings (60 s window, relearned when \
+the pump moves to another operating point or the phase changes) in which consecutive values \
+were equal <= 35 % of the time, a run of n identical readings with p^n < 1e-7 | all | \
+`stuck_s` + condition delay: <= 2 s on the reference cart | the chance of a healthy sensor \
+doing it is below 1e-7 |
+| flow against pump speed x stroke volume (0.75-1.15 of it, +-10 % stroke volume and slip; \
++2 LSB + 10 mL/min, +30 mL/min low-flow cut-off) | flow | 1 s after the pump speed leaves the \
+band + delay; 7 s for a 500 -> 350 mL/min target change | needs the pump to move |
+| pressure against flow and the identified pressure/flow ratio (0.3 x it, >= 1 WU): the flow \
+moved by dQ with 0.3 R dQ > 2 LSB + 0.5 mmHg | PA pressure | 3 s after that flow change + \
+delay; 24 s for a ramped 500 -> 350 mL/min change | needs the flow to move; not above the \
+pressure limit (an occluded line holds its pressure) |
+| perfusate against water: the integral of (water - perfusate reading) bends away from a \
+straight line by more than (2 LSB + 0.05 degC) x 600 s (+ its LSB over time), water taken \
+60 s late for the probe's transport delay | perfusate temperature | minutes: ~6 min for a \
+37 -> 35 degC target change (336 s) | the slowest exchanger against 3 L of perfusate |
+
+Without noise and without a process change there is no evidence, and none is claimed: a
+noise-free water-temperature or reservoir sensor that freezes is found by the loss of its noise
+signature only if it has one; otherwise by heater supervision (water stuck low), the water cap
+and gradient alarms, and the level and leak alarms.
+"""
+
+
 def render_markdown() -> str:
     lines = [
         "# Alarm catalogue",
@@ -368,7 +402,7 @@ def render_markdown() -> str:
         )
     lines += ["", "## Messages", ""]
     lines += [f"- `{d.id}`: {d.message}" for d in _ENTRIES]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + STUCK_EVIDENCE
 
 
 if __name__ == "__main__":
