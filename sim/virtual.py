@@ -102,7 +102,13 @@ class VirtualCart:
         self.watchdogs.check(self.t_s)
         down = silent_devices(self.t_s, self.last_ok, self.cfg.control.stale_after_s)
         readings = self.readings if tamper is None else tamper(self.t_s, dict(self.readings))
-        decision = self.core.step(self.t_s, readings, devices_down=down)
+        decision = self.core.step(
+            self.t_s,
+            readings,
+            devices_down=down,
+            # A device that answers in a cycle has its writes of that cycle acknowledged too.
+            last_write_ok_s={d: ok_t for d, (ok_t, _) in self.last_ok.items()},
+        )
         for signal, value in decision.outputs.items():
             device = self.cfg.signals[signal].device
             if device in self.devices.failing:
@@ -113,6 +119,19 @@ class VirtualCart:
                 )
         self._exchange()
         return Sample(decision, self.plant.truth())
+
+    def stall(self, duration_s: float) -> None:
+        """The controller process stops (SIGSTOP, a starved CPU) for ``duration_s``: the plant and
+        the devices' own watchdogs go on, nothing is read or written. The next tick comes late,
+        as the runtime's ticker delivers it after skipping the missed deadlines."""
+        missed = round(duration_s / self.period_s)
+        end_s = self._t0_s + (self._k + missed) * self.period_s
+        t_s = self.t_s
+        while t_s < end_s - 1e-9:
+            t_s = min(t_s + self.period_s, end_s)
+            self.injector.step_plant_to(t_s)
+            self.watchdogs.check(t_s)
+        self._k += missed - 1  # the next tick() lands at the end of the stall
 
     def run_for(self, duration_s: float, on_tick: Callable[[Sample], None] | None = None) -> Sample:
         end = self.t_s + duration_s - 1e-9

@@ -54,6 +54,7 @@ class LinkHealth:
     consecutive_failures: int = 0  # failed connects/requests since the last good reply
     last_error: str | None = None
     last_ok_t: float | None = None  # clock() of the last good reply
+    last_write_ok_t: float | None = None  # clock() of the last acknowledged write (feeds watchdogs)
     reads_ok: int = 0
     reads_failed: int = 0
     writes_ok: int = 0
@@ -374,6 +375,7 @@ class DeviceLink:
             self._device_fault(f"write:{name}", what, rsp.exception_code)
             return False
         self._health.writes_ok += 1
+        self._health.last_write_ok_t = self._clock()
         self._answered(ok=True)
         self._fault_cleared(f"write:{name}", what)
         return True
