@@ -28,10 +28,13 @@ from ilup_controller.commands.processor import (
     PRESSURE_SLEW_MMHG,
     TEMPERATURE_SLEW_C,
 )
+from ilup_controller.commands.record_gate import needs_record
 from ilup_controller.config import CartConfig, load_config
 from ilup_controller.core.alarms import Condition
 from ilup_controller.core.cart import CartCore
 from ilup_controller.core.procedure import Phase
+from ilup_controller.mqtt.link import Incoming
+from ilup_controller.runtime.commands import CommandIntake
 
 CFG = load_config("config/sim.yaml")
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -734,3 +737,56 @@ def test_fuzz_envelope(name: str, envelope: dict[str, Any], with_body: bool) -> 
     well-formed reply, never an internal error."""
     fields = {**(VALID_BODIES[name] if with_body else {}), **envelope}
     check(name, json.dumps(fields).encode(), must_reject=False)
+
+
+# --------------------------------------------------------------------------- record gate
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "needs"),
+    [
+        ("setpoint", {"flow_ml_min": 480.0}, True),
+        ("setpoint", {"temperature_c": 37.5}, True),
+        ("mode", {"control": "pressure", "output_mode": "auto"}, True),
+        ("phase", {"action": "priming"}, True),
+        ("phase", {"action": "perfusion"}, True),
+        ("phase", {"action": "washout"}, True),
+        ("phase", {"action": "complete"}, True),
+        ("phase", {"action": "resume"}, True),
+        ("phase", {"action": "safe_stop"}, False),
+        ("alarm", {"action": "reset", "alarm_id": "recorder"}, True),
+        ("alarm", {"action": "acknowledge", "alarm_id": "recorder"}, False),
+        ("alarm", {"action": "pause_audio"}, False),
+        ("marker", {"text": "disk full"}, False),
+    ],
+)
+def test_record_gate_table(name: str, fields: dict[str, Any], needs: bool) -> None:
+    """docs/security.md 'While the record cannot be written', row by row."""
+    parsed = new_cart().proc.parse(name, body("g1", **fields), NOW, OPERATOR)
+    assert isinstance(parsed, ParsedCommand)
+    assert needs_record(parsed.command) is needs
+
+
+def test_intake_rejects_therapy_commands_while_the_record_fails() -> None:
+    sent: list[Reply] = []
+    intake = CommandIntake(CFG, lambda _topic, reply, _corr: sent.append(reply))
+    core = CartCore(CFG, 0.0)
+    base = f"{CFG.mqtt.topic_prefix}/{CFG.cart_id}/cmd/{OPERATOR}"
+    now = datetime.now(UTC)
+    for cid, name, fields in [
+        ("r1", "setpoint", {"flow_ml_min": 600.0}),
+        ("r2", "alarm", {"action": "pause_audio"}),
+        ("r3", "phase", {"action": "safe_stop"}),
+    ]:
+        intake.on_message(Incoming(f"{base}/{name}", body(cid, now, **fields), False, None, None))
+    replies, events = intake.apply_pending(core, T_S, record_problem="recorder failed: disk full")
+    assert [(r.command_id, r.status, r.reason) for _, r, _ in replies] == [
+        ("r1", "rejected", "recorder_failed"),
+        ("r2", "ok", None),
+        ("r3", "ok", None),
+    ]
+    assert "record cannot be written (recorder failed: disk full)" in replies[0][1].detail
+    assert core.controller.flow_target_ml_min == 500.0
+    assert core.procedure.phase is Phase.safe_stop
+    assert [e.reason for e in events] == ["recorder_failed", None, None]
+    assert sent == []  # replies wait for the caller (commit before acknowledge)
