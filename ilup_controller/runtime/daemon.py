@@ -230,7 +230,9 @@ class Daemon:
         on_tick = self._on_tick
         async for t_s in self.ticker.ticks():
             started_s = time.monotonic() if on_tick is not None else 0.0
-            replies, command_events = self.intake.apply_pending(core, t_s)
+            replies, command_events = self.intake.apply_pending(
+                core, t_s, record_problem=self._record_unwritable()
+            )
             r = core.step(
                 t_s,
                 self.store,
@@ -328,9 +330,18 @@ class Daemon:
             problem = f" (NOT RECORDED: {e})"
             log.error("commands %s acknowledged without a durable record: %s", ids, e)
         for topic, reply, correlation in replies:
-            if problem:
+            if problem and reply.reason != "recorder_failed":  # that one says so already
                 reply = reply.model_copy(update={"detail": (reply.detail + problem)[:500]})
             self._send_reply(topic, reply, correlation)
+
+    def _record_unwritable(self) -> str:
+        """Why a command's event cannot be committed now, "" while it can. A slow disk (rows
+        dropped) is not enough: commit() still waits for its row and fails if it is not written.
+        """
+        rec = self.recorder
+        if rec is None or rec.failed is None:
+            return ""
+        return f"recorder failed: {rec.failed}"
 
     def _recorder_problem(self) -> str:
         rec = self.recorder
