@@ -28,7 +28,7 @@ from ilup_controller.modbus.link import DeviceLink
 from ilup_controller.mqtt.topics import topic
 from ilup_controller.runtime.watchdog import StartRefused, arm_watchdogs
 from ilup_controller.tuning.identify import Fopdt, fit_step
-from ilup_controller.tuning.steptest import Measured, Stage, StepTest, TestPlan
+from ilup_controller.tuning.steptest import Measured, Stage, StepPlan, StepTest
 
 log = logging.getLogger("ilup.tune")
 
@@ -92,7 +92,7 @@ def _fresh(store: Mapping[str, Reading], name: str, now: float, stale_s: float) 
 
 
 async def run_test(
-    cfg: CartConfig, plan: TestPlan, *, time_scale: float = 1.0, deadline_factor: float = 3.0
+    cfg: CartConfig, plan: StepPlan, *, time_scale: float = 1.0, deadline_factor: float = 3.0
 ) -> TuneRun:
     """Run ``plan`` on the devices of ``cfg``; plant time = wall time x ``time_scale``."""
     loop = asyncio.get_running_loop()

@@ -51,7 +51,7 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
-class TestPlan:
+class StepPlan:
     """Operating point, step and durations (plant seconds) of one loop's test."""
 
     loop: Loop
@@ -62,23 +62,23 @@ class TestPlan:
     hold_s: float
 
 
-def default_plan(cfg: CartConfig, loop: Loop, step_size: float | None = None) -> TestPlan:
+def default_plan(cfg: CartConfig, loop: Loop, step_size: float | None = None) -> StepPlan:
     c = cfg.control
     target = c.flow.target_ml_min
     if loop in ("flow", "pressure"):
         # From 70 % of the flow target up to the target: the range where the loops work.
         rpm = 0.3 * target / c.flow.stroke_volume_ml_per_rev
-        return TestPlan(loop, 0.7 * target, step_size or rpm, 5.0, 5.0, 15.0)
+        return StepPlan(loop, 0.7 * target, step_size or rpm, 5.0, 5.0, 15.0)
     base = max(target, c.temperature.min_flow_ml_min * 1.5)
     if loop == "water":
-        return TestPlan(loop, base, step_size or 30.0, 60.0, 60.0, 900.0)
-    return TestPlan(loop, base, step_size or 3.0, 60.0, 60.0, 600.0)
+        return StepPlan(loop, base, step_size or 30.0, 60.0, 60.0, 900.0)
+    return StepPlan(loop, base, step_size or 3.0, 60.0, 60.0, 600.0)
 
 
 @dataclass
 class StepTest:
     cfg: CartConfig
-    plan: TestPlan
+    plan: StepPlan
     stage: Stage = Stage.ramp
     reason: str = ""  # why the test ended early or was aborted
     t_step_s: float | None = None
