@@ -283,3 +283,21 @@ async def test_ilup_tune_refuses_while_a_daemon_is_online(
     )
     assert r.returncode == 3
     assert "--assume-no-daemon" in r.stderr
+
+
+def test_proposal_bounds_the_gain_when_the_dead_time_is_not_resolved() -> None:
+    from ilup_controller.tuning.propose import propose
+
+    # Water loop as identified on the reference plant: theta below one sample.
+    p = propose(_cfg(), "water", Fopdt(gain=0.51, time_constant_s=923.0, dead_time_s=0.0))
+    # tau_c = tau / 10 = 92.3 s: kc = 923 / (0.51 * 92.3) = 19.6 %/degC, tau_i = 369 s.
+    assert p.gains.tau_c_s == pytest.approx(92.3)
+    assert p.gains.kp == pytest.approx(19.61, rel=1e-3)
+    assert p.gains.ki == pytest.approx(19.61 / 369.2, rel=1e-3)
+    assert p.overlay() == {
+        "control": {
+            "temperature": {
+                "inner_pid": {"kp": round(p.gains.kp, 6), "ki": round(p.gains.ki, 6), "kd": 0.0}
+            }
+        }
+    }

@@ -75,8 +75,11 @@ class Proposal:
 def propose(cfg: CartConfig, loop: Loop, model: Fopdt, *, tau_c_s: float | None = None) -> Proposal:
     c = cfg.control
     tuned_on = add_lag(model, c.pressure.filter_s) if loop == "pressure" else model
-    # Never ask for a closed loop faster than the control tick can follow.
-    gains = simc_pi(tuned_on, tau_c_s, min_tau_c_s=2.0 * c.tick_period_s)
+    # Never ask for a closed loop faster than the control tick can follow, nor (when the dead
+    # time is below what the samples resolve, as on the water loop) faster than a tenth of the
+    # process lag: that bounds the loop gain kc K to 10 instead of running bang-bang.
+    floor_s = max(2.0 * c.tick_period_s, tuned_on.time_constant_s / 10.0)
+    gains = simc_pi(tuned_on, tau_c_s, min_tau_c_s=floor_s)
     current = {
         "flow": c.flow.pid,
         "pressure": c.pressure.pid,
