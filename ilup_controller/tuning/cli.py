@@ -30,7 +30,7 @@ def add_tune_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> argp
     t.add_argument("--loop", required=True, choices=LOOPS)
     t.add_argument("-o", "--output", help="overlay file to write (default tuned-<loop>.yaml)")
     t.add_argument(
-        "--step", type=float, help="step size: rpm (flow, pressure), % (water), degC (perfusate)"
+        "--step", type=float, help="step size: rpm (flow, pressure), %% (water), degC (perfusate)"
     )
     t.add_argument("--hold-s", type=float, help="plant seconds to record after the step")
     t.add_argument("--tau-c", type=float, help="SIMC closed-loop time constant, s (default theta)")
