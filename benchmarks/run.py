@@ -3,8 +3,9 @@
 1. The 30-minute procedure in virtual time: wall time, speed-up and control quality.
 2. Tick timing over real Modbus TCP (simulator in another process) at 10 Hz and 50 Hz.
 3. CPU and peak RSS of the `ilup run` process at 10 Hz.
+4. `ilup tune` on three plant variants, before/after figures (benchmarks/tune.py, ~4 min).
 
-Usage: python -m benchmarks.run [--seconds 60] [--only virtual,tick,resources]
+Usage: python -m benchmarks.run [--seconds 60] [--only virtual,tick,resources,tune]
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def bench_resources(tmp: Path, broker: MosquittoProcess, seconds: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--only", default="virtual,tick,resources")
+    ap.add_argument("--only", default="virtual,tick,resources,tune")
     args = ap.parse_args()
     which = set(args.only.split(","))
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
@@ -235,6 +236,10 @@ def main() -> None:
                 print(bench_ticks(tmp, broker, args.seconds) + "\n", flush=True)
             if "resources" in which:
                 print(bench_resources(tmp, broker, args.seconds) + "\n", flush=True)
+    if "tune" in which:
+        from benchmarks.tune import bench_tune
+
+        print(bench_tune(), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,8 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we log link changes ourselves
 
 
-def _load(path: str) -> CartConfig:
-    cfg = load_config(path)
-    return cfg
+def _load(path: str, overlays: Sequence[str] = ()) -> CartConfig:
+    return load_config(path, overlays)
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -67,20 +66,27 @@ async def _run_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args.file)
+    cfg = _load(args.file, args.overlay)
+    shown = " + ".join([args.file, *args.overlay])
     print(
-        f"{args.file}: ok (cart_id={cfg.cart_id}, {len(cfg.devices)} devices, "
+        f"{shown}: ok (cart_id={cfg.cart_id}, {len(cfg.devices)} devices, "
         f"{len(cfg.signals)} signals)"
     )
     return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run_daemon(_load(args.config)))
+    return asyncio.run(_run_daemon(_load(args.config, args.overlay)))
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
     return asyncio.run(_run_sim(args))
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from ilup_controller.tuning.cli import run_tune
+
+    return run_tune(args, _load(args.config, args.overlay))
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -172,6 +178,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.config, speed=args.speed)
 
 
+def _overlay_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="YAML deep-merged over the cart file, in order (e.g. gains from `ilup tune`)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ilup", description=__doc__)
     p.add_argument("--version", action="version", version=f"ilup {__version__}")
@@ -184,11 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check-config", help="validate a cart configuration file")
     c.add_argument("file")
+    _overlay_flag(c)
     c.set_defaults(func=_cmd_check_config)
 
     r = sub.add_parser("run", help="run the control daemon")
     r.add_argument("-c", "--config", required=True)
+    _overlay_flag(r)
     r.set_defaults(func=_cmd_run)
+
+    from ilup_controller.tuning.cli import add_tune_parser
+
+    _overlay_flag(add_tune_parser(sub, _cmd_tune))
 
     s = sub.add_parser("sim", help="run the plant simulator behind Modbus TCP")
     s.add_argument("-c", "--config", required=True)

@@ -209,6 +209,70 @@ def read_yaml_file(path: str | Path, error: type[ConfigError] = ConfigError) -> 
         raise error(e.source, e.problems) from None
 
 
-def load_config(path: str | Path) -> CartConfig:
+def _deep_merge(
+    base: dict[str, Any], overlay: dict[str, Any], source: str, at: str, problems: list[str]
+) -> dict[str, Any]:
+    """``overlay`` over ``base`` key by key; mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        path = f"{at}.{key}" if at else str(key)
+        old = base.get(key)
+        if isinstance(value, dict):
+            if old is None or isinstance(old, dict):
+                out[key] = _deep_merge(old or {}, value, source, path, problems)
+            else:
+                problems.append(f"{source}: {path}: a mapping cannot replace a single value")
+        elif isinstance(old, dict):
+            problems.append(f"{source}: {path}: a single value cannot replace a mapping")
+        else:
+            out[key] = value
+    return out
+
+
+def _set_in(data: Any, path: str) -> bool:
+    """Whether the key path (``a.b[2].c``) leads into ``data``: the overlay set that key."""
+    node = data
+    for part in path.replace("[", ".[").split("."):
+        if not part:
+            continue
+        if part.startswith("["):
+            return node is not None  # a list the overlay replaced as a whole
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def load_config(path: str | Path, overlays: Sequence[str | Path] = ()) -> CartConfig:
+    """The cart file with each overlay deep-merged over it in order (README: Overlays).
+
+    An error in a key an overlay sets is reported with that overlay's file name.
+    """
     data, source = read_yaml_file(path)
-    return config_from_data(data, source)
+    if not overlays:
+        return config_from_data(data, source)
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["the top level must be a mapping of keys"])
+    layers: list[tuple[str, dict[str, Any]]] = []
+    problems: list[str] = []
+    for overlay_path in overlays:
+        layer, layer_source = read_yaml_file(overlay_path)
+        if layer is None:
+            continue  # an empty overlay changes nothing
+        if not isinstance(layer, dict):
+            problems.append(f"{layer_source}: the top level must be a mapping of keys")
+            continue
+        data = _deep_merge(data, layer, layer_source, "", problems)
+        layers.append((layer_source, layer))
+    where = " + ".join([source, *(s for s, _ in layers)])
+    if problems:
+        raise ConfigError(where, problems)
+    try:
+        return config_from_data(data, where)
+    except ConfigError as e:
+        named: list[str] = []
+        for problem in e.problems:
+            key = problem.split(":", 1)[0]
+            owner = next((s for s, layer in reversed(layers) if _set_in(layer, key)), source)
+            named.append(f"{owner}: {problem}")
+        raise ConfigError(where, named) from None
