@@ -256,19 +256,11 @@ class MqttLink:
 
     def _make_client(self) -> aiomqtt.Client:
         cfg = self._cfg
-        protocol = (
-            aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
-        )
-        tls = None
-        if cfg.tls is not None:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file
-            )
         client = aiomqtt.Client(
             cfg.host,
             cfg.port,
             identifier=self.client_id,
-            protocol=protocol,
+            protocol=client_protocol(cfg),
             keepalive=cfg.keepalive_s,
             username=cfg.username,
             password=cfg.password,
@@ -279,7 +271,7 @@ class MqttLink:
                 retain=STATUS_SPEC.retained,
             ),
             timeout=CLIENT_TIMEOUT_S,
-            tls_params=tls,
+            tls_params=client_tls(cfg),
             max_inflight_messages=EVENTS_IN_FLIGHT,
         )
         # Up to EVENTS_IN_FLIGHT publishes wait together by design: not worth a warning each.
@@ -483,6 +475,20 @@ class MqttLink:
     async def _sleep_unless_stopped(self, delay_s: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=delay_s)
+
+
+def client_protocol(cfg: Mqtt) -> aiomqtt.ProtocolVersion:
+    """The MQTT version of ``mqtt.protocol``; every client of a cart file uses this."""
+    return aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
+
+
+def client_tls(cfg: Mqtt) -> aiomqtt.TLSParameters | None:
+    """TLS settings of ``mqtt.tls`` (None: plain TCP); every client of a cart file uses this."""
+    if cfg.tls is None:
+        return None
+    return aiomqtt.TLSParameters(
+        ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file
+    )
 
 
 def _describe(group: BaseExceptionGroup[BaseException]) -> str:
