@@ -137,6 +137,7 @@ class CartCore:
         overruns_total: int = 0,
         remote_ok: bool = True,
         recorder_problem: str = "",
+        identity_clash: str = "",
     ) -> TickResult:
         dt_s = t_s - self._last_t_s
         if not dt_s > 0.0:
@@ -165,6 +166,7 @@ class CartCore:
             overruns_total=overruns_total,
             remote_ok=remote_ok,
             recorder_problem=recorder_problem,
+            identity_clash=identity_clash,
         )
         conditions = {**sensor_conditions, **self.monitor.evaluate(t_s, dt_s, m, ctx)}
         events.extend(self.alarms.update(t_s, conditions))

@@ -212,6 +212,7 @@ class Daemon:
                 overruns_total=self.ticker.stats.overruns,
                 remote_ok=mqtt.connected,
                 recorder_problem=self._recorder_problem(),
+                identity_clash=mqtt.identity_clash,
             )
             for sig, value in r.outputs.items():
                 self._link_of(sig).set_output(sig, value)
