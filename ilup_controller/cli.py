@@ -61,7 +61,11 @@ async def _run_sim(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     cart = SimulatedCart(cfg, scenario=scenario, watchdog_ignored=frozenset(args.watchdog_off))
-    await cart.run(stop, speed=args.speed)
+    try:
+        await cart.run(stop, speed=args.speed)
+    except OSError as e:  # a device port taken or not available: a configuration problem
+        print(f"ilup sim: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 

@@ -149,6 +149,7 @@ class CartCore:
         remote_ok: bool = True,
         recorder_problem: str = "",
         last_write_ok_s: Mapping[str, float | None] | None = None,
+        identity_clash: str = "",
     ) -> TickResult:
         """``last_write_ok_s``: per device, when its last write was acknowledged (the device
         links' view; None when there are none): an actuator that stopped hearing us is latched
@@ -180,6 +181,7 @@ class CartCore:
             overruns_total=overruns_total,
             remote_ok=remote_ok,
             recorder_problem=recorder_problem,
+            identity_clash=identity_clash,
         )
         conditions = {
             **sensor_conditions,

@@ -400,6 +400,21 @@ _ENTRIES = [
         hazard="H9 remote viewers see stale data",
         message="MQTT broker unreachable: remote viewers are not updated",
     ),
+    # High and latching: while two clients share a cart_id, commands and state may belong to
+    # the other cart, and the clash must be seen even if it has stopped by the time someone
+    # looks. No safe action: the local loops still control their own devices correctly, and
+    # stopping the pump would stop the legitimate cart's perfusion as well.
+    AlarmDef(
+        id="duplicate_cart_id",
+        title="Another controller uses this cart's identity",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.0,
+        hazard="H10 commands and state reach the wrong cart",
+        message="Two clients use one cart_id on the broker: {detail}. Remote commands and "
+        "state may belong to the other cart; stop the other client or fix its cart_id",
+    ),
 ]
 
 CATALOGUE: dict[str, AlarmDef] = {d.id: d for d in _ENTRIES}

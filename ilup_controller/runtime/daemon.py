@@ -241,6 +241,7 @@ class Daemon:
                 remote_ok=mqtt.connected,
                 recorder_problem=self._recorder_problem(),
                 last_write_ok_s={n: link.health.last_write_ok_t for n, link in self.links.items()},
+                identity_clash=mqtt.identity_clash,
             )
             for sig, value in r.outputs.items():
                 self._link_of(sig).set_output(sig, value)
