@@ -28,6 +28,7 @@ FLOW_SETTLE_S = 30.0  # after the flow ramp, before flow RMS counts
 class RunMetrics:
     duration_s: float
     wall_s: float
+    cpu_s: float  # process CPU time of the run: the speed-up on a machine shared with others
     alarm_onsets: dict[str, int]  # alarm id -> onsets in the run
     drug_phase_done_s: float | None  # time the drug phase completed (perfusion -> washout)
     drug_elapsed_s: float  # drug-phase time at target when the run ended
@@ -53,6 +54,10 @@ class RunMetrics:
     @property
     def speed_up(self) -> float:
         return self.duration_s / self.wall_s if self.wall_s > 0 else math.inf
+
+    @property
+    def cpu_speed_up(self) -> float:
+        return self.duration_s / self.cpu_s if self.cpu_s > 0 else math.inf
 
 
 class _Collector:
@@ -115,7 +120,7 @@ class _Collector:
         self.peak_pressure = max(self.peak_pressure, truth.pa_pressure_mmhg)
         self.peak_water = max(self.peak_water, truth.water_c)
 
-    def result(self, duration_s: float, wall_s: float) -> RunMetrics:
+    def result(self, duration_s: float, wall_s: float, cpu_s: float) -> RunMetrics:
         limit_s = None
         if self.rewarm_start_c is not None:
             rise_c = max(0.0, self.target_c - self.rewarm_start_c)
@@ -123,6 +128,7 @@ class _Collector:
         return RunMetrics(
             duration_s=duration_s,
             wall_s=wall_s,
+            cpu_s=cpu_s,
             alarm_onsets=dict(sorted(self.onsets.items())),
             drug_phase_done_s=self.drug_done_s,
             drug_elapsed_s=self.drug_elapsed_s,
@@ -141,6 +147,6 @@ def run_metrics(cfg: CartConfig, duration_s: float = 2400.0) -> RunMetrics:
     """Run ``cfg`` (with a simulator section) for ``duration_s`` of virtual time and measure."""
     cart = VirtualCart(cfg)
     collect = _Collector(cfg)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cart.run_for(duration_s, collect)
-    return collect.result(duration_s, time.perf_counter() - t0)
+    return collect.result(duration_s, time.perf_counter() - t0, time.process_time() - c0)
