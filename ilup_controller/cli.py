@@ -57,6 +57,21 @@ async def _run_sim(args: argparse.Namespace) -> int:
     from sim.runner import SimulatedCart
 
     cfg = _load(args.config)
+    if args.variant:
+        from sim.family import apply, by_name, write_config
+
+        try:
+            cfg = apply(by_name(args.variant), cfg)
+        except (KeyError, ValueError) as e:
+            print(f"ilup sim: --variant: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        if args.variant_config:
+            write_config(cfg, args.variant_config)
+            print(
+                f"ilup sim: variant {args.variant}: cart file for `ilup run` written to "
+                f"{args.variant_config}",
+                file=sys.stderr,
+            )
     scenario = load_scenario(args.scenario) if args.scenario else None
     stop = asyncio.Event()
     _stop_on_signals(stop)
@@ -220,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", required=True)
     s.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
     s.add_argument("--scenario", help="YAML file of timed faults (docs/faults.md)")
+    s.add_argument(
+        "--variant",
+        metavar="NAME",
+        help="serve this plant variant of the cart (docs/plant_family.md)",
+    )
+    s.add_argument(
+        "--variant-config",
+        metavar="FILE",
+        help="with --variant: write the variant's full cart file here, for `ilup run -c FILE` "
+        "(its register scales may differ from the base)",
+    )
     s.add_argument(
         "--watchdog-off",
         action="append",
