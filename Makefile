@@ -34,6 +34,7 @@ bench: $(VENV)/.test
 ## make docs: regenerate the documents generated from the pydantic models
 docs: $(VENV)/.test
 	$(BIN)/python -m ilup_controller.mqtt.docs
+	$(BIN)/python -m sim.family --docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -3,8 +3,11 @@
 1. The 30-minute procedure in virtual time: wall time, speed-up and control quality.
 2. Tick timing over real Modbus TCP (simulator in another process) at 10 Hz and 50 Hz.
 3. CPU and peak RSS of the `ilup run` process at 10 Hz.
+4. The plant family (sim/family.py): one closed-loop run per variant in virtual time.
+5. `ilup tune` on three plant variants, before/after figures (benchmarks/tune.py, ~4 min).
 
-Usage: python -m benchmarks.run [--seconds 60] [--only virtual,tick,resources]
+Usage: python -m benchmarks.run [--seconds 60] [--only virtual,tick,resources,family,tune]
+       python -m benchmarks.run --family [--minutes 40] [--workers 2] [--random N]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,8 @@ from ruamel.yaml import YAML
 from ilup_controller.broker import MosquittoProcess, free_port
 from ilup_controller.config import CartConfig, load_config
 from ilup_controller.runtime.daemon import Daemon
+from sim import family
+from sim.metrics import RunMetrics, run_metrics
 from sim.virtual import Sample, VirtualCart
 
 SIM_CONFIG = Path("config/sim.yaml")
@@ -219,12 +225,111 @@ def bench_resources(tmp: Path, broker: MosquittoProcess, seconds: float) -> str:
     )
 
 
+# ------------------------------------------------------------------ 4. plant family
+
+
+def _family_run(name: str, duration_s: float) -> tuple[str, RunMetrics]:
+    cfg = family.apply(family.by_name(name), load_config(SIM_CONFIG))
+    return name, run_metrics(cfg, duration_s)
+
+
+def _min(value_s: float | None) -> str:
+    return "-" if value_s is None else f"{value_s / 60.0:.1f}"
+
+
+def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1) -> str:
+    names = [v.name for v in family.VARIANTS]
+    names += [v.name for v in family.random_variants(seed, random_n)]
+    duration_s = minutes * 60.0
+    t0 = time.perf_counter()
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = dict(pool.map(_family_run, names, [duration_s] * len(names)))
+    else:
+        results = dict(_family_run(n, duration_s) for n in names)
+    wall = time.perf_counter() - t0
+    rows = []
+    for name in names:
+        m = results[name]
+        ratio = m.rewarm_ratio
+        rows.append(
+            [
+                f"`{name}`",
+                str(m.onsets),
+                ", ".join(f"{a} x{k}" for a, k in m.alarm_onsets.items()) or "-",
+                _min(m.drug_phase_done_s),
+                "-" if m.rewarm_start_c is None else f"{m.rewarm_start_c:.1f}",
+                _min(m.rewarm_s),
+                _min(m.rewarm_limit_s),
+                "-" if ratio is None else f"{ratio:.2f}",
+                f"{m.overshoot_c:.2f}",
+                "-" if m.flow_rms_ml_min is None else f"{m.flow_rms_ml_min:.1f}",
+                f"{m.peak_pressure_mmhg:.1f}",
+                f"{m.speed_up:.0f}x / {m.cpu_speed_up:.0f}x",
+            ]
+        )
+    ms = list(results.values())
+    ratios = [r for m in ms if (r := m.rewarm_ratio) is not None]
+    cpu = sum(m.cpu_s for m in ms)
+    totals = [
+        ["variants", str(len(ms))],
+        ["variants with zero alarm onsets", str(sum(m.onsets == 0 for m in ms))],
+        ["alarm onsets, all variants", str(sum(m.onsets for m in ms))],
+        [
+            f"drug phase completed within {minutes:g} min",
+            str(sum(m.drug_phase_done_s is not None for m in ms)),
+        ],
+        ["rewarmed within the guideline limit", f"{sum(r <= 1.0 for r in ratios)}"],
+        ["never rewarmed", str(sum(m.rewarm_s is None for m in ms))],
+        ["worst overshoot", f"{max(m.overshoot_c for m in ms):.2f} degC"],
+        ["highest peak pressure", f"{max(m.peak_pressure_mmhg for m in ms):.1f} mmHg"],
+        ["virtual time", f"{len(ms) * minutes:g} min"],
+        [
+            f"wall time ({workers} worker{'s' if workers > 1 else ''})",
+            f"{wall:.1f} s ({len(ms) * duration_s / wall:.0f}x real time overall)",
+        ],
+        [
+            "CPU time, all variants",
+            f"{cpu:.1f} s ({len(ms) * duration_s / cpu:.0f}x real time per core)",
+        ],
+    ]
+    return (
+        f"### Plant family: {len(ms)} variants, {minutes:g} virtual minutes each\n\n"
+        "Rewarm: from the first tick the temperature loop drives the heater to the true arterial"
+        " temperature within 0.3 degC of target; limit = 1.25 x (target - start) / 0.5 degC/min."
+        " Times in minutes; overshoot and flow RMS on the true plant values.\n\n"
+        + _table(
+            [
+                "variant",
+                "onsets",
+                "alarms",
+                "drug done",
+                "start degC",
+                "rewarm",
+                "limit",
+                "ratio",
+                "overshoot degC",
+                "flow RMS mL/min",
+                "peak mmHg",
+                "speed-up wall / CPU",
+            ],
+            rows,
+        )
+        + "\n\n"
+        + _table(["total", "value"], totals)
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--only", default="virtual,tick,resources")
+    ap.add_argument("--only", default="virtual,tick,resources,family,tune")
+    ap.add_argument("--family", action="store_true", help="only the plant-family table")
+    ap.add_argument("--minutes", type=float, default=40.0, help="virtual minutes per variant")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--random", type=int, default=0, help="also N seeded random variants")
     args = ap.parse_args()
-    which = set(args.only.split(","))
+    which = {"family"} if args.family else set(args.only.split(","))
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
     if "virtual" in which:
         print(bench_virtual() + "\n", flush=True)
@@ -235,6 +340,12 @@ def main() -> None:
                 print(bench_ticks(tmp, broker, args.seconds) + "\n", flush=True)
             if "resources" in which:
                 print(bench_resources(tmp, broker, args.seconds) + "\n", flush=True)
+    if "family" in which:
+        print(bench_family(args.minutes, args.workers, args.random) + "\n", flush=True)
+    if "tune" in which:
+        from benchmarks.tune import bench_tune
+
+        print(bench_tune(), flush=True)
 
 
 if __name__ == "__main__":

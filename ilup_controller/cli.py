@@ -28,14 +28,13 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we log link changes ourselves
 
 
-def _load(path: str) -> CartConfig:
-    cfg = load_config(path)
-    return cfg
+def _load(path: str, overlays: Sequence[str] = ()) -> CartConfig:
+    return load_config(path, overlays)
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
 
 
@@ -58,29 +57,55 @@ async def _run_sim(args: argparse.Namespace) -> int:
     from sim.runner import SimulatedCart
 
     cfg = _load(args.config)
+    if args.variant:
+        from sim.family import apply, by_name, write_config
+
+        try:
+            cfg = apply(by_name(args.variant), cfg)
+        except (KeyError, ValueError) as e:
+            print(f"ilup sim: --variant: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        if args.variant_config:
+            write_config(cfg, args.variant_config)
+            print(
+                f"ilup sim: variant {args.variant}: cart file for `ilup run` written to "
+                f"{args.variant_config}",
+                file=sys.stderr,
+            )
     scenario = load_scenario(args.scenario) if args.scenario else None
     stop = asyncio.Event()
     _stop_on_signals(stop)
     cart = SimulatedCart(cfg, scenario=scenario, watchdog_ignored=frozenset(args.watchdog_off))
-    await cart.run(stop, speed=args.speed)
+    try:
+        await cart.run(stop, speed=args.speed)
+    except OSError as e:  # a device port taken or not available: a configuration problem
+        print(f"ilup sim: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args.file)
+    cfg = _load(args.file, args.overlay)
+    shown = " + ".join([args.file, *args.overlay])
     print(
-        f"{args.file}: ok (cart_id={cfg.cart_id}, {len(cfg.devices)} devices, "
+        f"{shown}: ok (cart_id={cfg.cart_id}, {len(cfg.devices)} devices, "
         f"{len(cfg.signals)} signals)"
     )
     return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run_daemon(_load(args.config)))
+    return asyncio.run(_run_daemon(_load(args.config, args.overlay)))
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
     return asyncio.run(_run_sim(args))
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from ilup_controller.tuning.cli import run_tune
+
+    return run_tune(args, _load(args.config, args.overlay))
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -172,6 +197,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.config, speed=args.speed)
 
 
+def _overlay_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="YAML deep-merged over the cart file, in order (e.g. gains from `ilup tune`)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ilup", description=__doc__)
     p.add_argument("--version", action="version", version=f"ilup {__version__}")
@@ -184,16 +219,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check-config", help="validate a cart configuration file")
     c.add_argument("file")
+    _overlay_flag(c)
     c.set_defaults(func=_cmd_check_config)
 
     r = sub.add_parser("run", help="run the control daemon")
     r.add_argument("-c", "--config", required=True)
+    _overlay_flag(r)
     r.set_defaults(func=_cmd_run)
+
+    from ilup_controller.tuning.cli import add_tune_parser
+
+    _overlay_flag(add_tune_parser(sub, _cmd_tune))
 
     s = sub.add_parser("sim", help="run the plant simulator behind Modbus TCP")
     s.add_argument("-c", "--config", required=True)
     s.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
     s.add_argument("--scenario", help="YAML file of timed faults (docs/faults.md)")
+    s.add_argument(
+        "--variant",
+        metavar="NAME",
+        help="serve this plant variant of the cart (docs/plant_family.md)",
+    )
+    s.add_argument(
+        "--variant-config",
+        metavar="FILE",
+        help="with --variant: write the variant's full cart file here, for `ilup run -c FILE` "
+        "(its register scales may differ from the base)",
+    )
     s.add_argument(
         "--watchdog-off",
         action="append",

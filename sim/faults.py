@@ -401,11 +401,48 @@ def load_scenario(path: str | Path) -> Scenario:
     return scenario_from_data(data, source)
 
 
+# A fault message is a flat object of a few fields; anything much bigger or deeper is hostile.
+# Checked before parsing: json.loads recurses per nesting level (RecursionError, issue 8 #10).
+MAX_MESSAGE_BYTES = 4096
+MAX_MESSAGE_DEPTH = 8
+
+
+def _nesting_depth(payload: bytes) -> int:
+    """Deepest [ / { nesting of a JSON text, ignoring brackets inside strings (no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in payload:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 def parse_runtime_message(payload: bytes) -> Fault | FaultClear:
     """A fault (has ``kind``) or a clear request (has ``clear``) from a run-time JSON message.
 
     Raises ValueError with a specific message for anything else.
     """
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise ValueError(
+            f"fault message too large: {len(payload)} bytes, at most {MAX_MESSAGE_BYTES}"
+        )
+    depth = _nesting_depth(payload)
+    if depth > MAX_MESSAGE_DEPTH:
+        raise ValueError(
+            f"fault message nested too deep: {depth} levels, at most {MAX_MESSAGE_DEPTH}"
+        )
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:

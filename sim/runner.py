@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import aiomqtt
 
 from ilup_controller.config.models import CartConfig
+from ilup_controller.mqtt.link import client_protocol, client_tls
 from ilup_controller.mqtt.topics import topic
 from sim.faults import FaultInjector, Scenario
 from sim.plant import Plant
@@ -102,10 +103,20 @@ class SimulatedCart:
         """Run-time faults over MQTT; the simulator works the same when no broker answers."""
         m = self.cfg.mqtt
         where = topic(m.topic_prefix, self.cfg.cart_id, FAULT_TOPIC)
+        last_error = ""
         while True:
             try:
+                # The same protocol and TLS settings as the daemon: a cart file that asks for
+                # TLS never gets a plain-text connection (issue 8 #10).
                 async with aiomqtt.Client(
-                    m.host, m.port, username=m.username, password=m.password, timeout=3
+                    m.host,
+                    m.port,
+                    username=m.username,
+                    password=m.password,
+                    protocol=client_protocol(m),
+                    tls_params=client_tls(m),
+                    keepalive=m.keepalive_s,
+                    timeout=3,
                 ) as client:
                     await client.subscribe(where, qos=1)
                     log.info("simulator listening for faults on %s", where)
@@ -118,6 +129,12 @@ class SimulatedCart:
                             log.warning("fault injected: %s", applied)
                         except ValueError as e:
                             log.warning("fault message rejected: %s", e)
+                        except Exception:  # one bad message must not end the fault intake
+                            log.exception("fault message could not be handled; ignored")
             except aiomqtt.MqttError as e:
-                log.debug("fault topic unavailable (%s); retrying", e)
+                if str(e) != last_error:  # once per distinct reason, not every 2 s
+                    last_error = str(e)
+                    log.warning(
+                        "fault topic unavailable on %s:%d (%s); retrying", m.host, m.port, e
+                    )
                 await asyncio.sleep(2.0)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -227,6 +228,17 @@ class _DeviceServer:
         return None
 
 
+def _bind_error(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be bound (pymodbus only says that it could not listen)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's listener
+            s.bind((host, port))
+    except OSError as e:
+        return e.strerror or str(e)
+    return "the port was busy at that moment"
+
+
 class SimModbusServers:
     """Modbus TCP servers for every device of a cart configuration."""
 
@@ -275,7 +287,10 @@ class SimModbusServers:
                 try:
                     await server.serve_forever(background=True)
                 except RuntimeError as e:
-                    raise OSError(f"sim device {name}: cannot listen on {host}:{port}") from e
+                    raise OSError(
+                        f"sim device {name}: cannot listen on {host}:{port} "
+                        f"({_bind_error(host, port)}); change devices.{name}.port"
+                    ) from e
                 sockets = getattr(server.transport, "sockets", None) or []
                 ds.port = int(sockets[0].getsockname()[1])
                 log.info("sim device %s listening on %s:%d", name, host, ds.port)

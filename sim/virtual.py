@@ -18,9 +18,9 @@ from ilup_controller.core.cart import CartCore, TickResult
 from ilup_controller.core.monitor import silent_devices
 from ilup_controller.core.types import Reading
 from sim.faults import FaultInjector
-from sim.plant import Plant, PlantTruth
+from sim.plant import Plant, PlantTruth, SensorChannel
 from sim.watchdog import DeviceWatchdogs
-from sim.wiring import apply_command, quantise, sensor_values
+from sim.wiring import Quantiser, apply_command, compile_quantiser, sensor_bindings
 
 # (tick time, readings) -> the readings the core is handed instead
 Tamper = Callable[[float, dict[str, Reading]], Mapping[str, Reading]]
@@ -75,6 +75,15 @@ class VirtualCart:
         self._k = 0
         self._t0_s = t0_s
         self.readings: dict[str, Reading] = {}
+        # Per-signal register round trips, compiled once (the hot path of the harness).
+        self._quantise: dict[str, Quantiser] = {
+            name: compile_quantiser(sig) for name, sig in cfg.signals.items()
+        }
+        self._sensors: list[tuple[SensorChannel, str, str, Quantiser]] = [
+            (channel, name, cfg.signals[name].device, self._quantise[name])
+            for channel, name in sensor_bindings(cfg).items()
+        ]
+        self._signal_device = {name: sig.device for name, sig in cfg.signals.items()}
         self.last_ok: dict[str, tuple[float | None, str | None]] = {
             d: (None, None) for d in cfg.devices
         }
@@ -85,10 +94,15 @@ class VirtualCart:
 
     def _exchange(self) -> None:
         """One Modbus cycle per device after the tick: what answers is read."""
-        for name, value in sensor_values(self.cfg, self.plant).items():
-            device = self.cfg.signals[name].device
-            if device not in self.devices.failing:
-                self.readings[name] = Reading(quantise(self.cfg.signals[name], value), self.t_s)
+        s = self.plant.sensors()
+        values = s.by_channel()
+        failing = self.devices.failing
+        readings = self.readings
+        t_s = self.t_s
+        for channel, name, device, quantise in self._sensors:
+            # A dropped-out channel is not refreshed and goes stale, as a dead input does.
+            if device not in failing and channel not in s.dropouts:
+                readings[name] = Reading(quantise(values[channel]), t_s)
         for device in self.cfg.devices:
             reason = self.devices.failing.get(device)
             ok_t, _ = self.last_ok[device]
@@ -102,17 +116,33 @@ class VirtualCart:
         self.watchdogs.check(self.t_s)
         down = silent_devices(self.t_s, self.last_ok, self.cfg.control.stale_after_s)
         readings = self.readings if tamper is None else tamper(self.t_s, dict(self.readings))
-        decision = self.core.step(self.t_s, readings, devices_down=down)
+        decision = self.core.step(
+            self.t_s,
+            readings,
+            devices_down=down,
+            # A device that answers in a cycle has its writes of that cycle acknowledged too.
+            last_write_ok_s={d: ok_t for d, (ok_t, _) in self.last_ok.items()},
+        )
         for signal, value in decision.outputs.items():
-            device = self.cfg.signals[signal].device
-            if device in self.devices.failing:
+            if self._signal_device[signal] in self.devices.failing:
                 continue  # the write does not arrive
             if self.watchdogs.on_write(signal, value, self.t_s):
-                apply_command(
-                    self.cfg, self.plant, signal, quantise(self.cfg.signals[signal], value)
-                )
+                apply_command(self.cfg, self.plant, signal, float(self._quantise[signal](value)))
         self._exchange()
         return Sample(decision, self.plant.truth())
+
+    def stall(self, duration_s: float) -> None:
+        """The controller process stops (SIGSTOP, a starved CPU) for ``duration_s``: the plant and
+        the devices' own watchdogs go on, nothing is read or written. The next tick comes late,
+        as the runtime's ticker delivers it after skipping the missed deadlines."""
+        missed = round(duration_s / self.period_s)
+        end_s = self._t0_s + (self._k + missed) * self.period_s
+        t_s = self.t_s
+        while t_s < end_s - 1e-9:
+            t_s = min(t_s + self.period_s, end_s)
+            self.injector.step_plant_to(t_s)
+            self.watchdogs.check(t_s)
+        self._k += missed - 1  # the next tick() lands at the end of the stall
 
     def run_for(self, duration_s: float, on_tick: Callable[[Sample], None] | None = None) -> Sample:
         end = self.t_s + duration_s - 1e-9

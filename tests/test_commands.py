@@ -22,16 +22,19 @@ from ilup_controller.commands import (
     response_topic_allowed,
     split_command_topic,
 )
+from ilup_controller.commands.payload import MAX_PAYLOAD_BYTES
 from ilup_controller.commands.processor import (
     FLOW_SLEW_ML_MIN,
-    MAX_PAYLOAD_BYTES,
     PRESSURE_SLEW_MMHG,
     TEMPERATURE_SLEW_C,
 )
+from ilup_controller.commands.record_gate import needs_record
 from ilup_controller.config import CartConfig, load_config
 from ilup_controller.core.alarms import Condition
 from ilup_controller.core.cart import CartCore
 from ilup_controller.core.procedure import Phase
+from ilup_controller.mqtt.link import Incoming
+from ilup_controller.runtime.commands import CommandIntake
 
 CFG = load_config("config/sim.yaml")
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -199,12 +202,16 @@ def test_mode_changes_the_controller_and_out_of_range_speed_is_rejected(cart: Ca
     assert (ctl.control_mode, ctl.output_mode) == ("pressure", "auto")
     too_fast = CFG.control.flow.speed_max_rpm + 1.0
     before = snapshot(cart.core)
-    rejected(cart.send("mode", body("m1", control="flow", output_mode="manual",
-                                    pump_speed_rpm=too_fast)), "out_of_range", "pump_speed_rpm")
+    rejected(
+        cart.send(
+            "mode", body("m1", control="flow", output_mode="manual", pump_speed_rpm=too_fast)
+        ),
+        "out_of_range",
+        "pump_speed_rpm",
+    )
     assert snapshot(cart.core) == before
     assert (ctl.control_mode, ctl.output_mode) == ("pressure", "auto")
-    reply = cart.send("mode", body("m2", control="flow", output_mode="manual",
-                                   pump_speed_rpm=12.0))
+    reply = cart.send("mode", body("m2", control="flow", output_mode="manual", pump_speed_rpm=12.0))
     assert reply.status == "ok"
     assert (ctl.output_mode, ctl.manual_speed_rpm) == ("manual", 12.0)
 
@@ -471,6 +478,49 @@ def test_payload_size_encoding_and_json_rules(cart: Cart) -> None:
     assert cart.core.controller.flow_target_ml_min == 500.0
 
 
+@pytest.mark.parametrize(
+    ("issued_at", "expires_in_s"),
+    [
+        ("9999-12-31T23:59:59Z", 5.0),
+        ("9999-12-31T23:59:59-23:59", 5.0),  # past datetime.max once in UTC
+        ("9999-12-31T23:59:30+00:00", 60.0),
+        ("2200-01-01T00:00:00Z", 60.0),
+    ],
+)
+def test_issued_at_far_in_the_future_is_invalid_not_an_internal_error(
+    cart: Cart, issued_at: str, expires_in_s: float
+) -> None:
+    payload = json.dumps(
+        {"command_id": "y1", "issued_at": issued_at, "expires_in_s": expires_in_s, "text": "x"}
+    ).encode()
+    reply = cart.send("marker", payload)
+    rejected(reply, "invalid", "marker.issued_at is", "s in the future", "clock")
+    assert "internal error" not in reply.detail
+    # Answered the same way again, not from a poisoned cache entry.
+    assert cart.send("marker", payload).detail == reply.detail
+
+
+def test_future_dated_commands_cannot_fill_the_duplicate_cache() -> None:
+    """A rejected command is kept to answer its repeats only while it could be valid: one dated
+    years ahead must not hold a cache slot for years, or a few of them refuse every command."""
+    cart = new_cart(cache_size=4, burst=1000)
+    for i in range(8):
+        ahead = NOW + timedelta(days=365 * (i + 1))
+        rejected(cart.send("marker", body(f"f{i}", issued_at=ahead, text="x")), "invalid")
+    later = NOW + timedelta(seconds=70)  # any command seen so far is past its validity
+    reply = cart.send("marker", body("ok1", issued_at=later, text="x"), now=later)
+    assert reply.status == "ok", reply
+
+
+@pytest.mark.parametrize("depth", [9, 300, 5000])
+def test_nesting_deeper_than_a_command_needs_is_invalid(cart: Cart, depth: int) -> None:
+    deep = "[" * depth + "]" * depth
+    payload = f'{{"command_id": "n1", "issued_at": "{NOW.isoformat()}", "text": "x", "z": {deep}}}'
+    reply = cart.send("marker", payload.encode())
+    rejected(reply, "invalid", "nested deeper than")
+    assert "internal error" not in reply.detail
+
+
 def test_cache_never_forgets_a_command_that_could_still_be_replayed() -> None:
     cart = new_cart(cache_size=2)
     assert cart.send("marker", body("k1", text="a")).status == "ok"
@@ -627,6 +677,7 @@ def check(name: str, payload: bytes, must_reject: bool) -> None:
         assert reply.status == "rejected"
     assert isinstance(reply, Reply)
     assert Reply.model_validate_json(reply.model_dump_json()) == reply
+    assert "internal error" not in reply.detail, (name, payload[:200], reply.detail)
     if reply.status == "rejected":
         assert reply.reason in REASON_CODES
         assert reply.detail
@@ -656,3 +707,86 @@ def test_fuzz_arbitrary_bytes(name: str, payload: bytes) -> None:
 @given(st.sampled_from(sorted(COMMAND_MODELS)), json_values)
 def test_fuzz_arbitrary_json(name: str, value: Any) -> None:
     check(name, json.dumps(value).encode(), must_reject=True)
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat()
+
+
+any_aware_time = st.datetimes(
+    min_value=datetime(1, 1, 2),
+    max_value=datetime(9999, 12, 30),
+    timezones=st.timezones() | st.just(UTC),
+)
+envelope_values: dict[str, st.SearchStrategy[Any]] = {
+    "command_id": st.text(max_size=70) | json_values,
+    "issued_at": any_aware_time.map(_iso) | st.text(max_size=30) | json_values,
+    "expires_in_s": st.floats() | st.integers() | json_values,
+}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(sorted(VALID_BODIES)),
+    st.fixed_dictionaries({}, optional=envelope_values),
+    st.booleans(),
+)
+@example("marker", {"command_id": "c", "issued_at": "9999-12-31T23:59:59Z"}, True)
+def test_fuzz_envelope(name: str, envelope: dict[str, Any], with_body: bool) -> None:
+    """Any envelope (ids, times from year 1 to 9999 in any zone, expiries) on a valid body: a
+    well-formed reply, never an internal error."""
+    fields = {**(VALID_BODIES[name] if with_body else {}), **envelope}
+    check(name, json.dumps(fields).encode(), must_reject=False)
+
+
+# --------------------------------------------------------------------------- record gate
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "needs"),
+    [
+        ("setpoint", {"flow_ml_min": 480.0}, True),
+        ("setpoint", {"temperature_c": 37.5}, True),
+        ("mode", {"control": "pressure", "output_mode": "auto"}, True),
+        ("phase", {"action": "priming"}, True),
+        ("phase", {"action": "perfusion"}, True),
+        ("phase", {"action": "washout"}, True),
+        ("phase", {"action": "complete"}, True),
+        ("phase", {"action": "resume"}, True),
+        ("phase", {"action": "safe_stop"}, False),
+        ("alarm", {"action": "reset", "alarm_id": "recorder"}, True),
+        ("alarm", {"action": "acknowledge", "alarm_id": "recorder"}, False),
+        ("alarm", {"action": "pause_audio"}, False),
+        ("marker", {"text": "disk full"}, False),
+    ],
+)
+def test_record_gate_table(name: str, fields: dict[str, Any], needs: bool) -> None:
+    """docs/security.md 'While the record cannot be written', row by row."""
+    parsed = new_cart().proc.parse(name, body("g1", **fields), NOW, OPERATOR)
+    assert isinstance(parsed, ParsedCommand)
+    assert needs_record(parsed.command) is needs
+
+
+def test_intake_rejects_therapy_commands_while_the_record_fails() -> None:
+    sent: list[Reply] = []
+    intake = CommandIntake(CFG, lambda _topic, reply, _corr: sent.append(reply))
+    core = CartCore(CFG, 0.0)
+    base = f"{CFG.mqtt.topic_prefix}/{CFG.cart_id}/cmd/{OPERATOR}"
+    now = datetime.now(UTC)
+    for cid, name, fields in [
+        ("r1", "setpoint", {"flow_ml_min": 600.0}),
+        ("r2", "alarm", {"action": "pause_audio"}),
+        ("r3", "phase", {"action": "safe_stop"}),
+    ]:
+        intake.on_message(Incoming(f"{base}/{name}", body(cid, now, **fields), False, None, None))
+    replies, events = intake.apply_pending(core, T_S, record_problem="recorder failed: disk full")
+    assert [(r.command_id, r.status, r.reason) for _, r, _ in replies] == [
+        ("r1", "rejected", "recorder_failed"),
+        ("r2", "ok", None),
+        ("r3", "ok", None),
+    ]
+    assert "record cannot be written (recorder failed: disk full)" in replies[0][1].detail
+    assert core.controller.flow_target_ml_min == 500.0
+    assert core.procedure.phase is Phase.safe_stop
+    assert [e.reason for e in events] == ["recorder_failed", None, None]
+    assert sent == []  # replies wait for the caller (commit before acknowledge)

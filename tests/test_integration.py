@@ -132,47 +132,68 @@ def _in_band(flow_ml_min: float | None) -> bool:
     return flow_ml_min is not None and abs(flow_ml_min - TARGET) <= BAND
 
 
-async def test_hung_daemon_leaves_a_safe_circuit(
+async def test_hung_daemon_leaves_a_safe_circuit_and_does_not_restart_the_pump(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
-    """kill -STOP the daemon mid-perfusion: the pump drive's own watchdog stops the pump."""
+    """kill -STOP the daemon mid-perfusion: the pump drive's own watchdog stops the pump. After
+    kill -CONT the pump stays stopped, in safe_stop, with a high-priority alarm (issue 8.1)."""
     cfg_path, cfg = write_cart_config(tmp_path, mosquitto.port, ramp_s=2.0)
     ports = {name: dev.port for name, dev in cfg.devices.items()}
     wd = cfg.devices["pump"].watchdog
     assert wd is not None
-    with processes() as procs:
-        try:
-            procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
-            procs.append(daemon := Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
+    prefix = f"{cfg.mqtt.topic_prefix}/{cfg.cart_id}"
+    sub = Subscriber(mosquitto.port, f"{prefix}/#")
+    async with session(sub) as procs:
+        procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
+        procs.append(daemon := Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
 
-            async def pumping() -> bool:
-                try:
-                    return await read_signal(cfg, ports, "pump_speed") > 10.0
-                except ConnectionError:
-                    return False
+        async def pumping() -> bool:
+            try:
+                return await read_signal(cfg, ports, "pump_speed") > 10.0
+            except ConnectionError:
+                return False
 
-            await wait_until(pumping, 30, interval_s=0.2, what="pump running above 10 rpm")
-            loop = asyncio.get_running_loop()
-            daemon.signal(signal.SIGSTOP)
-            t_stop = loop.time()
+        await wait_until(pumping, 30, interval_s=0.2, what="pump running above 10 rpm")
+        loop = asyncio.get_running_loop()
+        daemon.signal(signal.SIGSTOP)
+        t_stop = loop.time()
 
-            async def stopped() -> bool:
-                return await read_signal(cfg, ports, "pump_speed") < 0.1
+        async def stopped() -> bool:
+            return await read_signal(cfg, ports, "pump_speed") < 0.1
 
-            took = await wait_until(
-                stopped,
-                wd.timeout_s + 2.0,
-                interval_s=0.05,
-                what="pump stopped by its own watchdog",
+        took = await wait_until(
+            stopped,
+            wd.timeout_s + 2.0,
+            interval_s=0.05,
+            what="pump stopped by its own watchdog",
+        )
+        # Watchdog timeout, plus the simulator's 20 ms update and the brake.
+        assert took <= wd.timeout_s + 0.3, took
+        assert loop.time() - t_stop >= wd.timeout_s - 0.1  # not earlier than the timeout
+        await asyncio.sleep(max(0.0, 2.0 - (loop.time() - t_stop)))
+        t_cont = loop.time()
+        daemon.signal(signal.SIGCONT)
+
+        def interrupted() -> bool:
+            alarms = sub.of("/alarms", since_s=t_cont)
+            return bool(alarms) and any(
+                a["id"] == "control_interrupted" and a["priority"] == "high"
+                for a in alarms[-1].payload["alarms"]
             )
-            # Watchdog timeout, plus the simulator's 20 ms update and the brake.
-            assert took <= wd.timeout_s + 0.3, took
-            assert loop.time() - t_stop >= wd.timeout_s - 0.1  # not earlier than the timeout
-            daemon.signal(signal.SIGCONT)
-        except BaseException:
-            for p in procs:
-                print(f"---- {p.args[0]} log ----\n{p.log()}")
-            raise
+
+        await wait_until(interrupted, 5, what="control_interrupted on the alarms topic")
+        # For 3 s after resuming: the pump neither turns nor is commanded.
+        speeds, commands = [], []
+        while loop.time() - t_cont < 3.0:
+            speeds.append(await read_signal(cfg, ports, "pump_speed"))
+            commands.append(await read_signal(cfg, ports, cfg.control.flow.command))
+            await asyncio.sleep(0.1)
+        assert max(speeds) < 0.5, speeds  # tacho noise around 0
+        assert max(commands) == 0.0, commands
+        states = sub.of("/state", since_s=t_cont)
+        assert states
+        assert states[-1].payload["phase"] == "safe_stop"
+        assert all(m.payload["outputs"]["pump_speed_rpm"] == 0.0 for m in states)
 
 
 async def test_daemon_refuses_to_start_when_a_device_watchdog_is_off(

@@ -17,12 +17,14 @@ Order of the checks in ``parse``, cheapest first, so that a flood costs little:
 1. sender (``unauthorized``);
 2. rate limit per sender, a token bucket that every message draws from, valid or not
    (``rate_limited``);
-3. command name (``unknown_command``), empty or over ``MAX_PAYLOAD_BYTES`` (``invalid``, the
-   payload is not parsed), UTF-8, JSON without NaN/Infinity or repeated keys, the strict model
+3. command name (``unknown_command``), then the payload (commands/payload.py): empty or over
+   ``MAX_PAYLOAD_BYTES`` (``invalid``, the payload is not parsed), UTF-8, JSON without
+   NaN/Infinity or repeated keys, at most ``MAX_JSON_DEPTH`` deep; the strict model
    (``invalid``, or ``out_of_range`` when only bounds were broken);
 4. ``(sender, command_id)`` seen before: the same command again gets the FIRST reply and is
    never applied twice; a different command under a used id is rejected ``duplicate``;
-5. sender clock more than ``MAX_CLOCK_AHEAD_S`` ahead (``invalid``), older than its
+5. sender clock more than ``MAX_CLOCK_AHEAD_S`` ahead (``invalid``; not kept for repeats, so
+   a command dated years ahead holds no cache slot), older than its
    ``expires_in_s`` (``expired``), a v5 response topic outside the sender's reply space
    (``invalid``);
 6. the duplicate cache full of commands still inside their validity window (``rate_limited``):
@@ -45,7 +47,6 @@ retained, with the command's CorrelationData copied.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -70,13 +71,20 @@ from ilup_controller.commands.models import (
     default_reply_topic,
     response_topic_allowed,
 )
+from ilup_controller.commands.payload import (
+    PayloadError,
+    command_id_of,
+    decode,
+    loads,
+    peek_command_id,
+    safe_text,
+)
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.cart import CartCore
 from ilup_controller.core.procedure import Phase, PhaseEvent, Refusal
 
 log = logging.getLogger(__name__)
 
-MAX_PAYLOAD_BYTES: Final = 16 * 1024
 # A command issued further ahead than this by the sender's clock is a clock fault, not a command.
 MAX_CLOCK_AHEAD_S: Final = 2.0
 
@@ -188,13 +196,6 @@ class _Bucket:
     tokens: float
     last_s: float
     limited: bool = False  # log the start of a limited episode once, not every message
-
-
-class _Rejected(Exception):
-    def __init__(self, reason: ReasonCode, detail: str) -> None:
-        super().__init__(detail)
-        self.reason: ReasonCode = reason
-        self.detail = detail
 
 
 class CommandProcessor:
@@ -342,7 +343,7 @@ class CommandProcessor:
             return self._answer(None, name, sender, now, "invalid", "payload is not bytes")
         if not self._take_token(sender, now):
             return self._answer(
-                _peek_command_id(payload),
+                peek_command_id(payload),
                 name,
                 sender,
                 now,
@@ -352,20 +353,20 @@ class CommandProcessor:
         model = COMMAND_MODELS.get(name)
         if model is None:
             return self._answer(
-                _peek_command_id(payload),
+                peek_command_id(payload),
                 name,
                 sender,
                 now,
                 "unknown_command",
-                f"unknown command {_safe(name)!r}; known: {', '.join(COMMAND_MODELS)}",
+                f"unknown command {safe_text(name)!r}; known: {', '.join(COMMAND_MODELS)}",
             )
         cname = cast(CommandName, name)
         try:
-            text = _decode(bytes(payload))
-            obj = _loads(text)
-        except _Rejected as exc:
+            text = decode(bytes(payload))
+            obj = loads(text)
+        except PayloadError as exc:
             return self._answer(None, name, sender, now, exc.reason, f"{name}: {exc.detail}")
-        peeked = _command_id_of(obj)
+        peeked = command_id_of(obj)
         try:
             cmd = cast(AnyCommand, model.model_validate_json(text))
         except ValidationError as exc:
@@ -398,14 +399,20 @@ class CommandProcessor:
             )
 
         age_s = (now - cmd.issued_at).total_seconds()
-        rejection: tuple[ReasonCode, str] | None = None
         if age_s < -MAX_CLOCK_AHEAD_S:
-            rejection = (
+            # Not kept for its repeats (they are refused the same way): dated years ahead, it
+            # would hold a cache slot for years, and a few such entries refuse every command.
+            return self._answer(
+                cmd.command_id,
+                name,
+                sender,
+                now,
                 "invalid",
                 f"{name}.issued_at is {-age_s:.1f} s in the future (more than "
                 f"{MAX_CLOCK_AHEAD_S:g} s): check the sender's clock",
             )
-        elif age_s > cmd.expires_in_s:
+        rejection: tuple[ReasonCode, str] | None = None
+        if age_s > cmd.expires_in_s:
             rejection = (
                 "expired",
                 f"issued {age_s:.1f} s ago; it expired after expires_in_s = {cmd.expires_in_s:g} s",
@@ -654,13 +661,10 @@ def _as_utc(t: datetime) -> datetime:
 
 
 def _valid_until(cmd: Command) -> datetime:
-    return cmd.issued_at + timedelta(seconds=cmd.expires_in_s)
-
-
-def _safe(text: str, limit: int = 40) -> str:
-    """Untrusted text for a reply: printable (escaped) and at most ``limit`` characters."""
-    shown = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+    try:
+        return cmd.issued_at + timedelta(seconds=cmd.expires_in_s)
+    except OverflowError:  # near datetime.max; parse() refuses such a command before this
+        return datetime.max.replace(tzinfo=UTC)
 
 
 def _reply(
@@ -669,7 +673,7 @@ def _reply(
     detail = detail if len(detail) <= MAX_DETAIL_CHARS else detail[: MAX_DETAIL_CHARS - 3] + "..."
     return Reply(
         command_id=command_id,
-        command=_safe(name, 60),
+        command=safe_text(name, 60),
         status="ok" if reason is None else "rejected",
         reason=reason,
         detail=detail,
@@ -681,72 +685,11 @@ def _arguments(cmd: Command) -> dict[str, Any]:
     return cmd.model_dump(mode="json", exclude=set(_ENVELOPE), exclude_none=True)
 
 
-def _decode(payload: bytes) -> str:
-    if not payload:
-        raise _Rejected("invalid", "empty payload")
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise _Rejected(
-            "invalid", f"payload is {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES}"
-        )
-    try:
-        return payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _Rejected("invalid", f"payload is not UTF-8 (byte {exc.start})") from None
-
-
-def _no_constant(token: str) -> NoReturn:
-    raise _Rejected("invalid", f"{token} is not allowed: numbers must be finite")
-
-
-def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise _Rejected("invalid", f"field {_safe(key)!r} appears twice")
-        seen.add(key)
-    return dict(pairs)
-
-
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_repeated_keys)
-    except json.JSONDecodeError as exc:
-        raise _Rejected(
-            "invalid", f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    except RecursionError:
-        raise _Rejected("invalid", "JSON nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer with more digits than Python converts
-        raise _Rejected("invalid", f"not usable JSON: {_safe(str(exc), 80)}") from None
-
-
-def _command_id_of(obj: Any) -> str | None:
-    if not isinstance(obj, dict):
-        return None
-    value = obj.get("command_id")
-    if (
-        isinstance(value, str)
-        and 0 < len(value) <= 64
-        and value.isascii()
-        and all(ch.isalnum() or ch in "_-" for ch in value)
-    ):
-        return value
-    return None
-
-
-def _peek_command_id(payload: bytes | bytearray) -> str | None:
-    """The command_id of a payload not otherwise parsed, for the reply; None if not found."""
-    try:
-        return _command_id_of(_loads(_decode(bytes(payload))))
-    except Exception:
-        return None
-
-
 def _describe(name: str, exc: ValidationError) -> tuple[ReasonCode, str]:
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     parts: list[str] = []
     for err in errors[:3]:
-        loc = ".".join(_safe(str(p)) for p in err["loc"])
+        loc = ".".join(safe_text(str(p)) for p in err["loc"])
         kind = err["type"]
         if kind == "extra_forbidden":
             msg = "unknown field"

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from ilup_controller.config.models import CartConfig
+from ilup_controller.config.models import CartConfig, Signal
 
 
 class ConfigError(Exception):
@@ -81,9 +81,117 @@ def config_from_data(data: Any, source: str = "<config>") -> CartConfig:
     if not isinstance(data, dict):
         raise ConfigError(source, ["the top level must be a mapping of keys"])
     try:
-        return CartConfig.model_validate(data)
+        cfg = CartConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(source, format_validation_error(e)) from None
+    problems = written_value_problems(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _range_text(r: tuple[float, float]) -> str:
+    return f"[{_fmt(r[0])}, {_fmt(r[1])}]"
+
+
+def written_value_problems(cfg: CartConfig) -> list[str]:
+    """Every value the controller writes must fit its register, proven here with the real codec.
+
+    Command signals carry 0 (the safe value) up to their configured maximum; watchdog registers
+    carry their timeout, never as raw 0 (which devices read as "watchdog off"). These checks
+    need the codec, which imports config.models: a cross-reference check on the loaded config
+    rather than a model validator, so config.models does not depend on modbus/.
+    """
+    # Imported here: codec imports config.models, whose package __init__ imports this module.
+    from ilup_controller.modbus import codec
+
+    def fits(sig: Signal, value: float) -> str | None:
+        try:
+            if codec.is_bit_signal(sig):
+                codec.encode_bit(sig, value)
+            else:
+                codec.encode(sig, value)
+        except codec.CodecError as e:
+            return str(e)
+        return None
+
+    problems: list[str] = []
+    c = cfg.control
+    for cmd, max_path, max_value in (
+        (c.flow.command, "control.flow.speed_max_rpm", c.flow.speed_max_rpm),
+        (c.temperature.command, "control.temperature.heater_max_pct", c.temperature.heater_max_pct),
+    ):
+        sig = cfg.signals[cmd]
+        at = f"signals.{cmd}"
+        # The raw value is linear in the engineering value and each register type's raw range
+        # is one interval: if 0 and the maximum encode, so does everything between them.
+        why = fits(sig, 0.0)
+        if why is not None:
+            key = "offset" if sig.offset != 0.0 else "data_type"
+            problems.append(f"{at}.{key}: command signal cannot encode its safe value 0: {why}")
+        why = fits(sig, max_value)
+        if why is not None:
+            key = "data_type" if codec.is_bit_signal(sig) else "scale"
+            problems.append(
+                f"{at}.{key}: command signal cannot encode {max_path} = {_fmt(max_value)}: {why}"
+            )
+        if sig.range is not None:
+            low, high = sig.range
+            if not low <= 0.0 <= high:
+                problems.append(
+                    f"{at}.range: {_range_text(sig.range)} does not contain the safe value 0"
+                )
+            if not low <= max_value <= high:
+                problems.append(
+                    f"{at}.range: {_range_text(sig.range)} does not contain "
+                    f"{max_path} = {_fmt(max_value)}"
+                )
+    for dev_name, dev in cfg.devices.items():
+        wd = dev.watchdog
+        if wd is None:
+            continue
+        at = f"devices.{dev_name}.watchdog.timeout_s"
+        sig = cfg.signals[wd.signal]
+        timeout = wd.timeout_s
+        if codec.is_bit_signal(sig):
+            problems.append(f"{at}: signal {wd.signal!r} is a bit; it cannot hold seconds")
+            continue
+        where = (
+            f"signal {wd.signal!r} ({sig.data_type}, scale {_fmt(sig.scale)}, "
+            f"offset {_fmt(sig.offset)})"
+        )
+        try:
+            registers = codec.encode(sig, timeout)
+            back = codec.decode(sig, registers)
+        except codec.CodecError as e:
+            problems.append(f"{at}: {_fmt(timeout)} s does not fit signal {wd.signal!r}: {e}")
+            continue
+        step = codec.resolution(sig, timeout)
+        if not any(registers):
+            hint = (
+                f"; the smallest timeout it can hold is {_fmt(sig.scale)} s"
+                if sig.offset == 0.0 and sig.scale > 0.0
+                else ""
+            )
+            problems.append(
+                f"{at}: {_fmt(timeout)} s encodes to raw 0 in {where}: the device would read "
+                f"its watchdog as off{hint}"
+            )
+        elif back <= 0.0 or abs(back - timeout) > step:
+            problems.append(
+                f"{at}: {_fmt(timeout)} s is held as {_fmt(back)} s by {where}, not within one "
+                f"register step ({_fmt(step)} s)"
+            )
+        if sig.range is not None and not sig.range[0] <= timeout <= sig.range[1]:
+            problems.append(
+                f"signals.{wd.signal}.range: {_range_text(sig.range)} does not contain "
+                f"{at} = {_fmt(timeout)} s"
+            )
+    return problems
 
 
 def read_yaml_file(path: str | Path, error: type[ConfigError] = ConfigError) -> tuple[Any, str]:
@@ -101,6 +209,70 @@ def read_yaml_file(path: str | Path, error: type[ConfigError] = ConfigError) -> 
         raise error(e.source, e.problems) from None
 
 
-def load_config(path: str | Path) -> CartConfig:
+def _deep_merge(
+    base: dict[str, Any], overlay: dict[str, Any], source: str, at: str, problems: list[str]
+) -> dict[str, Any]:
+    """``overlay`` over ``base`` key by key; mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        path = f"{at}.{key}" if at else str(key)
+        old = base.get(key)
+        if isinstance(value, dict):
+            if old is None or isinstance(old, dict):
+                out[key] = _deep_merge(old or {}, value, source, path, problems)
+            else:
+                problems.append(f"{source}: {path}: a mapping cannot replace a single value")
+        elif isinstance(old, dict):
+            problems.append(f"{source}: {path}: a single value cannot replace a mapping")
+        else:
+            out[key] = value
+    return out
+
+
+def _set_in(data: Any, path: str) -> bool:
+    """Whether the key path (``a.b[2].c``) leads into ``data``: the overlay set that key."""
+    node = data
+    for part in path.replace("[", ".[").split("."):
+        if not part:
+            continue
+        if part.startswith("["):
+            return node is not None  # a list the overlay replaced as a whole
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def load_config(path: str | Path, overlays: Sequence[str | Path] = ()) -> CartConfig:
+    """The cart file with each overlay deep-merged over it in order (README: Overlays).
+
+    An error in a key an overlay sets is reported with that overlay's file name.
+    """
     data, source = read_yaml_file(path)
-    return config_from_data(data, source)
+    if not overlays:
+        return config_from_data(data, source)
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["the top level must be a mapping of keys"])
+    layers: list[tuple[str, dict[str, Any]]] = []
+    problems: list[str] = []
+    for overlay_path in overlays:
+        layer, layer_source = read_yaml_file(overlay_path)
+        if layer is None:
+            continue  # an empty overlay changes nothing
+        if not isinstance(layer, dict):
+            problems.append(f"{layer_source}: the top level must be a mapping of keys")
+            continue
+        data = _deep_merge(data, layer, layer_source, "", problems)
+        layers.append((layer_source, layer))
+    where = " + ".join([source, *(s for s, _ in layers)])
+    if problems:
+        raise ConfigError(where, problems)
+    try:
+        return config_from_data(data, where)
+    except ConfigError as e:
+        named: list[str] = []
+        for problem in e.problems:
+            key = problem.split(":", 1)[0]
+            owner = next((s for s, layer in reversed(layers) if _set_in(layer, key)), source)
+            named.append(f"{owner}: {problem}")
+        raise ConfigError(where, named) from None

@@ -360,9 +360,16 @@ class SimPlant(Strict):
     water_mass_kg: Pos = 3.0
     water_cap_c: Finite = Field(42.0, description="The heater's own thermostat cut-out.")
     hx_ua_w_per_k: Pos = 60.0
-    tubing_volume_ml: NonNeg = 70.0
+    tubing_volume_ml: NonNeg = Field(
+        70.0,
+        le=1000.0,
+        description="Tubing between heat exchanger and arterial probe: the probe's transport "
+        "delay is this volume over the flow (8.4 s at 500 mL/min for 70 mL).",
+    )
     pressure_noise_mmhg: NonNeg = 0.2
-    pressure_offset_mmhg: Finite = 0.3
+    pressure_offset_mmhg: Finite = Field(
+        0.3, ge=-20.0, le=20.0, description="Transducer zero offset added to the reading."
+    )
     flow_noise_ml_min: NonNeg = 3.0
     temperature_noise_c: NonNeg = 0.01
     tubing_ua_w_per_k: NonNeg = Field(3.0, description="Perfusate circuit to ambient.")
@@ -373,6 +380,24 @@ class SimPlant(Strict):
     pump_speed_noise_rpm: NonNeg = 0.05
     water_temperature_noise_c: NonNeg = 0.02
     reservoir_volume_noise_ml: NonNeg = 2.0
+    flow_cutoff_ml_min: NonNeg = Field(
+        0.0,
+        le=200.0,
+        description="Flow meter low-flow cut-off: a reading of magnitude below this is exactly "
+        "0.0, as digital meters report at rest (0: no cut-off).",
+    )
+    pump_slip_per_mmhg: NonNeg = Field(
+        0.0,
+        le=0.02,
+        description="Share of the pump's geometric flow lost per mmHg of line pressure (back-leak "
+        "of an under-occluded roller; 0.004 loses 6 % at 15 mmHg; 0: fully occlusive).",
+    )
+    heater_supply_max_w: Pos | None = Field(
+        None,
+        le=5000.0,
+        description="Most power the heater's own supply delivers: commands above "
+        "heater_supply_max_w / heater_power_w saturate (None: the full heater_power_w).",
+    )
 
 
 class SimBindings(Strict):

@@ -7,14 +7,16 @@ and what the operator asked; the runtime and the virtual-time harness call the s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.alarms import ActiveAlarm, AlarmEngine, AlarmEvent, Verdict
 from ilup_controller.core.catalogue import CATALOGUE, PumpAction
+from ilup_controller.core.continuity import Continuity
 from ilup_controller.core.control import Controller, LoopOutput
 from ilup_controller.core.monitor import Context, Measured, Monitor
-from ilup_controller.core.procedure import Phase, PhaseEvent, Procedure, Refusal
+from ilup_controller.core.procedure import RUNNING, Phase, PhaseEvent, Procedure, Refusal
 from ilup_controller.core.types import Readings
 
 
@@ -55,6 +57,7 @@ class CartCore:
         self.alarms = AlarmEngine(cfg.alarms.delays_s, audio_pause_s=cfg.alarms.audio_pause_s)
         self.procedure = Procedure(cfg.procedure, t0_s)
         self.controller = Controller(cfg, t0_s)
+        self.continuity = Continuity(cfg, t0_s)
         self._last_t_s = t0_s
         self._last: LoopOutput | None = None
         self._pending: list[AlarmEvent | PhaseEvent] = []
@@ -126,6 +129,14 @@ class CartCore:
             )
         )
 
+    def hold_for_unreadable_record(self, t_s: float, path: str, why: str) -> None:
+        """The last record could not be read, so an unfinished procedure cannot be ruled out:
+        start held in safe_stop (resuming to idle) with a latched alarm naming the file."""
+        self._pending.append(self.procedure.hold(t_s, f"last record unreadable: {path}"))
+        self._pending.extend(
+            self.alarms.raise_latched("record_unreadable", t_s, detail=f"{path} ({why})")
+        )
+
     # ------------------------------------------------------------------ the tick
 
     def step(
@@ -137,7 +148,12 @@ class CartCore:
         overruns_total: int = 0,
         remote_ok: bool = True,
         recorder_problem: str = "",
+        last_write_ok_s: Mapping[str, float | None] | None = None,
+        identity_clash: str = "",
     ) -> TickResult:
+        """``last_write_ok_s``: per device, when its last write was acknowledged (the device
+        links' view; None when there are none): an actuator that stopped hearing us is latched
+        off before its own watchdog stops it (core/continuity.py)."""
         dt_s = t_s - self._last_t_s
         if not dt_s > 0.0:
             raise ValueError(f"step at t={t_s} is not after the previous step at {self._last_t_s}")
@@ -164,10 +180,23 @@ class CartCore:
             overruns_total=overruns_total,
             remote_ok=remote_ok,
             recorder_problem=recorder_problem,
+            identity_clash=identity_clash,
         )
         m, sensor_conditions = self.monitor.sense(t_s, readings, ctx)
-        conditions = {**sensor_conditions, **self.monitor.evaluate(t_s, dt_s, m, ctx)}
-        events.extend(self.alarms.update(t_s, conditions))
+        conditions = {
+            **sensor_conditions,
+            **self.monitor.evaluate(t_s, dt_s, m, ctx),
+            **self.continuity.evaluate(
+                t_s,
+                dt_s,
+                last_write_ok_s,
+                pump_on=last is not None and last.pump_speed_rpm > 0.0,
+                heater_on=last is not None and last.heater_pct > 0.0,
+            ),
+        }
+        alarm_events = self.alarms.update(t_s, conditions)
+        events.extend(alarm_events)
+        events.extend(self._safe_stop_on(alarm_events, t_s))
         pump_action, heater_action, pump_by, heater_by = self.alarms.actions()
 
         if (
@@ -198,6 +227,17 @@ class CartCore:
             pressure_limit_mmhg=ctl.pressure_limit_mmhg,
             temperature_target_c=ctl.temperature_target_c,
         )
+
+    def _safe_stop_on(self, alarm_events: list[AlarmEvent], t_s: float) -> list[PhaseEvent]:
+        """A running procedure goes to safe_stop on the onset of an alarm that says control
+        was lost: the operator, not the next tick, decides to resume."""
+        if self.procedure.phase not in RUNNING:
+            return []
+        for e in alarm_events:
+            if e.kind == "onset" and e.alarm_id is not None and CATALOGUE[e.alarm_id].safe_stop:
+                stopped = self.procedure.request(Phase.safe_stop, t_s, f"alarm {e.alarm_id}")
+                return [stopped] if isinstance(stopped, PhaseEvent) else []
+        return []
 
     def _at_target(self, m: Measured, loop: LoopOutput) -> bool:
         p = self.cfg.procedure

@@ -46,6 +46,11 @@ class AlarmDef(BaseModel):
     delay_s: float = Field(ge=0.0, description="Default condition delay (debounce).")
     pump: PumpAction = PumpAction.none
     heater: HeaterAction = HeaterAction.none
+    safe_stop: bool = Field(
+        False,
+        description="Its onset takes a running procedure to safe_stop: control was lost or the "
+        "pump did not do what it was told, so nothing restarts until the operator resumes.",
+    )
     hazard: str = Field(description="Hazard id in the risk table.")
     message: str = Field(description="Template: {value}, {limit}, {detail}.")
 
@@ -296,8 +301,49 @@ _ENTRIES = [
         latching=True,
         delay_s=2.0,
         pump=PumpAction.stop,
+        safe_stop=True,
         hazard="H5 under-perfusion / H1 overpressure",
-        message="pump speed {value} rpm vs command {limit} rpm: pump stopped",
+        message="pump speed {value} rpm vs command {limit} rpm: pump stopped; check the pump "
+        "head and drive, reset, then resume",
+    ),
+    AlarmDef(
+        id="control_interrupted",
+        title="Control was interrupted",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.0,
+        pump=PumpAction.stop,
+        heater=HeaterAction.off,
+        safe_stop=True,
+        hazard="H8 loss of control",
+        message="no control for {value} s ({detail}): the device watchdogs may have stopped the "
+        "pump and heater; pump held stopped and heater off until the operator resets and resumes",
+    ),
+    AlarmDef(
+        id="pump_link_lost",
+        title="Pump drive unreachable",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.0,
+        pump=PumpAction.stop,
+        safe_stop=True,
+        hazard="H8 loss of control",
+        message="pump drive silent for {value} s ({detail}): its watchdog may have stopped the "
+        "pump; pump held stopped until the operator resets and resumes",
+    ),
+    AlarmDef(
+        id="heater_link_lost",
+        title="Heater unreachable",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.0,
+        heater=HeaterAction.off,
+        hazard="H3 overheating / H8 loss of control",
+        message="heater silent for {value} s ({detail}): its watchdog may have switched it off; "
+        "heater held off until the operator resets it (the pump keeps running)",
     ),
     AlarmDef(
         id="tick_overrun",
@@ -331,6 +377,20 @@ _ENTRIES = [
         "pump and heater held safe until the operator resumes",
     ),
     AlarmDef(
+        id="record_unreadable",
+        title="Last procedure record unreadable",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.0,
+        pump=PumpAction.stop,
+        heater=HeaterAction.off,
+        hazard="H8 loss of control / H10 incomplete legal record of the procedure",
+        message="last procedure record {detail} is unreadable and may hold an unfinished "
+        "procedure: started in safe_stop with a new record; check the circuit, then reset and "
+        "resume (to idle)",
+    ),
+    AlarmDef(
         id="remote_link",
         title="Remote monitoring lost",
         priority=_L,
@@ -339,6 +399,21 @@ _ENTRIES = [
         delay_s=5.0,
         hazard="H9 remote viewers see stale data",
         message="MQTT broker unreachable: remote viewers are not updated",
+    ),
+    # High and latching: while two clients share a cart_id, commands and state may belong to
+    # the other cart, and the clash must be seen even if it has stopped by the time someone
+    # looks. No safe action: the local loops still control their own devices correctly, and
+    # stopping the pump would stop the legitimate cart's perfusion as well.
+    AlarmDef(
+        id="duplicate_cart_id",
+        title="Another controller uses this cart's identity",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.0,
+        hazard="H10 commands and state reach the wrong cart",
+        message="Two clients use one cart_id on the broker: {detail}. Remote commands and "
+        "state may belong to the other cart; stop the other client or fix its cart_id",
     ),
 ]
 
@@ -390,15 +465,18 @@ def render_markdown() -> str:
         "priority, latching and safe action are fixed here. An alarm with a safe action always "
         "latches: it stays until an operator resets it *and* its condition has cleared.",
         "",
+        "An alarm marked *safe_stop* also takes a running procedure to safe_stop: nothing "
+        "restarts until the operator resets it and resumes.",
+        "",
         "| id | title | priority | technical | latching | default delay (s) | pump | heater "
-        "| hazard |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| procedure | hazard |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in _ENTRIES:
         lines.append(
             f"| `{d.id}` | {d.title} | {d.priority} | {'yes' if d.technical else 'no'} | "
             f"{'yes' if d.latching else 'no'} | {d.delay_s:g} | {d.pump} | {d.heater} "
-            f"| {d.hazard} |"
+            f"| {'safe_stop' if d.safe_stop else '-'} | {d.hazard} |"
         )
     lines += ["", "## Messages", ""]
     lines += [f"- `{d.id}`: {d.message}" for d in _ENTRIES]

@@ -170,6 +170,10 @@ class Controller:
             demand, by = 0.0, reason or "stop"
         elif self._servo_stop(dt_s, m.pressure_mmhg):
             demand, by = 0.0, SERVO_STOP
+        elif m.pressure_mmhg is None and demand > self._pump_rpm:
+            # No usable pressure (missing, stale, implausible): the limiter is blind, so the
+            # speed may not rise; the sensor alarm decides about stopping after its delay.
+            demand, by = self._pump_rpm, "pressure_unmeasured"
         if action is PumpAction.hold:
             if self._held_rpm is None:
                 self._held_rpm = self._pump_rpm

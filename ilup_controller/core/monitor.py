@@ -57,6 +57,7 @@ class Context:
     overruns_total: int = 0
     remote_ok: bool = True
     recorder_problem: str = ""  # why the procedure record is not being written ("" = fine)
+    identity_clash: str = ""  # another client uses this cart_id on the broker ("" = none seen)
 
 
 class _Trend:
@@ -348,6 +349,7 @@ class Monitor:
         out["tick_overrun"] = Condition(recent > 0, float(recent), 0.0)
         out["remote_link"] = Condition(not ctx.remote_ok)
         out["recorder"] = Condition(bool(ctx.recorder_problem), detail=ctx.recorder_problem)
+        out["duplicate_cart_id"] = Condition(bool(ctx.identity_clash), detail=ctx.identity_clash)
         return out
 
     def _pvr(self, p: float | None, q: float | None, ramped: bool, ctx: Context) -> Condition:

@@ -100,6 +100,12 @@ class Procedure:
         self.phase = phase
         return self.request(Phase.safe_stop, t_s, reason)  # type: ignore[return-value]
 
+    def hold(self, t_s: float, reason: str) -> PhaseEvent:
+        """Start in safe_stop when what happened before cannot be known; resume goes to idle."""
+        event = self._enter(Phase.safe_stop, t_s, reason)
+        self.resume_to = Phase.idle
+        return event
+
     def tick(self, t_s: float, dt_s: float, *, at_target: bool) -> list[PhaseEvent]:
         """Advance timers; returns the automatic transitions taken (only with auto_advance)."""
         events: list[PhaseEvent] = []

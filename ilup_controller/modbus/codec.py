@@ -22,6 +22,7 @@ __all__ = [
     "encode",
     "encode_bit",
     "is_bit_signal",
+    "resolution",
 ]
 
 
@@ -64,6 +65,21 @@ def _words(raw_bytes: bytes, word_order: str) -> list[int]:
     if word_order == "little":
         words.reverse()
     return words
+
+
+def resolution(signal: Signal, value: float) -> float:
+    """Engineering size of one register step of ``signal`` near ``value`` (always > 0).
+
+    Integer types: |scale|. float32: |scale| times the float32 spacing at the raw value.
+    """
+    if is_bit_signal(signal):
+        return 1.0
+    if signal.data_type is DataType.float32:
+        raw = abs((float(value) - signal.offset) / signal.scale)
+        # float32 keeps 24 significant bits, float64 53: its spacing is 2**29 float64 ulps.
+        exponent = math.frexp(raw)[1] if raw >= 2.0**-126 else -125
+        return abs(signal.scale) * 2.0 ** (exponent - 24)
+    return abs(signal.scale)
 
 
 def encode(signal: Signal, value: float) -> list[int]:

@@ -5,6 +5,11 @@ back-off (pymodbus never retries a failed *first* connect, libraries.md 1.3), bo
 with its own timeout (pymodbus #349: a request can hang), and keeps going through any failure:
 ``run()`` only ends by cancellation. A failed read leaves the previous Reading in the store;
 the core judges staleness from its timestamp, so an error never turns into a value.
+
+Only a reply that is on time and matches its request counts as an answer. After a timeout the
+connection is dropped and made afresh: a device that answers late would otherwise have its late
+reply taken as the answer to the next request (issue 8: a slow module looked alive, with empty
+replies). A reply of the wrong function or size is refused the same way.
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
-from pymodbus.exceptions import ModbusException
+from pymodbus.exceptions import ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
 from ilup_controller.config.models import Device, Signal, Table
@@ -44,6 +49,9 @@ _CALL_MARGIN_S = 0.1
 
 _T = TypeVar("_T")
 _TRANSPORT_ERRORS = (ModbusException, OSError, TimeoutError)
+# While a link stays down, a summary of the failures is logged at most this often.
+_DOWN_SUMMARY_PERIOD_S = 60.0
+_READ_FC = {Table.coil: 1, Table.discrete: 2, Table.holding: 3, Table.input: 4}
 
 
 @dataclass(slots=True)
@@ -54,12 +62,14 @@ class LinkHealth:
     consecutive_failures: int = 0  # failed connects/requests since the last good reply
     last_error: str | None = None
     last_ok_t: float | None = None  # clock() of the last good reply
+    last_write_ok_t: float | None = None  # clock() of the last acknowledged write (feeds watchdogs)
     reads_ok: int = 0
     reads_failed: int = 0
     writes_ok: int = 0
     writes_failed: int = 0
     cycles: int = 0
     decode_errors: int = 0  # signals whose registers did not hold a valid value
+    bad_replies: int = 0  # replies refused: wrong function or size (a late reply, most likely)
     last_cycle_s: float | None = None  # duration of the last cycle (loop time)
     max_cycle_s: float = 0.0
 
@@ -125,6 +135,10 @@ class DeviceLink:
         self._faults: dict[str, str] = {}  # request key -> current device fault
         self._bad_signals: set[str] = set()
         self._next_auto_cycle = 0.0
+        # Failures while down: logged once, then summarised (see _link_down / _answered).
+        self._down_since_s = 0.0
+        self._down_failures = 0
+        self._down_summary_s = 0.0
 
     # ----------------------------------------------------------------------- public API
 
@@ -167,15 +181,20 @@ class DeviceLink:
             while True:
                 _raise_if_cancel_was_swallowed()
                 try:
-                    if not client.connected:
-                        if not await self._connect(client):
-                            await asyncio.sleep(backoff_s)
-                            backoff_s = min(2.0 * backoff_s, dev.reconnect_max_s)
-                            continue
-                        backoff_s = dev.reconnect_min_s
+                    if not client.connected and not await self._connect(client):
+                        await asyncio.sleep(backoff_s)
+                        backoff_s = min(2.0 * backoff_s, dev.reconnect_max_s)
+                        continue
                     await self._wait_for_cycle()
                     if client.connected:
                         await self._cycle(client)
+                    if self._health.consecutive_failures == 0:
+                        backoff_s = dev.reconnect_min_s
+                    elif not client.connected:
+                        # Dropped after a timeout or a bad reply: a device that keeps being
+                        # slow is retried with the same back-off as one that refuses TCP.
+                        await asyncio.sleep(backoff_s)
+                        backoff_s = min(2.0 * backoff_s, dev.reconnect_max_s)
                 except Exception as e:  # a bug must not kill the link: log it, back off, go on
                     log.exception("device %s: unexpected error in link", self.name)
                     self._failed(f"internal error: {e!r}")
@@ -298,9 +317,28 @@ class DeviceLink:
             self._link_down(msg)
             raise _LinkDown(msg) from None
         except _TRANSPORT_ERRORS as e:
-            msg = f"{what}: {type(e).__name__}: {e}"
+            # Whatever failed, a reply may still be on its way: start a fresh connection so it
+            # cannot be taken for the answer to the next request.
+            client.close()
+            if isinstance(e, ModbusIOException) and "No response" in str(e):
+                dev = self._device
+                msg = (
+                    f"{what}: no reply within {dev.timeout_s:.2f} s "
+                    f"(timeout_s, {dev.retries} retries): the device is too slow or not answering"
+                )
+            else:
+                msg = f"{what}: {type(e).__name__}: {e}"
             self._link_down(msg)
             raise _LinkDown(msg) from e
+
+    def _bad_reply(self, client: AsyncModbusTcpClient, what: str, why: str) -> NoReturn:
+        """A reply that does not answer the request sent: not an answer, and the stream is
+        out of step (most likely a late reply to an earlier request): reconnect."""
+        self._health.bad_replies += 1
+        client.close()
+        msg = f"{what}: reply refused, {why} (a late reply to an earlier request?)"
+        self._link_down(msg)
+        raise _LinkDown(msg)
 
     async def _connect(self, client: AsyncModbusTcpClient) -> bool:
         dev = self._device
@@ -373,7 +411,12 @@ class DeviceLink:
             self._health.writes_failed += 1
             self._device_fault(f"write:{name}", what, rsp.exception_code)
             return False
+        expected_fc = 5 if isinstance(data, bool) else 6 if len(data) == 1 else 16
+        if rsp.function_code != expected_fc:
+            self._health.writes_failed += 1
+            self._bad_reply(client, what, f"function {rsp.function_code}, sent {expected_fc}")
         self._health.writes_ok += 1
+        self._health.last_write_ok_t = self._clock()
         self._answered(ok=True)
         self._fault_cleared(f"write:{name}", what)
         return True
@@ -400,10 +443,22 @@ class DeviceLink:
             self._health.reads_failed += 1
             self._device_fault(key, what, rsp.exception_code)
             return None
+        data: Sequence[int] | Sequence[bool] = rsp.bits if block.is_bits else rsp.registers
+        expected_fc = _READ_FC[block.table]
+        # Bits come in whole bytes (padded); registers exactly as many as asked.
+        short = len(data) < block.count if block.is_bits else len(data) != block.count
+        if rsp.function_code != expected_fc or short:
+            self._health.reads_failed += 1
+            kind = "bits" if block.is_bits else "registers"
+            self._bad_reply(
+                client,
+                what,
+                f"function {rsp.function_code} with {len(data)} {kind}, "
+                f"asked function {expected_fc} for {block.count}",
+            )
         self._health.reads_ok += 1
         self._answered(ok=True)
         self._fault_cleared(key, what)
-        data: Sequence[int] | Sequence[bool] = rsp.bits if block.is_bits else rsp.registers
         result = decode_block(block, data)
         now = self._clock()
         for name, value in result.values.items():
@@ -428,8 +483,17 @@ class DeviceLink:
             h.consecutive_failures = 0
             h.last_ok_t = self._clock()
         if self._up is not True:
+            if self._up is False and self._down_failures > 1:
+                log.info(
+                    "device %s: link up after %d failed request(s) in %.1f s (last: %s)",
+                    self.name,
+                    self._down_failures,
+                    time.monotonic() - self._down_since_s,
+                    h.last_error,
+                )
+            else:
+                log.info("device %s: link up", self.name)
             self._up = True
-            log.info("device %s: link up", self.name)
 
     def _failed(self, error: str) -> None:
         self._health.consecutive_failures += 1
@@ -438,9 +502,23 @@ class DeviceLink:
     def _link_down(self, error: str) -> None:
         self._failed(error)
         self._health.connected = False
+        now_s = time.monotonic()
         if self._up is not False:
             self._up = False
+            self._down_since_s = self._down_summary_s = now_s
+            self._down_failures = 1
             log.warning("device %s: link down: %s", self.name, error)
+            return
+        self._down_failures += 1
+        if now_s - self._down_summary_s >= _DOWN_SUMMARY_PERIOD_S:
+            self._down_summary_s = now_s
+            log.warning(
+                "device %s: still down after %.0f s, %d failed request(s); last: %s",
+                self.name,
+                now_s - self._down_since_s,
+                self._down_failures,
+                error,
+            )
         else:
             log.debug("device %s: still down: %s", self.name, error)
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import random
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -53,6 +55,11 @@ _CLOSE_FLUSH_SHARE = 0.4
 # Queued messages (alarms, events) must arrive; duplicates after a timeout are acceptable.
 EVENT_QOS = EVENTS_SPEC.qos
 EVENTS_IN_FLIGHT = 50  # QoS 1 publishes awaiting their PUBACK at once
+# Two clients with one cart_id share one MQTT client id and knock each other off the broker.
+# Once another instance is seen, reconnects wait at least this long (the storm stops), and the
+# clash is reported for this long after the last evidence.
+CLASH_BACKOFF_S = 10.0
+CLASH_HOLD_S = 60.0
 
 
 class LinkStats(NamedTuple):
@@ -115,7 +122,12 @@ class MqttLink:
         self._version = version
         self.topics = Topics(cfg.topic_prefix, cart_id)
         self.client_id = f"ilup-{cart_id}"
+        # Per process: tells this daemon's status from that of another client with our cart_id.
+        self.instance = secrets.token_hex(6)
         self._since = datetime.now(UTC)
+        self._sessions = 0  # connections made, including the current one
+        self._clash = ""
+        self._clash_at_s: float | None = None
 
         self._state: State | None = None
         self._state_version = 0
@@ -182,6 +194,13 @@ class MqttLink:
         return self._connected
 
     @property
+    def identity_clash(self) -> str:
+        """Why another client seems to use this cart's identity ("" = no recent evidence)."""
+        if self._clash_at_s is None or time.monotonic() - self._clash_at_s > CLASH_HOLD_S:
+            return ""
+        return self._clash
+
+    @property
     def stats(self) -> LinkStats:
         return LinkStats(
             published=self._published,
@@ -227,6 +246,8 @@ class MqttLink:
                     logged_reason = reason
                 delay_s = min(self._cfg.reconnect_max_s, RECONNECT_MIN_S * 2.0**failures)
                 failures = min(failures + 1, 30)
+                if self.identity_clash:  # each reconnect would only knock the other one off
+                    delay_s = max(delay_s, CLASH_BACKOFF_S)
                 # Jitter so that many carts do not hit a restarted broker at the same instant.
                 await self._sleep_unless_stopped(delay_s * random.uniform(0.8, 1.0))
         finally:
@@ -256,19 +277,11 @@ class MqttLink:
 
     def _make_client(self) -> aiomqtt.Client:
         cfg = self._cfg
-        protocol = (
-            aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
-        )
-        tls = None
-        if cfg.tls is not None:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file
-            )
         client = aiomqtt.Client(
             cfg.host,
             cfg.port,
             identifier=self.client_id,
-            protocol=protocol,
+            protocol=client_protocol(cfg),
             keepalive=cfg.keepalive_s,
             username=cfg.username,
             password=cfg.password,
@@ -279,7 +292,7 @@ class MqttLink:
                 retain=STATUS_SPEC.retained,
             ),
             timeout=CLIENT_TIMEOUT_S,
-            tls_params=tls,
+            tls_params=client_tls(cfg),
             max_inflight_messages=EVENTS_IN_FLIGHT,
         )
         # Up to EVENTS_IN_FLIGHT publishes wait together by design: not worth a warning each.
@@ -293,6 +306,7 @@ class MqttLink:
             simulated=self._simulated,
             version=self._version,
             since=self._since if online else None,
+            instance=self.instance,
         )
 
     async def _session(self) -> str | None:
@@ -304,6 +318,9 @@ class MqttLink:
             async with client:
                 self._on_link_up()
                 try:
+                    # Subscribed before our own status goes out: the retained status then shows
+                    # who held this identity since our last connection (see _on_own_status).
+                    await client.subscribe(self.topics.status, qos=1, timeout=PUBLISH_TIMEOUT_S)
                     await self._publish(
                         client,
                         self.topics.status,
@@ -335,6 +352,7 @@ class MqttLink:
     def _on_link_up(self) -> None:
         self._connected = True
         self._connects += 1
+        self._sessions += 1
         log.info(
             "MQTT link up: broker %s (MQTT %s, client id %s%s)",
             self._broker,
@@ -370,6 +388,9 @@ class MqttLink:
         if self._subscribe is not None:
             await client.subscribe(self._subscribe, qos=1, timeout=PUBLISH_TIMEOUT_S)
         async for message in client.messages:
+            if message.topic.value == self.topics.status:
+                self._on_own_status(message.payload, bool(message.retain))
+                continue
             if self._on_message is None:
                 continue
             props = message.properties
@@ -384,6 +405,36 @@ class MqttLink:
                 )
             except Exception:  # a bad message must not take the link down
                 log.exception("MQTT message on %s could not be handled", message.topic.value)
+
+    def _on_own_status(self, payload: object, retained: bool) -> None:
+        """Another instance id on our own status topic: two clients use this cart_id.
+
+        The one exception is the retained status found on our very first connection: it is
+        from this cart's previous daemon process. Afterwards the retained status is our own
+        unless someone else published it while we were away (the broker also publishes the
+        will of the client it disconnects for a newcomer with the same client id).
+        """
+        try:
+            data = json.loads(payload) if isinstance(payload, bytes | str) else None
+        except ValueError:
+            data = None
+        other = data.get("instance") if isinstance(data, dict) else None
+        if not isinstance(other, str) or other == self.instance:
+            return
+        if retained and self._sessions <= 1:
+            return
+        first = not self.identity_clash
+        self._clash = (
+            f"another client uses cart_id {self._cart_id} on broker {self._broker} "
+            f"(instance {other}, this daemon {self.instance}, MQTT client id {self.client_id})"
+        )
+        self._clash_at_s = time.monotonic()
+        if first:
+            log.error(
+                "MQTT identity clash: %s; reconnecting at most every %g s",
+                self._clash,
+                CLASH_BACKOFF_S,
+            )
 
     async def _publish_states(self, client: aiomqtt.Client) -> None:
         loop = asyncio.get_running_loop()
@@ -483,6 +534,20 @@ class MqttLink:
     async def _sleep_unless_stopped(self, delay_s: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=delay_s)
+
+
+def client_protocol(cfg: Mqtt) -> aiomqtt.ProtocolVersion:
+    """The MQTT version of ``mqtt.protocol``; every client of a cart file uses this."""
+    return aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
+
+
+def client_tls(cfg: Mqtt) -> aiomqtt.TLSParameters | None:
+    """TLS settings of ``mqtt.tls`` (None: plain TCP); every client of a cart file uses this."""
+    if cfg.tls is None:
+        return None
+    return aiomqtt.TLSParameters(
+        ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file
+    )
 
 
 def _describe(group: BaseExceptionGroup[BaseException]) -> str:

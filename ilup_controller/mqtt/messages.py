@@ -19,6 +19,11 @@ class Status(Message):
     simulated: bool | None = None
     version: str | None = None
     since: datetime | None = Field(None, description="UTC time the daemon came online.")
+    instance: str | None = Field(
+        None,
+        description="Random id of the daemon process. Another id on a cart's own status topic "
+        "means two clients use one cart_id (alarm duplicate_cart_id).",
+    )
 
 
 class Measured(Message):

@@ -3,7 +3,9 @@
 Parsing, validation, duplicates, expiry and the rate limit run in the MQTT receive task as each
 message arrives, so a flood is answered with rejections without touching the control tick.
 Accepted commands wait in a bounded queue and are applied by the control loop at the start of
-a tick, so the core stays single-threaded and deterministic.
+a tick, so the core stays single-threaded and deterministic. While the procedure record cannot
+be written, commands that change therapy are rejected ``recorder_failed`` instead
+(commands/record_gate.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from datetime import UTC, datetime
 
 from ilup_controller.commands.models import Reply, split_command_topic
 from ilup_controller.commands.processor import CommandEvent, CommandProcessor, ParsedCommand
+from ilup_controller.commands.record_gate import needs_record, refusal_detail
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.cart import CartCore
 from ilup_controller.mqtt.link import Incoming
@@ -71,15 +74,20 @@ class CommandIntake:
         self._repeats[(sender, parsed.command.command_id)] = []
 
     def apply_pending(
-        self, core: CartCore, t_s: float
+        self, core: CartCore, t_s: float, *, record_problem: str = ""
     ) -> tuple[list[PendingReply], list[CommandEvent]]:
         """Apply queued commands at tick time ``t_s``. Returns their replies, which the caller
         sends once the outcome is on disk, and every command event since the last call
-        (rejections from the intake included), for the events topic and the record."""
+        (rejections from the intake included), for the events topic and the record.
+        ``record_problem``: why the record cannot be written now ("" while it can)."""
         replies: list[PendingReply] = []
         for _ in range(min(MAX_PER_TICK, len(self._pending))):
             parsed, topic, correlation = self._pending.popleft()
-            reply = self.processor.apply(parsed, core, t_s, parsed.sender)
+            if record_problem and needs_record(parsed.command):
+                detail = refusal_detail(parsed.name, record_problem)
+                reply = self.processor.reject(parsed, "recorder_failed", detail)
+            else:
+                reply = self.processor.apply(parsed, core, t_s, parsed.sender)
             log.info(
                 "command %s from %s: %s %s %s",
                 parsed.name,

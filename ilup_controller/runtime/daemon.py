@@ -95,7 +95,8 @@ class Daemon:
             # Device-side dead-man first: no actuator is commanded before its watchdog is armed.
             await arm_watchdogs(cfg, self.links)
             try:
-                recorder, restored = await asyncio.to_thread(open_procedure, cfg)
+                opening = await asyncio.to_thread(open_procedure, cfg)
+                recorder, restored = opening.recorder, opening.restored
                 await asyncio.to_thread(recorder.start)
             except RecorderError as e:
                 raise StartRefused(f"cannot write the procedure record: {e}") from e
@@ -104,6 +105,8 @@ class Daemon:
             self.core = CartCore(cfg, t0_s=loop.time())
             if restored is not None:
                 self.core.restore(loop.time(), restored)
+            if opening.unreadable is not None:
+                self.core.hold_for_unreadable_record(loop.time(), *opening.unreadable)
             recorder.event(self._daemon_event("daemon started", restored))
             control = asyncio.create_task(self._control_loop(), name="control")
             log.info(
@@ -124,32 +127,55 @@ class Daemon:
         except StartRefused as e:
             crashed = e
             log.critical("refusing to start: %s", e)
+        except BaseException as e:  # cancelled from outside, or a bug here: still go safe
+            crashed = e
+            log.critical("daemon failed: %r; driving actuators safe", e)
+            raise
         finally:
-            stopper.cancel()
-            if control is not None:
-                control.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await control
-            await self._drive_safe()
-            if self._acks:
-                await asyncio.wait(self._acks, timeout=2.0)
-            if self.recorder is not None:
-                stop_note = "daemon stopped" if crashed is None else f"daemon crashed: {crashed!r}"
-                with contextlib.suppress(RecorderError):
-                    await self.recorder.commit(self._daemon_event(stop_note, None))
-                await asyncio.to_thread(self.recorder.close)
-            with contextlib.suppress(Exception):
-                await self.mqtt.close()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            log.info(
-                "daemon stopped ticks=%d overruns=%d",
-                self.ticker.stats.ticks,
-                self.ticker.stats.overruns,
-            )
+            await self._shutdown(stopper, control, background, crashed)
         if crashed is not None:
             raise crashed
+
+    async def _shutdown(
+        self,
+        stopper: asyncio.Task[bool],
+        control: asyncio.Task[None] | None,
+        background: list[asyncio.Task[None]],
+        crashed: BaseException | None,
+    ) -> None:
+        """Actuators safe first, then the record says why, then the links close. Each step is
+        guarded on its own: a failure in one (e.g. the exception that crashed the control
+        task) never skips the safe writes or the record."""
+        stopper.cancel()
+        if control is not None:
+            control.cancel()
+            # gather, not await: a crashed task would re-raise its exception right here.
+            await asyncio.gather(control, return_exceptions=True)
+        try:
+            await self._drive_safe()
+        except Exception:
+            log.exception("driving actuators safe failed; relying on the device watchdogs")
+        if self._acks:
+            await asyncio.wait(self._acks, timeout=2.0)
+        if self.recorder is not None:
+            stop_note = "daemon stopped" if crashed is None else f"daemon crashed: {crashed!r}"
+            try:
+                await self.recorder.commit(self._daemon_event(stop_note, None))
+            except Exception as e:
+                log.error("could not record %r: %s", stop_note, e)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.recorder.close)
+        if self.mqtt is not None:
+            with contextlib.suppress(Exception):
+                await self.mqtt.close()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        log.info(
+            "daemon stopped ticks=%d overruns=%d",
+            self.ticker.stats.ticks,
+            self.ticker.stats.overruns,
+        )
 
     def _send_reply(self, topic: str, reply: Reply, correlation: bytes | None) -> None:
         assert self.mqtt is not None
@@ -204,7 +230,9 @@ class Daemon:
         on_tick = self._on_tick
         async for t_s in self.ticker.ticks():
             started_s = time.monotonic() if on_tick is not None else 0.0
-            replies, command_events = self.intake.apply_pending(core, t_s)
+            replies, command_events = self.intake.apply_pending(
+                core, t_s, record_problem=self._record_unwritable()
+            )
             r = core.step(
                 t_s,
                 self.store,
@@ -212,6 +240,8 @@ class Daemon:
                 overruns_total=self.ticker.stats.overruns,
                 remote_ok=mqtt.connected,
                 recorder_problem=self._recorder_problem(),
+                last_write_ok_s={n: link.health.last_write_ok_t for n, link in self.links.items()},
+                identity_clash=mqtt.identity_clash,
             )
             for sig, value in r.outputs.items():
                 self._link_of(sig).set_output(sig, value)
@@ -301,9 +331,18 @@ class Daemon:
             problem = f" (NOT RECORDED: {e})"
             log.error("commands %s acknowledged without a durable record: %s", ids, e)
         for topic, reply, correlation in replies:
-            if problem:
+            if problem and reply.reason != "recorder_failed":  # that one says so already
                 reply = reply.model_copy(update={"detail": (reply.detail + problem)[:500]})
             self._send_reply(topic, reply, correlation)
+
+    def _record_unwritable(self) -> str:
+        """Why a command's event cannot be committed now, "" while it can. A slow disk (rows
+        dropped) is not enough: commit() still waits for its row and fails if it is not written.
+        """
+        rec = self.recorder
+        if rec is None or rec.failed is None:
+            return ""
+        return f"recorder failed: {rec.failed}"
 
     def _recorder_problem(self) -> str:
         rec = self.recorder

@@ -9,6 +9,8 @@ operator decides to resume (safety.md 5.3). Nothing reverts silently to defaults
 from __future__ import annotations
 
 import logging
+import sqlite3
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -66,16 +68,26 @@ def restored_from(data: RecordData, now: datetime) -> Restored | None:
     )
 
 
-def open_procedure(cfg: CartConfig) -> tuple[Recorder, Restored | None]:
-    """The recorder to use, and what to restore if it continues an unfinished procedure."""
+@dataclass(frozen=True, slots=True)
+class Opening:
+    """The recorder to use; what to restore if it continues an unfinished procedure; and, when
+    the last record could not be read, its path and why (it may hold an unfinished one)."""
+
+    recorder: Recorder
+    restored: Restored | None = None
+    unreadable: tuple[str, str] | None = None  # (path, reason)
+
+
+def open_procedure(cfg: CartConfig) -> Opening:
     directory = Path(cfg.record.directory)
     latest = sorted(directory.glob(f"{cfg.cart_id}-*.sqlite"))[-1:] if directory.is_dir() else []
     for path in latest:
         try:
             snapshot = restored_from(open_record(path), datetime.now(UTC))
-        except RecordError as e:
-            log.error("last record %s is unusable (%s): starting a new one", path, e)
-            continue
+        except (RecordError, sqlite3.Error, OSError, KeyError, ValueError) as e:
+            # Whatever it held cannot be known: the caller starts held in safe_stop.
+            log.critical("last record %s is unreadable (%s): starting held in safe_stop", path, e)
+            return Opening(Recorder.from_config(cfg), unreadable=(str(path), str(e)))
         if snapshot is None:
             continue
         log.warning(
@@ -90,5 +102,5 @@ def open_procedure(cfg: CartConfig) -> tuple[Recorder, Restored | None]:
             sample_every_ticks=cfg.record.sample_every_ticks,
             queue_size=cfg.record.queue_size,
         )
-        return recorder, snapshot
-    return Recorder.from_config(cfg), None
+        return Opening(recorder, restored=snapshot)
+    return Opening(Recorder.from_config(cfg))

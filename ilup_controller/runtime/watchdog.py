@@ -11,13 +11,13 @@ import logging
 from collections.abc import Mapping
 
 from ilup_controller.config.models import CartConfig
+from ilup_controller.modbus.codec import CodecError, resolution
 from ilup_controller.modbus.link import DeviceLink
 
 log = logging.getLogger("ilup.watchdog")
 
 ARM_DEADLINE_S = 15.0  # devices may still be booting when the daemon starts
 RETRY_S = 0.5
-TOLERANCE_S = 0.05
 
 
 class StartRefused(RuntimeError):
@@ -31,37 +31,70 @@ class WatchdogError(StartRefused):
 async def arm_watchdogs(
     cfg: CartConfig, links: Mapping[str, DeviceLink], deadline_s: float = ARM_DEADLINE_S
 ) -> None:
-    """Write each configured timeout and read it back; raise WatchdogError naming the device."""
-    await asyncio.gather(
-        *(
-            _arm(cfg, name, links[name], deadline_s)
-            for name, dev in cfg.devices.items()
-            if dev.watchdog is not None
-        )
+    """Write each configured timeout and read it back; raise WatchdogError naming every device
+    that failed (all of them, so one start attempt shows every problem)."""
+    names = [name for name, dev in cfg.devices.items() if dev.watchdog is not None]
+    results = await asyncio.gather(
+        *(_arm(cfg, name, links[name], deadline_s) for name in names), return_exceptions=True
     )
+    problems: list[str] = []
+    for result in results:
+        if isinstance(result, WatchdogError):
+            problems.append(str(result))
+        elif isinstance(result, BaseException):
+            raise result
+    if problems:
+        raise WatchdogError("; ".join(problems))
 
 
 async def _arm(cfg: CartConfig, name: str, link: DeviceLink, deadline_s: float) -> None:
-    wd = cfg.devices[name].watchdog
+    dev = cfg.devices[name]
+    wd = dev.watchdog
     assert wd is not None
     sig = cfg.signals[wd.signal]
-    where = f"device {name!r} watchdog register {wd.signal!r} ({sig.table} {sig.address})"
+    register = f"watchdog register {wd.signal!r} ({sig.table} {sig.address})"
+    where = f"device {name!r} {register}"
+    # One register step: the device holds the nearest value it can represent, never further.
+    step_s = resolution(sig, wd.timeout_s)
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline_s
-    problem = "no answer"
     while loop.time() < end:
-        if await link.write_now({wd.signal: wd.timeout_s}, timeout_s=1.0):
+        try:
+            written = await link.write_now({wd.signal: wd.timeout_s}, timeout_s=1.0)
+        except CodecError as e:  # check-config refuses this; a hand-built config may not
+            raise WatchdogError(f"{where}: cannot encode {wd.timeout_s:g} s: {e}") from e
+        if written:
             value = await link.read_now(wd.signal, timeout_s=1.0)
             if value is not None:
-                if abs(float(value) - wd.timeout_s) <= TOLERANCE_S:
-                    log.info("%s armed: %.2f s", where, wd.timeout_s)
+                held_s = float(value)
+                if held_s > 0.0 and abs(held_s - wd.timeout_s) <= step_s * (1.0 + 1e-9):
+                    log.info("%s armed: %g s (configured %g s)", where, held_s, wd.timeout_s)
                     return
-                problem = f"reads back {float(value):g} s after writing {wd.timeout_s:g} s" + (
-                    ": the watchdog is off" if float(value) == 0 else ""
+                # The device answered: a wrong value will not fix itself.
+                if held_s <= 0.0:
+                    raise WatchdogError(
+                        f"{where} reads back {held_s:g} s after writing {wd.timeout_s:g} s: "
+                        "the watchdog is off; the device must stop by itself when the "
+                        "controller goes silent: enable its communication watchdog"
+                    )
+                raise WatchdogError(
+                    f"{where} reads back {held_s:g} s after writing {wd.timeout_s:g} s, more "
+                    f"than one register step ({step_s:g} s) apart: set a timeout the device "
+                    f"accepts (devices.{name}.watchdog.timeout_s) and check "
+                    f"signals.{wd.signal} against the device manual"
                 )
-                break  # the device answered: a wrong value will not fix itself
         await asyncio.sleep(RETRY_S)
+    health = link.health
+    error = health.last_error or "no reply"
+    if health.connected:
+        # It answers Modbus, but not to this register: the register map is wrong.
+        raise WatchdogError(
+            f"device {name!r} answered but its {register} could not be written and read "
+            f"back within {deadline_s:g} s: {error}; check signals.{wd.signal} against the "
+            "device manual"
+        )
     raise WatchdogError(
-        f"{where} {problem}; the device must stop by itself when the "
-        "controller goes silent: enable its communication watchdog"
+        f"device {name!r} at {dev.host}:{dev.port} unit id {dev.unit_id} did not answer within "
+        f"{deadline_s:g} s (last error: {error}); its watchdog could not be armed: check the "
+        f"cabling, host, port and unit_id in devices.{name}"
     )

@@ -1,0 +1,186 @@
+"""Identify a first-order-plus-dead-time (FOPDT) model from a step test and tune a PI by SIMC.
+
+Pure: lists of numbers in, numbers out; no clock, no I/O. The model of the loop is
+
+    y(t) = y0 + s (t - t_step) + K du (1 - exp(-(t - t_step - theta) / tau))  for t > t_step + theta
+
+with ``s`` the pre-step drift (a thermal plant is rarely at rest when the test starts; the drift
+is estimated from the samples before the step and extrapolated). K, tau and theta are fitted by
+least squares: for each (theta, tau) on a grid K is linear and solved in closed form, then the
+grid is refined around the best point.
+
+Tuning rule: SIMC (Skogestad 2003, "Simple analytic rules for model reduction and PID controller
+tuning", J. Process Control 13:291-309): kc = tau / (K (tau_c + theta)),
+tau_i = min(tau, 4 (tau_c + theta)), with tau_c = theta by default ("tight" control).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SIMC_RULE = "SIMC (Skogestad 2003): kc = tau/(K(tau_c+theta)), tau_i = min(tau, 4(tau_c+theta))"
+_MAX_POINTS = 400  # the fit is on at most this many (evenly thinned) post-step samples
+
+
+@dataclass(frozen=True, slots=True)
+class Fopdt:
+    """K (output units per input unit), tau and theta in seconds, fit residual RMS."""
+
+    gain: float
+    time_constant_s: float
+    dead_time_s: float
+    rms_error: float = 0.0
+
+    def response(self, t_s: float, du: float) -> float:
+        """Deviation of the output ``t_s`` after a step of size ``du``."""
+        t = t_s - self.dead_time_s
+        if t <= 0.0:
+            return 0.0
+        if self.time_constant_s <= 0.0:
+            return self.gain * du
+        return self.gain * du * (1.0 - math.exp(-t / self.time_constant_s))
+
+
+@dataclass(frozen=True, slots=True)
+class PiGains:
+    """Gains in simple-pid's convention: out = kp e + ki integral(e dt) + kd de/dt."""
+
+    kp: float
+    ki: float
+    kd: float
+    tau_c_s: float
+    tau_i_s: float
+    rule: str = SIMC_RULE
+
+
+class IdentificationError(ValueError):
+    """The data cannot give a model (no step, no response, too few samples)."""
+
+
+def _baseline(t_s: Sequence[float], y: Sequence[float], t_step_s: float) -> tuple[float, float]:
+    """(y at the step, drift per second) from a straight line through the pre-step samples."""
+    pre = [(t, v) for t, v in zip(t_s, y, strict=True) if t <= t_step_s]
+    if not pre:
+        raise IdentificationError("no sample before the step: the baseline is unknown")
+    if len(pre) < 3 or pre[-1][0] - pre[0][0] <= 0.0:
+        return sum(v for _, v in pre) / len(pre), 0.0
+    n = len(pre)
+    mt = sum(t for t, _ in pre) / n
+    mv = sum(v for _, v in pre) / n
+    stt = sum((t - mt) ** 2 for t, _ in pre)
+    slope = sum((t - mt) * (v - mv) for t, v in pre) / stt
+    return mv + slope * (t_step_s - mt), slope
+
+
+def _fit_k(
+    ts: Sequence[float], dev: Sequence[float], du: float, theta: float, tau: float
+) -> tuple[float, float]:
+    """Least-squares K for fixed (theta, tau) and the residual sum of squares."""
+    basis = [
+        0.0 if t <= theta else du * (1.0 - math.exp(-(t - theta) / tau)) if tau > 0 else du
+        for t in ts
+    ]
+    bb = sum(b * b for b in basis)
+    if bb <= 0.0:
+        return 0.0, sum(d * d for d in dev)
+    k = sum(b * d for b, d in zip(basis, dev, strict=True)) / bb
+    sse = sum((d - k * b) ** 2 for b, d in zip(basis, dev, strict=True))
+    return k, sse
+
+
+def fit_step(
+    t_s: Sequence[float],
+    y: Sequence[float],
+    *,
+    t_step_s: float,
+    du: float,
+    detrend: bool = True,
+) -> Fopdt:
+    """FOPDT of the response ``y(t_s)`` to a step of ``du`` applied at ``t_step_s``.
+
+    ``detrend`` removes the linear drift seen before the step (off: the pre-step mean is the
+    baseline). Raises IdentificationError when the data cannot support a model.
+    """
+    if len(t_s) != len(y):
+        raise IdentificationError("t_s and y differ in length")
+    if du == 0.0 or not math.isfinite(du):
+        raise IdentificationError("the step size must be finite and non-zero")
+    y0, slope = _baseline(t_s, y, t_step_s)
+    if not detrend:
+        pre = [v for t, v in zip(t_s, y, strict=True) if t <= t_step_s]
+        y0, slope = sum(pre) / len(pre), 0.0
+    post = [(t - t_step_s, v) for t, v in zip(t_s, y, strict=True) if t > t_step_s]
+    if len(post) < 10:
+        raise IdentificationError(f"only {len(post)} samples after the step (need >= 10)")
+    stride = max(1, len(post) // _MAX_POINTS)
+    post = post[::stride]
+    ts = [t for t, _ in post]
+    dev = [v - y0 - slope * t for t, v in post]
+    span = ts[-1]
+    if span <= 0.0:
+        raise IdentificationError("the test after the step has no duration")
+    dt = max(span / len(ts), 1e-9)
+
+    # Coarse grid: theta linear up to half the window, tau logarithmic from a sample to 3 windows.
+    thetas = [span * 0.5 * i / 24 for i in range(25)]
+    taus = [dt * 0.5 * (6.0 * span / (dt * 0.5)) ** (j / 29) for j in range(30)]
+    best = (math.inf, 0.0, 0.0, 0.0)  # sse, k, theta, tau
+    for theta in thetas:
+        for tau in taus:
+            k, sse = _fit_k(ts, dev, du, theta, tau)
+            if sse < best[0]:
+                best = (sse, k, theta, tau)
+    # Refine: shrink a box around the best point (theta linear, tau by ratio).
+    d_theta, r_tau = span * 0.5 / 24, (6.0 * span / (dt * 0.5)) ** (1 / 29)
+    for _ in range(12):
+        _, _, theta0, tau0 = best
+        for i in (-1.0, -0.5, 0.0, 0.5, 1.0):
+            for j in (-1.0, -0.5, 0.0, 0.5, 1.0):
+                theta = max(0.0, theta0 + i * d_theta)
+                tau = tau0 * r_tau**j
+                k, sse = _fit_k(ts, dev, du, theta, tau)
+                if sse < best[0]:
+                    best = (sse, k, theta, tau)
+        d_theta *= 0.5
+        r_tau = math.sqrt(r_tau)
+    sse, k, theta, tau = best
+    if k == 0.0 or not math.isfinite(k):
+        raise IdentificationError("the output did not respond to the step")
+    return Fopdt(gain=k, time_constant_s=tau, dead_time_s=theta, rms_error=math.sqrt(sse / len(ts)))
+
+
+def add_lag(model: Fopdt, lag_s: float) -> Fopdt:
+    """The model seen through an extra first-order lag (e.g. a measurement filter), reduced to
+    FOPDT by Skogestad's half rule: half the smaller lag goes to the dead time, half to tau."""
+    if lag_s <= 0.0:
+        return model
+    big, small = max(model.time_constant_s, lag_s), min(model.time_constant_s, lag_s)
+    return Fopdt(
+        gain=model.gain,
+        time_constant_s=big + small / 2.0,
+        dead_time_s=model.dead_time_s + small / 2.0,
+        rms_error=model.rms_error,
+    )
+
+
+def simc_pi(model: Fopdt, tau_c_s: float | None = None, *, min_tau_c_s: float = 0.0) -> PiGains:
+    """SIMC PI gains for ``model``; ``tau_c_s`` defaults to theta (at least ``min_tau_c_s``).
+
+    For a reverse-acting process (K < 0) the gains would be negative; the loops here are all
+    direct-acting, so that is an error rather than a sign flip nobody expects.
+    """
+    if model.gain <= 0.0:
+        raise IdentificationError(
+            f"identified gain {model.gain:g} is not positive: the loop does not act as expected"
+        )
+    tau_c = max(model.dead_time_s if tau_c_s is None else tau_c_s, min_tau_c_s)
+    if tau_c + model.dead_time_s <= 0.0:
+        raise IdentificationError("tau_c + theta must be > 0 (give a closed-loop time tau_c)")
+    kc = model.time_constant_s / (model.gain * (tau_c + model.dead_time_s))
+    tau_i = min(model.time_constant_s, 4.0 * (tau_c + model.dead_time_s))
+    if model.time_constant_s <= 0.0:
+        # Pure dead time: SIMC's limit is integral-only control, ki = 1 / (K (tau_c + theta)).
+        return PiGains(0.0, 1.0 / (model.gain * (tau_c + model.dead_time_s)), 0.0, tau_c, 0.0)
+    return PiGains(kp=kc, ki=kc / tau_i, kd=0.0, tau_c_s=tau_c, tau_i_s=tau_i)

@@ -1,0 +1,112 @@
+"""From an identified model to the config's PID gains and an overlay file (pure, no I/O but the
+final write)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from ilup_controller.config.models import CartConfig
+from ilup_controller.tuning.identify import Fopdt, PiGains, add_lag, simc_pi
+from ilup_controller.tuning.steptest import Loop
+
+# Where each loop's gains live in the config, and the units of its model (output per input).
+GAIN_PATH: dict[Loop, tuple[str, ...]] = {
+    "flow": ("control", "flow", "pid"),
+    "pressure": ("control", "pressure", "pid"),
+    "water": ("control", "temperature", "inner_pid"),
+    "perfusate": ("control", "temperature", "outer_pid"),
+}
+MODEL_UNITS: dict[Loop, str] = {
+    "flow": "mL/min per rpm (pump speed -> measured flow)",
+    "pressure": "mmHg per rpm (pump speed -> PA pressure)",
+    "water": "degC per % (heater power -> water temperature)",
+    "perfusate": "degC per degC (water setpoint -> perfusate temperature)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    loop: Loop
+    identified: Fopdt
+    tuned_on: Fopdt  # the identified model plus what the controller adds (the limiter filter)
+    gains: PiGains
+    current: tuple[float, float, float]  # kp, ki, kd in the config now
+
+    @property
+    def key_path(self) -> str:
+        return ".".join(GAIN_PATH[self.loop])
+
+    def overlay(self) -> dict[str, Any]:
+        node: dict[str, Any] = {
+            "kp": round(self.gains.kp, 6),
+            "ki": round(self.gains.ki, 6),
+            "kd": round(self.gains.kd, 6),
+        }
+        for key in reversed(GAIN_PATH[self.loop]):
+            node = {key: node}
+        return node
+
+    def describe(self) -> str:
+        m, t, g = self.identified, self.tuned_on, self.gains
+        lines = [
+            f"loop {self.loop}: FOPDT model, K in {MODEL_UNITS[self.loop]}",
+            f"  K = {m.gain:.5g}   tau = {m.time_constant_s:.4g} s   theta = "
+            f"{m.dead_time_s:.4g} s   (fit RMS error {m.rms_error:.3g})",
+        ]
+        if t != m:
+            lines.append(
+                f"  with the controller's input filter (half rule): tau = "
+                f"{t.time_constant_s:.4g} s, theta = {t.dead_time_s:.4g} s"
+            )
+        lines += [
+            f"  rule: {g.rule}",
+            f"  tau_c = {g.tau_c_s:.4g} s, tau_i = {g.tau_i_s:.4g} s",
+            f"  {self.key_path}: kp = {g.kp:.5g}, ki = {g.ki:.5g} /s, kd = {g.kd:g} "
+            f"(now kp = {self.current[0]:g}, ki = {self.current[1]:g}, kd = {self.current[2]:g})",
+        ]
+        return "\n".join(lines)
+
+
+def propose(cfg: CartConfig, loop: Loop, model: Fopdt, *, tau_c_s: float | None = None) -> Proposal:
+    c = cfg.control
+    tuned_on = add_lag(model, c.pressure.filter_s) if loop == "pressure" else model
+    # Never ask for a closed loop faster than the control tick can follow, nor (when the dead
+    # time is below what the samples resolve, as on the water loop) faster than a tenth of the
+    # process lag: that bounds the loop gain kc K to 10 instead of running bang-bang.
+    floor_s = max(2.0 * c.tick_period_s, tuned_on.time_constant_s / 10.0)
+    gains = simc_pi(tuned_on, tau_c_s, min_tau_c_s=floor_s)
+    current = {
+        "flow": c.flow.pid,
+        "pressure": c.pressure.pid,
+        "water": c.temperature.inner_pid,
+        "perfusate": c.temperature.outer_pid,
+    }[loop]
+    return Proposal(loop, model, tuned_on, gains, (current.kp, current.ki, current.kd))
+
+
+def write_overlay(path: str | Path, proposals: list[Proposal]) -> None:
+    """A config overlay holding only the proposed gains, with the models as comments."""
+    data: dict[str, Any] = {}
+    for p in proposals:
+        _merge(data, p.overlay())
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    buf = io.StringIO()
+    yaml.dump(data, buf)
+    header = ["# Gains proposed by `ilup tune`; load with --overlay (README: Autotune)."]
+    for p in proposals:
+        header += [f"# {line}" for line in p.describe().splitlines()]
+    Path(path).write_text("\n".join(header) + "\n" + buf.getvalue(), encoding="utf-8")
+
+
+def _merge(into: dict[str, Any], add: dict[str, Any]) -> None:
+    for k, v in add.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v

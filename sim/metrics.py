@@ -1,0 +1,152 @@
+"""Control-quality figures of one closed-loop run in virtual time (family table, tests).
+
+``run_metrics`` runs a cart configuration through the procedure with :class:`VirtualCart` and
+returns a :class:`RunMetrics`; ``benchmarks/run.py --family`` prints one row per plant variant and
+tests can assert on the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from ilup_controller.config.models import CartConfig
+from ilup_controller.core.alarms import AlarmEvent
+from ilup_controller.core.procedure import Phase, PhaseEvent
+from sim.virtual import Sample, VirtualCart
+
+# Guideline rewarming rate (domain.md) and the allowance the issue grants over it.
+GUIDELINE_C_PER_MIN = 0.5
+GUIDELINE_ALLOWANCE = 1.25
+REWARM_BAND_C = 0.3  # "rewarmed": true arterial temperature within this of the target
+FLOW_SETTLE_S = 30.0  # after the flow ramp, before flow RMS counts
+
+
+@dataclass(frozen=True, slots=True)
+class RunMetrics:
+    duration_s: float
+    wall_s: float
+    cpu_s: float  # process CPU time of the run: the speed-up on a machine shared with others
+    alarm_onsets: dict[str, int]  # alarm id -> onsets in the run
+    drug_phase_done_s: float | None  # time the drug phase completed (perfusion -> washout)
+    drug_elapsed_s: float  # drug-phase time at target when the run ended
+    rewarm_start_s: float | None  # first tick the temperature loop drove the heater
+    rewarm_start_c: float | None  # true arterial temperature then
+    rewarm_s: float | None  # from rewarm_start_s to within REWARM_BAND_C of the target
+    rewarm_limit_s: float | None  # GUIDELINE_ALLOWANCE x (target - start) / 0.5 degC/min
+    overshoot_c: float  # highest true arterial temperature above the target (0 if never)
+    flow_rms_ml_min: float | None  # true flow vs target in perfusion, after the ramp settles
+    peak_pressure_mmhg: float  # highest true line pressure (where the sensor sits)
+    peak_water_c: float
+
+    @property
+    def onsets(self) -> int:
+        return sum(self.alarm_onsets.values())
+
+    @property
+    def rewarm_ratio(self) -> float | None:
+        if self.rewarm_s is None or not self.rewarm_limit_s:
+            return None
+        return self.rewarm_s / self.rewarm_limit_s
+
+    @property
+    def speed_up(self) -> float:
+        return self.duration_s / self.wall_s if self.wall_s > 0 else math.inf
+
+    @property
+    def cpu_speed_up(self) -> float:
+        return self.duration_s / self.cpu_s if self.cpu_s > 0 else math.inf
+
+
+class _Collector:
+    """Folds samples into the figures as they come, so a long run keeps no history."""
+
+    def __init__(self, cfg: CartConfig) -> None:
+        self.target_c = cfg.control.temperature.target_c
+        flow = cfg.control.flow
+        priming = cfg.procedure.priming_flow_ml_min
+        # From priming flow to target at target/ramp_s per second, then FLOW_SETTLE_S.
+        self.flow_settle_s = (
+            flow.ramp_s * max(0.0, 1.0 - priming / flow.target_ml_min) + FLOW_SETTLE_S
+            if flow.target_ml_min > 0
+            else FLOW_SETTLE_S
+        )
+        self.onsets: Counter[str] = Counter()
+        self.drug_done_s: float | None = None
+        self.drug_elapsed_s = 0.0
+        self.perfusion_start_s: float | None = None
+        self.rewarm_start_s: float | None = None
+        self.rewarm_start_c: float | None = None
+        self.rewarm_s: float | None = None
+        self.max_arterial_c = -math.inf
+        self.flow_sq_sum = 0.0
+        self.flow_n = 0
+        self.peak_pressure = -math.inf
+        self.peak_water = -math.inf
+
+    def __call__(self, s: Sample) -> None:
+        d, truth = s.decision, s.truth
+        t_s = d.t_s
+        for e in d.events:
+            if isinstance(e, AlarmEvent):
+                if e.kind == "onset" and e.alarm_id is not None:
+                    self.onsets[e.alarm_id] += 1
+            elif isinstance(e, PhaseEvent):
+                if e.to_phase is Phase.perfusion and self.perfusion_start_s is None:
+                    self.perfusion_start_s = e.t_s
+                if e.from_phase is Phase.perfusion and e.to_phase is Phase.washout:
+                    self.drug_done_s = e.t_s
+        self.drug_elapsed_s = d.drug_elapsed_s
+        arterial = truth.arterial_c
+        if self.rewarm_start_s is None and d.loop.heater_enabled:
+            self.rewarm_start_s, self.rewarm_start_c = t_s, arterial
+        if (
+            self.rewarm_start_s is not None
+            and self.rewarm_s is None
+            and arterial >= self.target_c - REWARM_BAND_C
+        ):
+            self.rewarm_s = t_s - self.rewarm_start_s
+        self.max_arterial_c = max(self.max_arterial_c, arterial)
+        if (
+            d.phase is Phase.perfusion
+            and self.perfusion_start_s is not None
+            and t_s >= self.perfusion_start_s + self.flow_settle_s
+        ):
+            err = truth.flow_ml_min - d.flow_target_ml_min
+            self.flow_sq_sum += err * err
+            self.flow_n += 1
+        self.peak_pressure = max(self.peak_pressure, truth.pa_pressure_mmhg)
+        self.peak_water = max(self.peak_water, truth.water_c)
+
+    def result(self, duration_s: float, wall_s: float, cpu_s: float) -> RunMetrics:
+        limit_s = None
+        if self.rewarm_start_c is not None:
+            rise_c = max(0.0, self.target_c - self.rewarm_start_c)
+            limit_s = GUIDELINE_ALLOWANCE * rise_c / GUIDELINE_C_PER_MIN * 60.0
+        return RunMetrics(
+            duration_s=duration_s,
+            wall_s=wall_s,
+            cpu_s=cpu_s,
+            alarm_onsets=dict(sorted(self.onsets.items())),
+            drug_phase_done_s=self.drug_done_s,
+            drug_elapsed_s=self.drug_elapsed_s,
+            rewarm_start_s=self.rewarm_start_s,
+            rewarm_start_c=self.rewarm_start_c,
+            rewarm_s=self.rewarm_s,
+            rewarm_limit_s=limit_s,
+            overshoot_c=max(0.0, self.max_arterial_c - self.target_c),
+            flow_rms_ml_min=(self.flow_sq_sum / self.flow_n) ** 0.5 if self.flow_n else None,
+            peak_pressure_mmhg=self.peak_pressure,
+            peak_water_c=self.peak_water,
+        )
+
+
+def run_metrics(cfg: CartConfig, duration_s: float = 2400.0) -> RunMetrics:
+    """Run ``cfg`` (with a simulator section) for ``duration_s`` of virtual time and measure."""
+    cart = VirtualCart(cfg)
+    collect = _Collector(cfg)
+    t0, c0 = time.perf_counter(), time.process_time()
+    cart.run_for(duration_s, collect)
+    return collect.result(duration_s, time.perf_counter() - t0, time.process_time() - c0)

@@ -1,0 +1,303 @@
+"""Autotune: FOPDT identification (pure), SIMC gains, the step test's safe bounds, config
+overlays, and `ilup tune` end to end against `ilup sim` over real Modbus TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from procs import Proc, read_signal, session, write_cart_config
+from ruamel.yaml import YAML
+
+from ilup_controller.broker import MosquittoProcess
+from ilup_controller.config import ConfigError, load_config
+from ilup_controller.config.models import CartConfig, SimPlant
+from ilup_controller.tuning.identify import Fopdt, add_lag, fit_step, simc_pi
+from ilup_controller.tuning.steptest import Measured, Stage, StepPlan, StepTest
+
+SIM = Path("config/sim.yaml")
+
+
+# ------------------------------------------------------------------ identification (pure)
+
+
+@pytest.mark.parametrize(
+    ("gain", "tau_s", "theta_s", "du", "dt_s", "noise", "drift_per_s"),
+    [
+        (0.35, 120.0, 9.0, 20.0, 0.5, 0.02, 0.002),  # water-like, drifting baseline
+        (0.72, 46.0, 8.4, 3.0, 0.5, 0.01, -0.001),  # perfusate-like
+        (33.0, 0.4, 0.2, 4.5, 0.02, 3.0, 0.0),  # flow-like: fast, noisy
+        (0.65, 0.4, 0.1, 4.5, 0.02, 0.2, 0.0),  # pressure-like
+    ],
+)
+def test_fit_step_recovers_a_fopdt_within_10_percent(
+    gain: float,
+    tau_s: float,
+    theta_s: float,
+    du: float,
+    dt_s: float,
+    noise: float,
+    drift_per_s: float,
+) -> None:
+    rng = random.Random(7)
+    span_s = 8.0 * tau_s + theta_s
+    ts = [i * dt_s for i in range(-round(0.5 * span_s / dt_s), round(span_s / dt_s))]
+    truth = Fopdt(gain, tau_s, theta_s)
+    ys = [10.0 + drift_per_s * t + truth.response(t, du) + rng.gauss(0.0, noise) for t in ts]
+    m = fit_step(ts, ys, t_step_s=0.0, du=du, detrend=drift_per_s != 0.0)
+    assert m.gain == pytest.approx(gain, rel=0.10)
+    assert m.time_constant_s == pytest.approx(tau_s, rel=0.10)
+    # A dead time below a few samples is judged against the sample period.
+    assert abs(m.dead_time_s - theta_s) <= max(0.10 * theta_s, 2 * dt_s)
+
+
+def test_simc_pi_gains_follow_the_rule() -> None:
+    g = simc_pi(Fopdt(gain=2.0, time_constant_s=10.0, dead_time_s=1.0))
+    # tau_c = theta = 1: kc = 10 / (2 * 2) = 2.5, tau_i = min(10, 8) = 8, ki = kc / tau_i.
+    assert (g.kp, g.ki, g.kd, g.tau_i_s) == pytest.approx((2.5, 0.3125, 0.0, 8.0))
+    slow = simc_pi(Fopdt(gain=2.0, time_constant_s=4.0, dead_time_s=1.0), tau_c_s=3.0)
+    assert (slow.kp, slow.ki) == pytest.approx((0.5, 0.125))  # tau_i = tau = 4
+    # The limiter's 0.3 s filter on a 0.4 s lag: tau 0.55 s, theta + 0.15 s (half rule).
+    lagged = add_lag(Fopdt(1.0, 0.4, 0.1), 0.3)
+    assert (lagged.time_constant_s, lagged.dead_time_s) == pytest.approx((0.55, 0.25))
+
+
+# ------------------------------------------------------------------ safe bounds (pure)
+
+
+def _cfg() -> CartConfig:
+    return load_config(SIM)
+
+
+def _run(test: StepTest, m: Measured, until_s: float, t0: float = 0.0) -> float:
+    t = t0
+    while t < until_s and not test.finished:
+        t += 0.1
+        test.step(t, 0.1, m)
+    return t
+
+
+def test_step_test_aborts_and_stops_the_pump_at_the_pressure_bound() -> None:
+    cfg = _cfg()
+    test = StepTest(cfg, StepPlan("flow", 350.0, 4.5, 5.0, 5.0, 15.0))
+    ok = Measured(350.0, 12.0, 34.0, 34.0)
+    _run(test, ok, 3.0)
+    assert test.stage is Stage.ramp or test.stage is Stage.settle
+    bound = cfg.control.pressure.limit_mmhg - cfg.control.pressure.margin_mmhg  # 23 mmHg
+    cmd = test.step(3.1, 0.1, Measured(350.0, bound + 0.01, 34.0, 34.0))
+    assert (cmd.pump_rpm, cmd.heater_pct) == (0.0, 0.0)
+    assert test.stage is Stage.aborted
+    assert "23.0 mmHg" in test.reason
+    later = test.step(3.2, 0.1, ok)
+    assert (later.pump_rpm, later.heater_pct) == (0.0, 0.0)  # never resumes by itself
+
+
+def test_step_test_heats_only_with_flow_proven_and_under_the_caps() -> None:
+    cfg = _cfg()
+    tc = cfg.control.temperature
+    plan = StepPlan("water", 500.0, 30.0, 10.0, 10.0, 600.0)
+    # Flow not proven at the end of settling: no heating at all.
+    no_flow = StepTest(cfg, plan)
+    _run(no_flow, Measured(tc.min_flow_ml_min - 1.0, 12.0, 34.0, 34.0), 60.0)
+    assert no_flow.stage is Stage.aborted
+    assert "not proven" in no_flow.reason
+    # Flow proven: the step heats at 30 %; at water cap - 0.5 the heater is off and the test ends.
+    test = StepTest(cfg, plan)
+    t = _run(test, Measured(500.0, 15.0, 34.0, 34.0), 25.0)
+    cmd = test.step(t + 0.1, 0.1, Measured(500.0, 15.0, 34.0, 36.0))
+    assert test.stage is Stage.step
+    assert cmd.heater_pct == 30.0
+    cmd = test.step(t + 0.2, 0.1, Measured(500.0, 15.0, 38.0, tc.water_cap_c - 0.5))
+    assert cmd.heater_pct == 0.0
+    assert test.stage is Stage.done
+    assert "cap" in test.reason
+    # Gradient at its limit: heater off as well.
+    grad = StepTest(cfg, plan)
+    t = _run(grad, Measured(500.0, 15.0, 34.0, 34.0), 25.0)
+    cmd = grad.step(t + 0.1, 0.1, Measured(500.0, 15.0, 34.0, 34.0 + tc.max_gradient_c))
+    assert cmd.heater_pct == 0.0
+    # Flow lost while heating: abort, pump and heater 0.
+    lost = StepTest(cfg, plan)
+    t = _run(lost, Measured(500.0, 15.0, 34.0, 34.0), 25.0)
+    cmd = lost.step(t + 0.1, 0.1, Measured(50.0, 15.0, 34.0, 35.0))
+    assert (cmd.pump_rpm, cmd.heater_pct, lost.stage) == (0.0, 0.0, Stage.aborted)
+
+
+# ------------------------------------------------------------------ overlays
+
+
+def test_overlay_deep_merges_and_errors_name_the_overlay_key(tmp_path: Path) -> None:
+    good = tmp_path / "tuned.yaml"
+    good.write_text("control: {temperature: {inner_pid: {kp: 12.5, ki: 0.25}}}\n")
+    cfg = load_config(SIM, [good])
+    assert (cfg.control.temperature.inner_pid.kp, cfg.control.temperature.inner_pid.ki) == (
+        12.5,
+        0.25,
+    )
+    assert cfg.control.temperature.target_c == 37.0  # untouched keys stay
+    assert cfg.control.flow.measured == "flow"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("control: {temperature: {inner_pid: {kp: -1, kq: 2}}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(SIM, [bad])
+    assert any(
+        p.startswith(f"{bad}: control.temperature.inner_pid.kp: Input should be greater than")
+        for p in e.value.problems
+    ), e.value.problems
+    assert f"{bad}: control.temperature.inner_pid.kq: unknown key" in e.value.problems
+    shape = tmp_path / "shape.yaml"
+    shape.write_text("control: {temperature: 3}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(SIM, [shape])
+    assert e.value.problems == [
+        f"{shape}: control.temperature: a single value cannot replace a mapping"
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "ilup_controller", "check-config", str(SIM), "--overlay", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert f"{bad}: control.temperature.inner_pid.kq: unknown key" in r.stderr
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def _true_line_pressure_mmhg(p: SimPlant, flow_ml_min: float) -> float:
+    """Steady PA pressure at the sensor (sim/plant.py: Linehan inverse + cannula + zero)."""
+    q_l_min = flow_ml_min / 1000.0
+    a = p.alpha_per_mmhg
+    vascular = ((1 + a * p.outflow_pressure_mmhg) ** 5 + 5 * a * p.pvr_wu * q_l_min) ** 0.2
+    return (vascular - 1) / a + p.cannula_resistance_mmhg_min_per_l * q_l_min
+
+
+SPEED = 5.0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("loop", ["flow", "pressure"])
+async def test_ilup_tune_identifies_the_simulated_plant(
+    tmp_path: Path, mosquitto: MosquittoProcess, loop: str
+) -> None:
+    cfg_path, cfg = write_cart_config(tmp_path, mosquitto.port)
+    assert cfg.simulator is not None
+    plant = cfg.simulator.plant
+    out = tmp_path / "tuned.yaml"
+    async with session() as procs:
+        procs.append(Proc(["sim", "-c", str(cfg_path), "--speed", str(SPEED)], tmp_path / "s.log"))
+        tune = Proc(
+            [
+                "tune",
+                "-c",
+                str(cfg_path),
+                "--loop",
+                loop,
+                "--time-scale",
+                str(SPEED),
+                "-o",
+                str(out),
+            ],
+            tmp_path / "tune.log",
+        )
+        procs.append(tune)
+        rc = await asyncio.to_thread(tune.wait, 120)
+        assert rc == 0, tune.log()[-3000:]
+        # Driven safe at the end: the pump and heater command registers hold 0.
+        ports = {n: d.port for n, d in cfg.devices.items()}
+        assert await read_signal(cfg, ports, "pump_speed_setpoint") == 0.0
+        assert await read_signal(cfg, ports, "heater_power_setpoint") == 0.0
+    log = tune.log()
+    assert "SIMC (Skogestad 2003)" in log
+    check = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "ilup_controller",
+            "check-config",
+            str(cfg_path),
+            "--overlay",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stderr
+    data = YAML(typ="safe", pure=True).load(out.read_text())
+    key = "flow" if loop == "flow" else "pressure"
+    gains = data["control"][key]["pid"]
+    assert gains["kp"] > 0.0
+    assert gains["ki"] > 0.0
+    gain = float(log.split("K = ")[1].split()[0])
+    c = cfg.control.flow
+    if loop == "flow":
+        true_gain = plant.stroke_volume_ml_per_rev  # mL/min per rpm
+        tolerance = 0.03
+    else:
+        # Secant gain over the test's step: 70 % -> 100 % of the flow target.
+        lo, hi = 0.7 * c.target_ml_min, c.target_ml_min
+        f_lo = lo / c.stroke_volume_ml_per_rev * plant.stroke_volume_ml_per_rev
+        f_hi = hi / c.stroke_volume_ml_per_rev * plant.stroke_volume_ml_per_rev
+        true_gain = (
+            _true_line_pressure_mmhg(plant, f_hi) - _true_line_pressure_mmhg(plant, f_lo)
+        ) / ((hi - lo) / c.stroke_volume_ml_per_rev)
+        tolerance = 0.10
+    assert gain == pytest.approx(true_gain, rel=tolerance), (gain, true_gain)
+
+
+@pytest.mark.integration
+async def test_ilup_tune_refuses_while_a_daemon_is_online(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg_path, cfg = write_cart_config(tmp_path, mosquitto.port)
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+        await client.publish(
+            f"ilup/{cfg.cart_id}/status", json.dumps({"online": True}), qos=1, retain=True
+        )
+    r = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "ilup_controller", "tune", "-c", str(cfg_path), "--loop", "flow"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 3
+    assert "is online" in r.stderr
+    # Broker unreachable: refused unless the operator confirms.
+    mosquitto.stop()
+    r = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "ilup_controller", "tune", "-c", str(cfg_path), "--loop", "flow"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 3
+    assert "--assume-no-daemon" in r.stderr
+
+
+def test_proposal_bounds_the_gain_when_the_dead_time_is_not_resolved() -> None:
+    from ilup_controller.tuning.propose import propose
+
+    # Water loop as identified on the reference plant: theta below one sample.
+    p = propose(_cfg(), "water", Fopdt(gain=0.51, time_constant_s=923.0, dead_time_s=0.0))
+    # tau_c = tau / 10 = 92.3 s: kc = 923 / (0.51 * 92.3) = 19.6 %/degC, tau_i = 369 s.
+    assert p.gains.tau_c_s == pytest.approx(92.3)
+    assert p.gains.kp == pytest.approx(19.61, rel=1e-3)
+    assert p.gains.ki == pytest.approx(19.61 / 369.2, rel=1e-3)
+    assert p.overlay() == {
+        "control": {
+            "temperature": {
+                "inner_pid": {"kp": round(p.gains.kp, 6), "ki": round(p.gains.ki, 6), "kd": 0.0}
+            }
+        }
+    }
