@@ -66,6 +66,4 @@ def test_heater_driven_warming_still_latches_the_heater_off() -> None:
     assert onset.decision.loop.heater_pct == 0.0
     alarm = next(a for a in onset.decision.alarms if a.alarm_id == "heating_rate")
     assert "Reset once the rate is back under the limit" in alarm.message
-    assert all(
-        a.alarm_id != "warming_uncontrolled" for s in samples for a in s.decision.alarms
-    )
+    assert all(a.alarm_id != "warming_uncontrolled" for s in samples for a in s.decision.alarms)

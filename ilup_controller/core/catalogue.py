@@ -376,11 +376,11 @@ def render_markdown() -> str:
         "**No alarm deadlocks a procedure without telling the operator what to do.** A safe "
         "action is taken only where it acts on the cause: `heating_rate` switches the heater "
         "off only while the heater contributes heat (its water more than 0.5 degC above the "
-        "perfusate, whatever the command: a welded relay heats at 0 %), and its message "
-        "says to reset once the rate is under the limit. When the circuit warms by itself (a cold prime warmed by the body through "
-        "the lung) the same rate raises the advisory `warming_uncontrolled` instead: no "
-        "latch, no actuator held off, and a message that names the likely source and what to "
-        "do.",
+        "perfusate, whatever the command: a welded relay heats at 0 %), and its message says "
+        "to reset once the rate is under the limit. When the circuit warms by itself (a cold "
+        "prime warmed by the body through the lung) the same rate raises the advisory "
+        "`warming_uncontrolled` instead: no latch, no actuator held off, and a message that "
+        "names the likely source and what to do.",
         "",
         "| id | title | priority | technical | latching | default delay (s) | pump | heater "
         "| hazard |",
