@@ -158,7 +158,24 @@ _ENTRIES = [
         delay_s=5.0,
         heater=HeaterAction.off,
         hazard="H7 gas emboli from outgassing",
-        message="perfusate warming at {value} degC/min > {limit} degC/min: heater off",
+        message="perfusate warming at {value} degC/min > {limit} degC/min with the heater "
+        "contributing: heater off. Reset once the rate is back under the limit to resume "
+        "rewarming",
+    ),
+    # Rule for a condition the controller cannot act on: it never latches an actuator off (that
+    # would deadlock the procedure and change nothing) and its message says what to do.
+    AlarmDef(
+        id="warming_uncontrolled",
+        title="Perfusate warming faster than the limit, not by the heater",
+        priority=_M,
+        technical=False,
+        latching=False,
+        delay_s=5.0,
+        hazard="H7 gas emboli from outgassing",
+        message="perfusate warming at {value} degC/min > {limit} degC/min with the heater not "
+        "contributing (its water not above the perfusate): heat comes from the body through the "
+        "lung or from the room. Check the lung and patient temperature; cool the water or "
+        "lower the flow if it must slow. Rewarming continues on its own",
     ),
     AlarmDef(
         id="gradient",
@@ -467,6 +484,15 @@ def render_markdown() -> str:
         "",
         "An alarm marked *safe_stop* also takes a running procedure to safe_stop: nothing "
         "restarts until the operator resets it and resumes.",
+        "",
+        "**No alarm deadlocks a procedure without telling the operator what to do.** A safe "
+        "action is taken only where it acts on the cause: `heating_rate` switches the heater "
+        "off only while the heater contributes heat (its water more than 0.5 degC above the "
+        "perfusate, whatever the command: a welded relay heats at 0 %), and its message says "
+        "to reset once the rate is under the limit. When the circuit warms by itself (a cold "
+        "prime warmed by the body through the lung) the same rate raises the advisory "
+        "`warming_uncontrolled` instead: no latch, no actuator held off, and a message that "
+        "names the likely source and what to do.",
         "",
         "| id | title | priority | technical | latching | default delay (s) | pump | heater "
         "| procedure | hazard |",

@@ -21,7 +21,9 @@ from ilup_controller.core.sensors import Run, SensorCheck, resolution_of
 from ilup_controller.core.types import Readings
 
 STARTUP_GRACE_S = 5.0  # a sensor never read is a fault only after this long
-SERVO_STOP = "pressure_servo_stop"  # the loop stopped the pump ahead of the stop limit
+SERVO_STOP = "pressure_servo_stop"
+# Water this far above the perfusate means the heater-cooler is still adding heat.
+HEATER_CONTRIBUTES_C = 0.5  # the loop stopped the pump ahead of the stop limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,8 +313,14 @@ class Monitor:
         )
         out["water_cap"] = _above(water, c.temperature.water_cap_c)
         rate = self._heating.add(t_s, temp)
-        out["heating_rate"] = Condition(
-            rate is not None and rate > a.heating_rate_c_per_min, rate, a.heating_rate_c_per_min
+        too_fast = rate is not None and rate > a.heating_rate_c_per_min
+        # Switching the heater off only helps when the heater is the heat source, i.e. its
+        # water is above the perfusate (whatever the command: a welded relay commands 0 % and
+        # heats; a heater on into water colder than the perfusate adds nothing to it).
+        heater_heats = water is None or temp is None or water - temp > HEATER_CONTRIBUTES_C
+        out["heating_rate"] = Condition(too_fast and heater_heats, rate, a.heating_rate_c_per_min)
+        out["warming_uncontrolled"] = Condition(
+            too_fast and not heater_heats, rate, a.heating_rate_c_per_min
         )
         grad = None if water is None or temp is None else water - temp
         out["gradient"] = Condition(
