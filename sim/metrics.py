@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from ilup_controller.config.models import CartConfig
@@ -22,6 +22,7 @@ GUIDELINE_C_PER_MIN = 0.5
 GUIDELINE_ALLOWANCE = 1.25
 REWARM_BAND_C = 0.3  # "rewarmed": true arterial temperature within this of the target
 FLOW_SETTLE_S = 30.0  # after the flow ramp, before flow RMS counts
+RATE_WINDOW_S = 120.0  # "never faster than 0.5 degC/min over any 2-minute window"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,10 @@ class RunMetrics:
     flow_rms_ml_min: float | None  # true flow vs target in perfusion, after the ramp settles
     peak_pressure_mmhg: float  # highest true line pressure (where the sensor sits)
     peak_water_c: float
+    # Guideline checks on the true plant: fastest arterial warming over any RATE_WINDOW_S, and
+    # the largest water-to-arterial gradient while the perfusate is at or above 30 degC.
+    max_rate_c_per_min: float = 0.0
+    max_gradient_c: float = 0.0
 
     @property
     def onsets(self) -> int:
@@ -85,6 +90,9 @@ class _Collector:
         self.flow_n = 0
         self.peak_pressure = -math.inf
         self.peak_water = -math.inf
+        self._arterial_1s: deque[tuple[float, float]] = deque()  # (t, lowest arterial that second)
+        self.max_rate = 0.0
+        self.max_gradient = 0.0
 
     def __call__(self, s: Sample) -> None:
         d, truth = s.decision, s.truth
@@ -109,6 +117,9 @@ class _Collector:
         ):
             self.rewarm_s = t_s - self.rewarm_start_s
         self.max_arterial_c = max(self.max_arterial_c, arterial)
+        self._rate_window(t_s, arterial)
+        if arterial >= 30.0:
+            self.max_gradient = max(self.max_gradient, truth.water_c - arterial)
         if (
             d.phase is Phase.perfusion
             and self.perfusion_start_s is not None
@@ -119,6 +130,17 @@ class _Collector:
             self.flow_n += 1
         self.peak_pressure = max(self.peak_pressure, truth.pa_pressure_mmhg)
         self.peak_water = max(self.peak_water, truth.water_c)
+
+    def _rate_window(self, t_s: float, arterial: float) -> None:
+        """Largest rise over any RATE_WINDOW_S, from one sample a second (lowest first)."""
+        pts = self._arterial_1s
+        if not pts or t_s - pts[-1][0] >= 1.0 - 1e-9:
+            pts.append((t_s, arterial))
+            while t_s - pts[0][0] > RATE_WINDOW_S + 1e-9:
+                pts.popleft()
+            if t_s - pts[0][0] >= RATE_WINDOW_S - 1.0:
+                rise = arterial - min(v for _, v in pts)
+                self.max_rate = max(self.max_rate, rise / RATE_WINDOW_S * 60.0)
 
     def result(self, duration_s: float, wall_s: float, cpu_s: float) -> RunMetrics:
         limit_s = None
@@ -140,6 +162,8 @@ class _Collector:
             flow_rms_ml_min=(self.flow_sq_sum / self.flow_n) ** 0.5 if self.flow_n else None,
             peak_pressure_mmhg=self.peak_pressure,
             peak_water_c=self.peak_water,
+            max_rate_c_per_min=self.max_rate,
+            max_gradient_c=self.max_gradient,
         )
 
 

@@ -182,14 +182,44 @@ class TemperatureLoop(Strict):
     command: Name = Field(description="Signal: heater power command, %.")
     target_c: Finite = Field(37.0, ge=20.0, le=42.0)
     ramp_c_per_min: Pos = Field(
-        0.4, le=2.0, description="Setpoint rewarming rate; below the 0.5 degC/min alarm."
+        0.45,
+        le=2.0,
+        description="Rewarming rate asked of the perfusate, degC/min; under the 0.5 degC/min "
+        "guideline limit by the margin a 2-minute window of readings needs.",
+    )
+    landing_s: Pos = Field(
+        60.0,
+        ge=10.0,
+        le=1800.0,
+        description="Time constant of the approach to the target, s: the asked rate is "
+        "(target - perfusate) / landing_s, at most ramp_c_per_min (no overshoot).",
+    )
+    rate_window_s: Pos = Field(
+        30.0,
+        ge=5.0,
+        le=300.0,
+        description="Perfusate warming rate: slope of a line through this much of the "
+        "readings, s (longer: smoother on a coarse or noisy probe, slower).",
+    )
+    exchanger_time_constant_s: NonNeg = Field(
+        60.0,
+        le=1800.0,
+        description="Perfusate heat capacity over exchanger UA (C/UA), s: the feed-forward "
+        "gradient for a rate is rate x this. `ilup tune --loop perfusate` measures it.",
     )
     water_cap_c: Finite = Field(42.0, le=42.0, description="Heater water never above this.")
     max_gradient_c: Pos = Field(
         4.0, le=10.0, description="Water setpoint at most this far above the perfusate."
     )
-    outer_pid: PidGains = PidGains(kp=2.0, ki=0.01)
-    inner_pid: PidGains = PidGains(kp=25.0, ki=0.5)
+    gradient_pid: PidGains = Field(
+        PidGains(kp=1.0, ki=0.02),
+        description="Outer loop: perfusate warming-rate error (degC/min) to the water-to-"
+        "perfusate gradient (degC): kp in degC per degC/min, ki per second.",
+    )
+    inner_pid: PidGains = Field(
+        PidGains(kp=50.0, ki=1.0),
+        description="Inner loop: water temperature error (degC) to heater power (%).",
+    )
     heater_max_pct: Finite = Field(100.0, gt=0.0, le=100.0)
     max_c: Finite = Field(
         39.0, le=42.0, description="Interlock: perfusate at or above this turns the heater off."

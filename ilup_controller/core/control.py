@@ -21,8 +21,8 @@ from ilup_controller.core.monitor import SERVO_STOP, Measured
 from ilup_controller.core.pid import Pid
 from ilup_controller.core.procedure import RUNNING, Phase
 from ilup_controller.core.ramp import approach
+from ilup_controller.core.rewarm import GradientLoop
 
-RAMP_LEAD_C = 0.2  # the rewarming setpoint may lead the perfusate by this much
 ControlMode = Literal["flow", "pressure"]
 OutputMode = Literal["auto", "manual"]
 SERVO_LOOKAHEAD_TICKS = 2  # reading age + time for a stop command to take effect
@@ -63,8 +63,9 @@ class Controller:
         self._flow_pid = Pid(c.flow.pid, -c.flow.trim_limit_rpm, c.flow.trim_limit_rpm)
         self._pressure_pid = Pid(c.pressure.pid, 0.0, c.flow.speed_max_rpm)
         t = c.temperature
-        # Outer loop output: water setpoint relative to the perfusate setpoint.
-        self._outer_pid = Pid(t.outer_pid, -10.0, t.max_gradient_c)
+        # Outer loop: the water-to-perfusate gradient from the warming rate (core/rewarm.py).
+        self._gradient = GradientLoop(t)
+        self._heating = False
         self._inner_pid = Pid(t.inner_pid, 0.0, t.heater_max_pct)
 
     def set_mode(
@@ -207,27 +208,30 @@ class Controller:
         tc = self._cfg.control.temperature
         temp_c, water_c = m.temperature_c, m.water_temperature_c
         blocked = self._heater_block(m, phase, action, reason)
-        if temp_c is not None:
-            if self._temp_sp is None or blocked is not None:
-                # The rewarming ramp starts from where the perfusate is when heating may begin.
-                self._temp_sp = min(temp_c, self.temperature_target_c)
-            # Rewarming is rate-limited (<= 0.5 degC/min) and may lead the perfusate by only
-            # RAMP_LEAD_C, so a lagging circuit is not then rewarmed at full power.
-            self._temp_sp = approach(
-                self._temp_sp,
-                min(self.temperature_target_c, max(temp_c + RAMP_LEAD_C, self._temp_sp - 1e-9)),
-                tc.ramp_c_per_min / 60.0 * dt_s,
-                math.inf,
-            )
-        if blocked is not None or temp_c is None or water_c is None or self._temp_sp is None:
+        if blocked is not None or temp_c is None or water_c is None:
             self._heater_pct = 0.0
             self._inner_pid.track(0.0)
-            if temp_c is not None and water_c is not None and self._temp_sp is not None:
-                self._outer_pid.track(water_c - self._temp_sp)
+            self._heating = False
+            if temp_c is not None:
+                self._temp_sp = min(temp_c, self.temperature_target_c)
             return 0.0, None, blocked or "temperature_unmeasured"
-        offset_c = self._outer_pid.update(self._temp_sp, temp_c, dt_s)
-        water_sp = min(self._temp_sp + offset_c, temp_c + tc.max_gradient_c, tc.water_cap_c - 0.5)
-        self._outer_pid.track(water_sp - self._temp_sp)
+        if not self._heating:
+            self._gradient.reset(water_c, temp_c)
+            self._heating = True
+        demand = self._gradient.step(
+            dt_s,
+            temp_c,
+            water_c,
+            self.temperature_target_c,
+            heater_at_min=self._heater_pct <= 0.0,
+            heater_at_max=self._heater_pct >= tc.heater_max_pct,
+        )
+        # Shown as the setpoint: where the asked rate is heading (the target once landing).
+        self._temp_sp = min(
+            self.temperature_target_c,
+            demand.perfusate_c + demand.rate_target_c_per_min / 60.0 * tc.landing_s,
+        )
+        water_sp = demand.water_setpoint_c
         heater = self._inner_pid.update(water_sp, water_c, dt_s)
         self._heater_pct = min(max(heater, 0.0), tc.heater_max_pct)
         self._inner_pid.track(self._heater_pct)

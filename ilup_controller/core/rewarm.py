@@ -1,0 +1,166 @@
+"""Rewarming by the water-to-perfusate gradient: the outer loop of the temperature cascade.
+
+Why a gradient, not a perfusate setpoint: the heat the exchanger gives the perfusate is
+UA (T_water - T_perfusate), so with the water held at ``perfusate + G`` the perfusate warms at
+(UA G - losses) / C whatever its own temperature. The perfusate's own time constant drops out of
+the loop; what is left from G to the warming rate is a static gain with the water's and the
+probe's lags. So the outer loop controls the *rate* of the measured perfusate temperature:
+
+- the rate it asks for is ``min(ramp, (target - T) / landing_s)``: the guideline's rewarming
+  rate (kept under 0.5 degC/min), then a first-order landing with no overshoot;
+- G = feed-forward (the asked rate times the exchanger's time constant C/UA: the heat the ramp
+  needs) + PI on the rate error (the losses, and what the feed-forward does not know);
+- the water setpoint is ``T + G``, capped by the gradient limit and the water cap.
+
+The rate and T come from a least-squares line through the last ``rate_window_s`` of readings
+(one-second means): a quantised probe (0.1 degC) or a noisy one still gives a usable slope, and
+its transport delay only shifts that line in time. The estimate is pure code: explicit time,
+no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from ilup_controller.config.models import TemperatureLoop
+
+_BUCKET_S = 1.0
+_MIN_POINTS = 5
+
+
+class RateEstimator:
+    """Slope (degC/s) and current value of a reading, from a line fitted through one-second
+    means over the last ``window_s``."""
+
+    def __init__(self, window_s: float) -> None:
+        self._window_s = window_s
+        self._points: deque[tuple[float, float]] = deque()
+        self._bucket_t0: float | None = None
+        self._bucket_sum = 0.0
+        self._bucket_n = 0
+        self.slope_c_per_s: float | None = None
+        self.value_c: float | None = None
+
+    def clear(self) -> None:
+        self._points.clear()
+        self._bucket_t0 = None
+        self._bucket_sum, self._bucket_n = 0.0, 0
+        self.slope_c_per_s = self.value_c = None
+
+    def add(self, t_s: float, value_c: float) -> None:
+        if self._bucket_t0 is None:
+            self._bucket_t0 = t_s
+        if t_s - self._bucket_t0 >= _BUCKET_S - 1e-9:
+            self._close_bucket()
+            self._bucket_t0 = t_s
+        self._bucket_sum += value_c
+        self._bucket_n += 1
+        if self.value_c is None:
+            self.value_c = value_c
+
+    def _close_bucket(self) -> None:
+        assert self._bucket_t0 is not None
+        if self._bucket_n == 0:
+            return
+        t_mid = self._bucket_t0 + 0.5 * _BUCKET_S
+        self._points.append((t_mid, self._bucket_sum / self._bucket_n))
+        self._bucket_sum, self._bucket_n = 0.0, 0
+        while self._points and t_mid - self._points[0][0] > self._window_s:
+            self._points.popleft()
+        self._fit()
+
+    def _fit(self) -> None:
+        pts = self._points
+        n = len(pts)
+        if n < _MIN_POINTS:
+            self.value_c = pts[-1][1]
+            self.slope_c_per_s = None
+            return
+        t_mean = sum(t for t, _ in pts) / n
+        y_mean = sum(y for _, y in pts) / n
+        stt = sum((t - t_mean) ** 2 for t, _ in pts)
+        sty = sum((t - t_mean) * (y - y_mean) for t, y in pts)
+        slope = sty / stt if stt > 0.0 else 0.0
+        self.slope_c_per_s = slope
+        # The line's value now: its newest point is half a bucket old.
+        self.value_c = y_mean + slope * (pts[-1][0] + 0.5 * _BUCKET_S - t_mean)
+
+
+@dataclass(frozen=True, slots=True)
+class GradientDemand:
+    water_setpoint_c: float
+    rate_target_c_per_min: float
+    rate_c_per_min: float | None
+    perfusate_c: float  # the fitted perfusate temperature the demand was computed from
+
+
+class GradientLoop:
+    """Water setpoint from the perfusate readings (module docstring). ``track`` keeps the
+    integral consistent with the water the heater really achieves (anti-windup)."""
+
+    def __init__(self, cfg: TemperatureLoop) -> None:
+        self._cfg = cfg
+        self._rate = RateEstimator(cfg.rate_window_s)
+        self._integral_c = 0.0
+        self._t_s = 0.0
+
+    def reset(self, water_c: float | None, perfusate_c: float | None) -> None:
+        """Heating (re)starts: forget the slope, start the integral from the present gradient
+        less what the feed-forward will add, so the first demand is what the water is."""
+        self._rate.clear()
+        self._integral_c = 0.0
+        if water_c is not None and perfusate_c is not None:
+            self._integral_c = min(max(water_c - perfusate_c, 0.0), self._cfg.max_gradient_c)
+
+    def step(
+        self,
+        dt_s: float,
+        perfusate_c: float,
+        water_c: float,
+        target_c: float,
+        *,
+        heater_at_min: bool,
+        heater_at_max: bool,
+    ) -> GradientDemand:
+        """``heater_at_min``/``heater_at_max``: the heater's last command sat at a limit, so
+        the water can follow the setpoint only as fast as its own losses or full power allow."""
+        c = self._cfg
+        self._t_s += dt_s
+        self._rate.add(self._t_s, perfusate_c)
+        temp_c = self._rate.value_c if self._rate.value_c is not None else perfusate_c
+        slope = self._rate.slope_c_per_s
+        ramp_c_per_s = c.ramp_c_per_min / 60.0
+        rate_target = min(max((target_c - temp_c) / c.landing_s, -ramp_c_per_s), ramp_c_per_s)
+        ff_c = max(rate_target, 0.0) * c.exchanger_time_constant_s
+        g = c.gradient_pid
+        if slope is None:
+            p_c, error = 0.0, 0.0
+        else:
+            # A falling reading as heating starts is mostly the cooler perfusate still in the
+            # tubing reaching the probe: counted as no warming, not chased.
+            error = rate_target - max(slope, min(rate_target, 0.0))
+            p_c = g.kp * error * 60.0  # gains per degC/min of rate error
+        gradient_c = ff_c + p_c + self._integral_c
+        low_c = -c.max_gradient_c  # below the perfusate: the heater is off, the water cools
+        high_c = c.max_gradient_c
+        applied_c = min(max(gradient_c, low_c), high_c)
+        water_sp = min(temp_c + applied_c, c.water_cap_c - 0.5)
+        # Integrate only where the water can follow: not past a clamp, not further down while
+        # the water is already above its setpoint with the heater off (it can only cool by its
+        # losses), not further up while it lags below with the heater flat out.
+        stuck_high = heater_at_min and water_c > water_sp + 0.3 and error < 0.0
+        stuck_low = heater_at_max and water_c < water_sp - 0.3 and error > 0.0
+        clamped = (gradient_c > high_c and error > 0.0) or (gradient_c < low_c and error < 0.0)
+        # A falling reading is not integrated against: it is the tubing's cooler perfusate
+        # reaching the probe, or a sink the P term and the feed-forward already answer, and
+        # winding up on it would overshoot the rate once it passes.
+        falling = slope is not None and slope < 0.0 and error > 0.0
+        if slope is not None and not (stuck_high or stuck_low or clamped or falling):
+            self._integral_c += g.ki * error * 60.0 * dt_s
+        return GradientDemand(
+            water_setpoint_c=water_sp,
+            rate_target_c_per_min=rate_target * 60.0,
+            rate_c_per_min=None if slope is None else slope * 60.0,
+            perfusate_c=temp_c,
+        )
