@@ -93,7 +93,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run_daemon(_load(args.config, args.overlay)))
+    from ilup_controller.config.secrets import with_mqtt_password
+
+    cfg, where = with_mqtt_password(_load(args.config, args.overlay), source=args.config)
+    logging.getLogger("ilup.cli").info("MQTT password: %s", where)  # the source, never the value
+    return asyncio.run(_run_daemon(cfg))
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
