@@ -96,7 +96,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ilup_controller.config.secrets import with_mqtt_password
 
     cfg, where = with_mqtt_password(_load(args.config, args.overlay), source=args.config)
-    logging.getLogger("ilup.cli").info("MQTT password: %s", where)  # the source, never the value
+    if cfg.mqtt.password is not None:  # the source, never the value
+        logging.getLogger("ilup.cli").info("MQTT password: %s", where)
     return asyncio.run(_run_daemon(cfg))
 
 
