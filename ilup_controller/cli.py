@@ -39,11 +39,24 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def _run_daemon(cfg: CartConfig) -> int:
-    from ilup_controller.runtime.daemon import Daemon
-    from ilup_controller.runtime.watchdog import StartRefused
+    from ilup_controller.runtime.lock import CartLockError, cart_lock
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
+    try:
+        # One daemon per cart: locked before any device, broker or record is touched (and
+        # before the heavy imports, so a second start is refused at once).
+        with cart_lock(cfg.cart_id, cfg.record.directory):
+            return await _run_locked(cfg, stop)
+    except CartLockError as e:
+        print(f"ilup run: refusing to start: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+async def _run_locked(cfg: CartConfig, stop: asyncio.Event) -> int:
+    from ilup_controller.runtime.daemon import Daemon
+    from ilup_controller.runtime.watchdog import StartRefused
+
     try:
         await Daemon(cfg).run(stop)
     except StartRefused as e:
@@ -95,7 +108,12 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run_daemon(_load(args.config, args.overlay)))
+    from ilup_controller.config.secrets import with_mqtt_password
+
+    cfg, where = with_mqtt_password(_load(args.config, args.overlay), source=args.config)
+    if cfg.mqtt.password is not None:  # the source, never the value
+        logging.getLogger("ilup.cli").info("MQTT password: %s", where)
+    return asyncio.run(_run_daemon(cfg))
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:

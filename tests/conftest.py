@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,13 @@ from ilup_controller.broker import MosquittoProcess, mosquitto_binary
 
 # pymodbus logs every retry and reconnect at INFO/DEBUG; keep test output readable.
 logging.getLogger("pymodbus").setLevel(logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _own_runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's daemons take their cart lock (runtime/lock.py) in the test's own runtime
+    dir, so tests running at the same time on one computer never refuse each other."""
+    monkeypatch.setenv("ILUP_RUNTIME_DIR", str(tmp_path / "run"))
 
 
 @pytest.fixture

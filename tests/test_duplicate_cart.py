@@ -31,7 +31,7 @@ def _link_ups(*daemons: Proc) -> int:
 
 
 async def test_two_daemons_with_one_cart_id_raise_an_alarm_and_back_off(
-    tmp_path: Path, mosquitto: MosquittoProcess
+    tmp_path: Path, mosquitto: MosquittoProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     paths = []
     for name in ("a", "b"):
@@ -46,8 +46,11 @@ async def test_two_daemons_with_one_cart_id_raise_an_alarm_and_back_off(
     async with session(sub) as procs:
         for name, path in zip("ab", paths, strict=True):
             procs.append(Proc(["sim", "-c", str(path)], tmp_path / name / "sim.log"))
+        # Two computers: each daemon has its own runtime dir, so the cart lock does not apply.
+        monkeypatch.setenv("ILUP_RUNTIME_DIR", str(tmp_path / "a" / "run"))
         procs.append(a := Proc(["run", "-c", str(paths[0])], tmp_path / "a" / "daemon.log"))
         await wait_until(lambda: "daemon started" in a.log(), 30.0, 0.05, "daemon a started")
+        monkeypatch.setenv("ILUP_RUNTIME_DIR", str(tmp_path / "b" / "run"))
         procs.append(b := Proc(["run", "-c", str(paths[1])], tmp_path / "b" / "daemon.log"))
         t_b = loop.time()
 

@@ -11,7 +11,14 @@ import math
 from enum import StrEnum
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -336,7 +343,20 @@ class Mqtt(Strict):
     port: int = Field(1883, ge=1, le=65535)
     protocol: Literal["3.1.1", "5"] = "5"
     username: str | None = None
-    password: str | None = None
+    password: str | None = Field(
+        None,
+        description=(
+            "Broker password in the YAML (lowest precedence). Prefer password_file, "
+            "$ILUP_MQTT_PASSWORD or the systemd credential mqtt-password (docs/deployment.md)."
+        ),
+    )
+    password_file: str | None = Field(
+        None,
+        description=(
+            "File holding the broker password (one line, mode 0600). Used unless the systemd "
+            "credential $CREDENTIALS_DIRECTORY/mqtt-password or $ILUP_MQTT_PASSWORD is set."
+        ),
+    )
     tls: MqttTls | None = Field(None, description="Connect over TLS (port 8883 usually).")
     topic_prefix: str = Field("ilup", pattern=r"^[A-Za-z0-9_\-/]+$")
     keepalive_s: int = Field(5, ge=2, le=600)
@@ -345,6 +365,13 @@ class Mqtt(Strict):
         2000, ge=1, le=100000, description="Events and replies waiting for the broker."
     )
     reconnect_max_s: Pos = 5.0
+
+    @field_validator("password_file")
+    @classmethod
+    def _one_password_source(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("password") is not None:
+            raise ValueError("set either mqtt.password or mqtt.password_file, not both")
+        return v
 
 
 # --------------------------------------------------------------------------- record

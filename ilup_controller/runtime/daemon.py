@@ -29,6 +29,7 @@ from ilup_controller.mqtt.messages import Event
 from ilup_controller.mqtt.topics import ALARMS, EVENTS
 from ilup_controller.record.recorder import Recorder, RecorderError
 from ilup_controller.runtime.commands import CommandIntake, PendingReply
+from ilup_controller.runtime.notify import Notifier
 from ilup_controller.runtime.recovery import open_procedure
 from ilup_controller.runtime.state import build_alarms, build_event, build_state
 from ilup_controller.runtime.ticker import Ticker
@@ -59,6 +60,7 @@ class Daemon:
         self._device_events: list[str] = []
         self.alarm_onsets = 0  # for benchmarks and soak checks: a healthy run has none
         self._alarm_signature: tuple[object, ...] | None = None
+        self.notify = Notifier()  # systemd Type=notify; a no-op without $NOTIFY_SOCKET
 
     def _safe_outputs(self) -> dict[str, float]:
         c = self.cfg.control
@@ -146,6 +148,7 @@ class Daemon:
         """Actuators safe first, then the record says why, then the links close. Each step is
         guarded on its own: a failure in one (e.g. the exception that crashed the control
         task) never skips the safe writes or the record."""
+        self.notify.stopping()
         stopper.cancel()
         if control is not None:
             control.cancel()
@@ -171,6 +174,7 @@ class Daemon:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        self.notify.close()
         log.info(
             "daemon stopped ticks=%d overruns=%d",
             self.ticker.stats.ticks,
@@ -253,9 +257,22 @@ class Daemon:
             self.recorder.sample(state, t_mono_s=t_s)
             self._publish_command_events(command_events, replies)
             self._publish_alarms_and_events(r, utc_of)
+            self._notify_systemd(r, first=seq == 0, now_s=loop.time())
             seq += 1
             if on_tick is not None:
                 on_tick(t_s, started_s, time.monotonic())
+
+    def _notify_systemd(self, r: TickResult, *, first: bool, now_s: float) -> None:
+        """READY=1 after the first tick (watchdogs armed before it), then STATUS= on change
+        and WATCHDOG=1 from this loop only, so a hung control task stops the pings."""
+        assert self.core is not None
+        high = sum(1 for a in r.alarms if a.priority == "high")
+        status = f"phase {r.phase.value}, {len(r.alarms)} active alarm(s), {high} high"
+        if first:
+            self.notify.notify_ready(status)
+        else:
+            self.notify.status(status)
+        self.notify.tick(now_s, self.core.continuity.gap_limit_s)
 
     def _publish_command_events(
         self, events: list[CommandEvent], replies: list[PendingReply]
