@@ -11,7 +11,13 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from ilup_controller.config.models import CartConfig
-from ilup_controller.tuning.identify import Fopdt, PiGains, add_lag, simc_pi
+from ilup_controller.tuning.identify import (
+    Fopdt,
+    IdentificationError,
+    PiGains,
+    add_lag,
+    simc_pi,
+)
 from ilup_controller.tuning.steptest import Loop
 
 # Where each loop's gains live in the config, and the units of its model (output per input).
@@ -19,7 +25,7 @@ GAIN_PATH: dict[Loop, tuple[str, ...]] = {
     "flow": ("control", "flow", "pid"),
     "pressure": ("control", "pressure", "pid"),
     "water": ("control", "temperature", "inner_pid"),
-    "perfusate": ("control", "temperature", "outer_pid"),
+    "perfusate": ("control", "temperature", "gradient_pid"),
 }
 MODEL_UNITS: dict[Loop, str] = {
     "flow": "mL/min per rpm (pump speed -> measured flow)",
@@ -36,6 +42,8 @@ class Proposal:
     tuned_on: Fopdt  # the identified model plus what the controller adds (the limiter filter)
     gains: PiGains
     current: tuple[float, float, float]  # kp, ki, kd in the config now
+    # Other settings of the same loop the model gives (key beside the gains -> value).
+    extra: dict[str, float] | None = None
 
     @property
     def key_path(self) -> str:
@@ -47,7 +55,9 @@ class Proposal:
             "ki": round(self.gains.ki, 6),
             "kd": round(self.gains.kd, 6),
         }
-        for key in reversed(GAIN_PATH[self.loop]):
+        path = GAIN_PATH[self.loop]
+        node = {path[-1]: node, **(self.extra or {})}
+        for key in reversed(path[:-1]):
             node = {key: node}
         return node
 
@@ -69,11 +79,14 @@ class Proposal:
             f"  {self.key_path}: kp = {g.kp:.5g}, ki = {g.ki:.5g} /s, kd = {g.kd:g} "
             f"(now kp = {self.current[0]:g}, ki = {self.current[1]:g}, kd = {self.current[2]:g})",
         ]
+        lines += [f"  {k} = {v:.4g}" for k, v in (self.extra or {}).items()]
         return "\n".join(lines)
 
 
 def propose(cfg: CartConfig, loop: Loop, model: Fopdt, *, tau_c_s: float | None = None) -> Proposal:
     c = cfg.control
+    if loop == "perfusate":
+        return _propose_gradient(cfg, model, tau_c_s)
     tuned_on = add_lag(model, c.pressure.filter_s) if loop == "pressure" else model
     # Never ask for a closed loop faster than the control tick can follow, nor (when the dead
     # time is below what the samples resolve, as on the water loop) faster than a tenth of the
@@ -84,9 +97,41 @@ def propose(cfg: CartConfig, loop: Loop, model: Fopdt, *, tau_c_s: float | None 
         "flow": c.flow.pid,
         "pressure": c.pressure.pid,
         "water": c.temperature.inner_pid,
-        "perfusate": c.temperature.outer_pid,
     }[loop]
     return Proposal(loop, model, tuned_on, gains, (current.kp, current.ki, current.kd))
+
+
+GRADIENT_RULE = (
+    "rate loop (core/rewarm.py): gradient -> warming rate is a static gain 60 K/tau per minute "
+    "with dead time theta + rate_window_s/2; SIMC for a dead-time process (integral, "
+    "tau_c = that dead time) plus a proportional part of half the inverse gain"
+)
+
+
+def _propose_gradient(cfg: CartConfig, model: Fopdt, tau_c_s: float | None) -> Proposal:
+    """The perfusate model (water -> perfusate, K tau theta) gives the rewarming loop: the
+    exchanger time constant C/UA = tau/K for the feed-forward, and the rate loop's gains."""
+    t = cfg.control.temperature
+    if model.gain <= 0.0 or model.time_constant_s <= 0.0:
+        raise IdentificationError(
+            f"perfusate model K={model.gain:g}, tau={model.time_constant_s:g} s: not a lag the "
+            "rewarming loop can use"
+        )
+    rate_gain_per_min = 60.0 * model.gain / model.time_constant_s  # (degC/min) per degC
+    dead_s = model.dead_time_s + t.rate_window_s / 2.0
+    tau_c = max(dead_s if tau_c_s is None else tau_c_s, 2.0 * cfg.control.tick_period_s)
+    ki = 1.0 / (rate_gain_per_min * (tau_c + dead_s))
+    kp = 0.5 / rate_gain_per_min
+    gains = PiGains(kp=kp, ki=ki, kd=0.0, tau_c_s=tau_c, tau_i_s=kp / ki, rule=GRADIENT_RULE)
+    g = t.gradient_pid
+    return Proposal(
+        "perfusate",
+        model,
+        model,
+        gains,
+        (g.kp, g.ki, g.kd),
+        extra={"exchanger_time_constant_s": round(model.time_constant_s / model.gain, 3)},
+    )
 
 
 def write_overlay(path: str | Path, proposals: list[Proposal]) -> None:
