@@ -219,7 +219,7 @@ class TemperatureLoop(Strict):
         4.0, le=10.0, description="Water setpoint at most this far above the perfusate."
     )
     gradient_pid: PidGains = Field(
-        PidGains(kp=1.0, ki=0.02),
+        PidGains(kp=1.0, ki=0.04),
         description="Outer loop: perfusate warming-rate error (degC/min) to the water-to-"
         "perfusate gradient (degC): kp in degC per degC/min, ki per second.",
     )

@@ -138,7 +138,7 @@ class GradientLoop:
             p_c, error = 0.0, 0.0
         else:
             # A falling reading as heating starts is mostly the cooler perfusate still in the
-            # tubing reaching the probe: counted as no warming, not chased.
+            # tubing reaching the probe: counted as no warming (not chased, not integrated).
             error = rate_target - max(slope, min(rate_target, 0.0))
             p_c = g.kp * error * 60.0  # gains per degC/min of rate error
         gradient_c = ff_c + p_c + self._integral_c
@@ -152,10 +152,7 @@ class GradientLoop:
         stuck_high = heater_at_min and water_c > water_sp + 0.3 and error < 0.0
         stuck_low = heater_at_max and water_c < water_sp - 0.3 and error > 0.0
         clamped = (gradient_c > high_c and error > 0.0) or (gradient_c < low_c and error < 0.0)
-        # A falling reading is not integrated against: it is the tubing's cooler perfusate
-        # reaching the probe, or a sink the P term and the feed-forward already answer, and
-        # winding up on it would overshoot the rate once it passes.
-        falling = slope is not None and slope < 0.0 and error > 0.0
+        falling = slope is not None and slope < 0.0 < rate_target
         if slope is not None and not (stuck_high or stuck_low or clamped or falling):
             self._integral_c += g.ki * error * 60.0 * dt_s
         return GradientDemand(
