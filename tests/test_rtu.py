@@ -66,7 +66,8 @@ def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
 def rtu_data(ctrl_end: str, sim_end: str, **line: Any) -> dict[str, Any]:
     """config/sim.yaml with its three devices as unit ids 1-3 on one RTU line.
 
-    8N2, not the usual 8E1: the Linux pty driver refuses parity (tcsetattr: EINVAL).
+    8N2, not the usual 8E1: the Linux pty driver refuses parity (tcsetattr: EINVAL). 115200
+    baud: at 19200 this register map at 10 Hz does not fit on one line (test below).
     """
     data: dict[str, Any] = YAML(typ="safe", pure=True).load(SIM.read_text(encoding="utf-8"))
     for name, dev in data["devices"].items():
@@ -74,7 +75,7 @@ def rtu_data(ctrl_end: str, sim_end: str, **line: Any) -> dict[str, Any]:
         dev.update(
             transport="rtu",
             unit_id=UNITS[name],
-            serial={"port": ctrl_end, "baudrate": 19200, "parity": "N", "stopbits": 2, **line},
+            serial={"port": ctrl_end, "baudrate": 115200, "parity": "N", "stopbits": 2, **line},
         )
     data["simulator"]["serial_ports"] = {ctrl_end: sim_end}
     return data
@@ -300,9 +301,9 @@ def _problems(data: dict[str, Any]) -> list[str]:
             "devices.pump: unit_id 0 is the RTU broadcast address",
         ),
         (
-            lambda d: d["devices"]["heater"]["serial"].update(baudrate=9600),
+            lambda d: d["devices"]["heater"]["serial"].update(baudrate=57600),
             "devices.heater.serial: differs from devices.io.serial on the same port /dev/A "
-            "(baudrate 9600 vs 19200)",
+            "(baudrate 57600 vs 115200)",
         ),
         (
             lambda d: d["devices"]["heater"].update(unit_id=2),
@@ -315,6 +316,14 @@ def _problems(data: dict[str, Any]) -> list[str]:
         (
             lambda d: d["devices"]["io"].update(transport="udp"),
             "devices.io.transport: Input should be 'tcp' or 'rtu'",
+        ),
+        (
+            # 3 devices, 12 requests a cycle, 191 bytes: 109 ms of characters + 24 silences
+            # of 2.0 ms = 158 ms of line time per 100 ms tick.
+            lambda d: [dev["serial"].update(baudrate=19200) for dev in d["devices"].values()],
+            "devices.io.serial.baudrate: line /dev/A at 19200 baud would be busy 158% of the "
+            "time (io 29.2 ms every 100 ms, pump 64.2 ms every 100 ms, heater 64.2 ms every "
+            "100 ms)",
         ),
     ],
 )
@@ -332,12 +341,17 @@ def test_rtu_config_loads_and_tcp_stays_the_default() -> None:
     line = cfg.devices["pump"].serial
     assert line is not None
     assert cfg.devices["pump"].transport == "rtu"
-    # 19200 8N2: 11 bits a character; 3.5 characters of silence = 2.005 ms.
-    assert line.char_s == pytest.approx(11 / 19200)
-    assert line.frame_gap_s == pytest.approx(0.0020052, abs=1e-6)
-    fast = line.model_copy(update={"baudrate": 115200})
-    assert fast.frame_gap_s == 0.00175  # fixed above 19200 baud
+    # 8N2: 11 bits a character; above 19200 baud the silence is a fixed 1.75 ms.
+    assert line.char_s == pytest.approx(11 / 115200)
+    assert line.frame_gap_s == 0.00175
+    slow = line.model_copy(update={"baudrate": 19200})
+    assert slow.frame_gap_s == pytest.approx(3.5 * 11 / 19200)  # 2.005 ms
     assert line.model_copy(update={"inter_frame_delay_s": 0.01}).frame_gap_s == 0.01
+    # Slower polling makes 19200 baud fit: 158% of 100 ms is 79% of 200 ms.
+    data = rtu_data("/dev/A", "/dev/B", baudrate=19200)
+    for dev in data["devices"].values():
+        dev["poll_period_s"] = 0.2
+    assert config_from_data(data).devices["io"].serial is not None
     # The shipped TCP configuration is unchanged: host/port, transport tcp by default.
     tcp = load_config(SIM)
     assert {d.transport for d in tcp.devices.values()} == {"tcp"}

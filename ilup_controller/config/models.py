@@ -549,6 +549,7 @@ class CartConfig(Strict):
                 )
         errors.extend(_overlaps(self.signals))
         errors.extend(_serial_lines(self.devices, self.simulator))
+        errors.extend(_line_budgets(self))
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -612,4 +613,35 @@ def _serial_lines(devices: dict[str, Device], simulator: Simulator | None) -> li
         for port in simulator.serial_ports:
             if port not in first:
                 errors.append(f"simulator.serial_ports.{port}: no rtu device on this port")
+    return errors
+
+
+def _line_budgets(cfg: CartConfig) -> list[str]:
+    """A line that cannot carry its devices' cycles at their poll periods is refused: the
+    readings would silently age (shared/libraries.md 7.6)."""
+    from ilup_controller.modbus.bus import line_time_per_cycle_s
+
+    share: dict[str, list[tuple[str, float, float]]] = {}  # port -> (device, ms, period)
+    for name, dev in cfg.devices.items():
+        if dev.serial is None:
+            continue
+        signals = {n: s for n, s in cfg.signals.items() if s.device == name}
+        busy_s = line_time_per_cycle_s(dev.serial, signals)
+        period_s = dev.poll_period_s or cfg.control.tick_period_s
+        share.setdefault(dev.serial.port, []).append((name, busy_s, period_s))
+    errors: list[str] = []
+    for port, devices in share.items():
+        load = sum(busy_s / period_s for _, busy_s, period_s in devices)
+        if load > 1.0:
+            first = devices[0][0]
+            baud = cfg.devices[first].serial.baudrate  # type: ignore[union-attr]
+            parts = ", ".join(
+                f"{n} {busy_s * 1000:.1f} ms every {period_s * 1000:.0f} ms"
+                for n, busy_s, period_s in devices
+            )
+            errors.append(
+                f"devices.{first}.serial.baudrate: line {port} at {baud} baud would be busy "
+                f"{load * 100:.0f}% of the time ({parts}); raise the baud rate or the "
+                "devices' poll_period_s"
+            )
     return errors

@@ -24,9 +24,9 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.client.base import ModbusBaseClient
 from pymodbus.framer import FramerType
 
-from ilup_controller.config.models import Device, SerialLine
+from ilup_controller.config.models import Device, SerialLine, Signal
 
-__all__ = ["Bus", "serial_buses"]
+__all__ = ["Bus", "line_time_per_cycle_s", "serial_buses"]
 
 log = logging.getLogger("ilup.modbus")
 
@@ -160,3 +160,24 @@ def serial_buses(devices: Mapping[str, Device]) -> dict[str, Bus]:
         users = sorted(n for n, b in of_device.items() if b is bus)
         log.info("RTU line %s shared by %s", port, ", ".join(users))
     return of_device
+
+
+def line_time_per_cycle_s(line: SerialLine, signals: Mapping[str, Signal]) -> float:
+    """Lower bound of the line time one device's cycle takes: every writable signal written
+    and every read block read, with the frames' bytes at the baud rate and the inter-frame
+    silence before the request and before the reply (device processing time not counted)."""
+    from ilup_controller.modbus.plan import plan_reads  # plan imports the config models
+
+    frame_bytes = 0
+    transactions = 0
+    for sig in signals.values():
+        if sig.writable:
+            n = sig.register_count
+            # FC5/6 echo 8 bytes each way; FC16: 9 + 2n out, 8 back.
+            frame_bytes += 16 if n == 1 or sig.table == "coil" else 9 + 2 * n + 8
+            transactions += 1
+    for block in plan_reads(dict(signals)):
+        data = (block.count + 7) // 8 if block.is_bits else 2 * block.count
+        frame_bytes += 8 + 5 + data  # request; reply: id, fc, byte count, data, CRC
+        transactions += 1
+    return frame_bytes * line.char_s + 2 * transactions * line.frame_gap_s
