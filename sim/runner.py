@@ -72,7 +72,7 @@ class SimulatedCart:
         await self.servers.start()
         log.info(
             "simulator serving %s at speed x%g",
-            ", ".join(f"{d}=:{p}" for d, p in self.servers.ports().items()),
+            ", ".join(f"{d}={w}" for d, w in self.servers.where().items()),
             speed,
         )
         faults = asyncio.create_task(self._fault_listener(), name="sim-faults")

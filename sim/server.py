@@ -1,4 +1,6 @@
-"""Modbus TCP face of the plant simulator: one server per configured device.
+"""Modbus face of the plant simulator: one TCP server per TCP device, one RTU server per
+serial line (its devices as unit ids; the line is ``simulator.serial_ports[serial.port]``, the
+other end of the controller's pty or null-modem pair).
 
 The register maps come from the same CartConfig the controller reads, so the simulator can
 never disagree with the controller about an address. A client write to a holding register or
@@ -23,7 +25,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusBaseServer, ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from ilup_controller.config.models import CartConfig, Device, Signal, Table
@@ -73,7 +76,7 @@ class _DeviceServer:
     signals: dict[str, Signal]
     on_write: OnWrite
     faults: _Faults = field(default_factory=_Faults)
-    server: ModbusTcpServer | None = None
+    server: ModbusBaseServer | None = None  # an RTU line's server is shared by its devices
     port: int | None = None
     # Handler tasks parked in a delay; cancelled at stop so nothing outlives the server.
     parked: set[asyncio.Task[object]] = field(default_factory=set)
@@ -239,8 +242,23 @@ def _bind_error(host: str, port: int) -> str:
     return "the port was busy at that moment"
 
 
+class _SerialLineFaults:
+    """``trace_packet`` of one RTU line: drops the replies of its unresponsive devices (an RTU
+    reply starts with the unit id of the device that sends it)."""
+
+    def __init__(self, devices: list[_DeviceServer]) -> None:
+        self._devices = devices
+
+    def __call__(self, sending: bool, data: bytes) -> bytes:
+        if sending and data:
+            for ds in self._devices:
+                if ds.device.unit_id == data[0] and ds.faults.unresponsive:
+                    return b""
+        return data
+
+
 class SimModbusServers:
-    """Modbus TCP servers for every device of a cart configuration."""
+    """Modbus servers for every device of a cart configuration (TCP, and RTU per line)."""
 
     def __init__(
         self,
@@ -273,11 +291,16 @@ class SimModbusServers:
             raise KeyError(f"no simulated device named {device!r}") from None
 
     async def start(self) -> None:
-        """Listen on each device's host/port (port 0: an ephemeral port, see ports())."""
+        """Listen on each device's host/port (port 0: an ephemeral port, see ports()) and
+        serve each RTU line."""
         try:
+            lines: dict[str, list[_DeviceServer]] = {}
             for name, ds in self._devices.items():
                 if ds.server is not None:
                     raise RuntimeError(f"sim device {name} is already serving")
+                if ds.device.serial is not None:
+                    lines.setdefault(ds.device.serial.port, []).append(ds)
+                    continue
                 host = self._host_override or ds.device.host
                 port = self._port_override.get(name, ds.device.port)
                 server = ModbusTcpServer(
@@ -294,9 +317,53 @@ class SimModbusServers:
                 sockets = getattr(server.transport, "sockets", None) or []
                 ds.port = int(sockets[0].getsockname()[1])
                 log.info("sim device %s listening on %s:%d", name, host, ds.port)
+            for line_port, members in lines.items():
+                await self._serve_line(line_port, members)
         except BaseException:
             await self.stop()
             raise
+
+    async def _serve_line(self, port: str, members: list[_DeviceServer]) -> None:
+        line = members[0].device.serial
+        assert line is not None
+        sim = self._config.simulator
+        path = sim.serial_ports.get(port) if sim is not None else None
+        if path is None:
+            raise OSError(f"simulator.serial_ports: no entry for serial port {port!r}")
+        server = ModbusSerialServer(
+            [ds.sim_device() for ds in members],
+            framer=FramerType.RTU,
+            port=path,
+            baudrate=line.baudrate,
+            bytesize=line.bytesize,
+            parity=line.parity,
+            stopbits=line.stopbits,
+            # A unit id nobody has gets no reply, as on a real line.
+            ignore_missing_devices=True,
+            trace_packet=_SerialLineFaults(members),
+        )
+        for ds in members:
+            ds.server = server
+        try:
+            await server.serve_forever(background=True)
+        except Exception as e:  # pyserial and termios raise their own types
+            raise OSError(f"sim: cannot open serial port {path} for line {port}: {e!r}") from e
+        if not getattr(server, "transport", None):
+            raise OSError(f"sim: cannot open serial port {path} (simulator.serial_ports)")
+        units = ", ".join(f"{ds.name}={ds.device.unit_id}" for ds in members)
+        log.info("sim RTU line %s served on %s: %s", port, path, units)
+
+    def where(self) -> dict[str, str]:
+        """Where each started device is served: ``:port`` (TCP) or ``path#unit`` (RTU)."""
+        sim = self._config.simulator
+        lines = sim.serial_ports if sim is not None else {}
+        out: dict[str, str] = {}
+        for name, ds in self._devices.items():
+            if ds.port is not None:
+                out[name] = f":{ds.port}"
+            elif ds.server is not None and ds.device.serial is not None:
+                out[name] = f"{lines.get(ds.device.serial.port)}#{ds.device.unit_id}"
+        return out
 
     def ports(self) -> dict[str, int]:
         """Actual bound port of each started device."""
@@ -326,6 +393,7 @@ class SimModbusServers:
 
     async def stop(self) -> None:
         """Close every listener and client connection; the ports are free afterwards."""
+        stopped: set[int] = set()
         for ds in self._devices.values():
             parked = list(ds.parked)
             for task in parked:
@@ -333,7 +401,8 @@ class SimModbusServers:
             if parked:
                 await asyncio.gather(*parked, return_exceptions=True)
             server, ds.server, ds.port = ds.server, None, None
-            if server is not None:
+            if server is not None and id(server) not in stopped:
+                stopped.add(id(server))
                 with contextlib.suppress(Exception):
                     await server.shutdown()  # type: ignore[no-untyped-call]
                 log.info("sim device %s stopped", ds.name)

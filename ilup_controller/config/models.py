@@ -44,11 +44,49 @@ class Watchdog(Strict):
     timeout_s: Pos = Field(1.0, le=60.0)
 
 
-class Device(Strict):
-    """One Modbus TCP endpoint (an I/O module, a pump drive, a heater)."""
+class SerialLine(Strict):
+    """One RS-485 line, as its RTU devices reach it. Devices naming the same ``port`` share the
+    line and must agree on every setting here (one master, one request at a time)."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(502, ge=1, le=65535)
+    port: str = Field(
+        min_length=1, description="Serial device path, e.g. /dev/serial/by-id/... or /dev/ttyUSB0."
+    )
+    baudrate: int = Field(19200, ge=1200, le=921600)
+    parity: Literal["N", "E", "O"] = Field("E", description="Modbus default: even parity.")
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[8] = Field(8, description="RTU frames are 8-bit (7 would be ASCII mode).")
+    inter_frame_delay_s: NonNeg | None = Field(
+        None,
+        le=1.0,
+        description="Silence before every request; default 3.5 characters (1.75 ms above "
+        "19200 baud), as the Modbus serial line specification asks.",
+    )
+
+    @property
+    def char_s(self) -> float:
+        """Time on the line of one character (start, data, parity and stop bits)."""
+        bits = 1 + self.bytesize + (0 if self.parity == "N" else 1) + self.stopbits
+        return bits / self.baudrate
+
+    @property
+    def frame_gap_s(self) -> float:
+        if self.inter_frame_delay_s is not None:
+            return self.inter_frame_delay_s
+        return 0.00175 if self.baudrate > 19200 else 3.5 * self.char_s
+
+
+class Device(Strict):
+    """One Modbus device (an I/O module, a pump drive, a heater): over TCP, or over RTU on an
+    RS-485 line that it may share with other devices (distinct ``unit_id``s)."""
+
+    transport: Literal["tcp", "rtu"] = Field(
+        "tcp", description="tcp: host/port; rtu: the serial line in 'serial'."
+    )
+    host: str = Field("127.0.0.1", description="TCP only.")
+    port: int = Field(502, ge=1, le=65535, description="TCP only.")
+    serial: SerialLine | None = Field(
+        None, validate_default=True, description="RTU only: the RS-485 line."
+    )
     unit_id: int = Field(1, ge=0, le=247)
     timeout_s: Pos = Field(0.25, le=5.0, description="Per-request reply timeout.")
     retries: int = Field(0, ge=0, le=3, description="Resends after a timeout before giving up.")
@@ -61,11 +99,40 @@ class Device(Strict):
         None, description="Required on every device that drives an actuator."
     )
 
+    @field_validator("host", "port")
+    @classmethod
+    def _tcp_only(cls, v: object, info: ValidationInfo) -> object:
+        if info.data.get("transport") == "rtu":
+            raise ValueError("a TCP setting; an rtu device is reached through serial.port")
+        return v
+
+    @field_validator("serial")
+    @classmethod
+    def _serial_for_rtu(cls, v: SerialLine | None, info: ValidationInfo) -> SerialLine | None:
+        transport = info.data.get("transport")
+        if transport == "rtu" and v is None:
+            raise ValueError("required when transport is rtu")
+        if transport == "tcp" and v is not None:
+            raise ValueError("only for transport: rtu")
+        return v
+
     @model_validator(mode="after")
     def _backoff_order(self) -> Self:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if self.transport == "rtu" and self.unit_id == 0:
+            # 0 is the RTU broadcast address: no device replies to it.
+            raise ValueError("unit_id 0 is the RTU broadcast address; use 1..247")
         return self
+
+    @property
+    def where(self) -> str:
+        """Where the device is reached, for logs and messages."""
+        if self.serial is not None:
+            s = self.serial
+            line = f"{s.baudrate} {s.bytesize}{s.parity}{s.stopbits}"
+            return f"{s.port} ({line}) unit id {self.unit_id}"
+        return f"{self.host}:{self.port} unit id {self.unit_id}"
 
 
 class Table(StrEnum):
@@ -475,6 +542,11 @@ class Simulator(Strict):
     plant: SimPlant = SimPlant()
     bindings: SimBindings
     step_s: Pos = Field(0.01, le=0.1, description="Physics integration step.")
+    serial_ports: dict[str, str] = Field(
+        default_factory=dict,
+        description="RTU devices: the port the simulator serves for each serial.port the "
+        "controller opens (the other end of a pty or null-modem pair).",
+    )
 
 
 # --------------------------------------------------------------------------- the cart
@@ -554,6 +626,8 @@ class CartConfig(Strict):
                     f"writable signal of device {dev_name!r}"
                 )
         errors.extend(_overlaps(self.signals))
+        errors.extend(_serial_lines(self.devices, self.simulator))
+        errors.extend(_line_budgets(self))
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -574,4 +648,78 @@ def _overlaps(signals: dict[str, Signal]) -> list[str]:
                 )
                 break
             seen[key] = name
+    return errors
+
+
+def _serial_lines(devices: dict[str, Device], simulator: Simulator | None) -> list[str]:
+    """RTU devices on one port share a line: same settings, distinct unit ids."""
+    errors: list[str] = []
+    first: dict[str, tuple[str, Device]] = {}  # port -> first device on it
+    units: dict[tuple[str, int], str] = {}
+    for name, dev in devices.items():
+        if dev.serial is None:
+            continue
+        port = dev.serial.port
+        if port not in first:
+            first[port] = (name, dev)
+        else:
+            other_name, other = first[port]
+            assert other.serial is not None
+            mine, theirs = dev.serial.model_dump(), other.serial.model_dump()
+            diff = ", ".join(
+                f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]
+            )
+            if diff:
+                errors.append(
+                    f"devices.{name}.serial: differs from devices.{other_name}.serial on the "
+                    f"same port {port} ({diff}); one line has one set of settings"
+                )
+        clash = units.get((port, dev.unit_id))
+        if clash is not None:
+            errors.append(
+                f"devices.{name}.unit_id: {dev.unit_id} is also used by devices.{clash} "
+                f"on serial port {port}"
+            )
+        units.setdefault((port, dev.unit_id), name)
+    if simulator is not None:
+        for port, (name, _) in first.items():
+            if port not in simulator.serial_ports:
+                errors.append(
+                    f"simulator.serial_ports: no entry for {port!r} (devices.{name}.serial.port):"
+                    " the simulator serves the other end of the line"
+                )
+        for port in simulator.serial_ports:
+            if port not in first:
+                errors.append(f"simulator.serial_ports.{port}: no rtu device on this port")
+    return errors
+
+
+def _line_budgets(cfg: CartConfig) -> list[str]:
+    """A line that cannot carry its devices' cycles at their poll periods is refused: the
+    readings would silently age (shared/libraries.md 7.6)."""
+    from ilup_controller.modbus.bus import line_time_per_cycle_s
+
+    share: dict[str, list[tuple[str, float, float]]] = {}  # port -> (device, ms, period)
+    for name, dev in cfg.devices.items():
+        if dev.serial is None:
+            continue
+        signals = {n: s for n, s in cfg.signals.items() if s.device == name}
+        busy_s = line_time_per_cycle_s(dev.serial, signals)
+        period_s = dev.poll_period_s or cfg.control.tick_period_s
+        share.setdefault(dev.serial.port, []).append((name, busy_s, period_s))
+    errors: list[str] = []
+    for port, devices in share.items():
+        load = sum(busy_s / period_s for _, busy_s, period_s in devices)
+        if load > 1.0:
+            first = devices[0][0]
+            baud = cfg.devices[first].serial.baudrate  # type: ignore[union-attr]
+            parts = ", ".join(
+                f"{n} {busy_s * 1000:.1f} ms every {period_s * 1000:.0f} ms"
+                for n, busy_s, period_s in devices
+            )
+            errors.append(
+                f"devices.{first}.serial.baudrate: line {port} at {baud} baud would be busy "
+                f"{load * 100:.0f}% of the time ({parts}); raise the baud rate or the "
+                "devices' poll_period_s"
+            )
     return errors

@@ -1,8 +1,10 @@
-"""One supervised Modbus TCP link per device: write the outputs, read the inputs, every cycle.
+"""One supervised Modbus link per device: write the outputs, read the inputs, every cycle.
 
-The link owns its pymodbus client for its whole life. It connects itself with exponential
-back-off (pymodbus never retries a failed *first* connect, libraries.md 1.3), bounds every call
-with its own timeout (pymodbus #349: a request can hang), and keeps going through any failure:
+The link talks through a :class:`~ilup_controller.modbus.bus.Bus`: a TCP device has its own,
+the RTU devices of one RS-485 line share one and take turns (bus.py). It connects itself with
+exponential back-off (pymodbus never retries a failed *first* connect, libraries.md 1.3),
+bounds every call with its own timeout (pymodbus #349: a request can hang), and keeps going
+through any failure:
 ``run()`` only ends by cancellation. A failed read leaves the previous Reading in the store;
 the core judges staleness from its timestamp, so an error never turns into a value.
 
@@ -23,13 +25,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client.base import ModbusBaseClient
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
-from ilup_controller.config.models import Device, Signal, Table
+from ilup_controller.config.models import CartConfig, Device, Signal, Table
 from ilup_controller.core.types import Reading
+from ilup_controller.modbus.bus import Bus, serial_buses
 from ilup_controller.modbus.codec import encode, encode_bit, is_bit_signal
 from ilup_controller.modbus.plan import (
     BlockMember,
@@ -39,7 +42,7 @@ from ilup_controller.modbus.plan import (
     plan_reads,
 )
 
-__all__ = ["DEFAULT_POLL_PERIOD_S", "DeviceLink", "LinkHealth"]
+__all__ = ["DEFAULT_POLL_PERIOD_S", "DeviceLink", "LinkHealth", "build_links"]
 
 log = logging.getLogger("ilup.modbus")
 
@@ -114,7 +117,9 @@ class DeviceLink:
         signals: Mapping[str, Signal],
         store: dict[str, Reading],
         clock: Callable[[], float] = time.monotonic,
+        bus: Bus | None = None,
     ) -> None:
+        """``bus``: the shared bus of an RTU line (serial_buses); None: a bus of its own."""
         foreign = sorted(n for n, s in signals.items() if s.device != name)
         if foreign:
             raise ValueError(f"device {name}: signals of other devices given: {foreign}")
@@ -129,7 +134,7 @@ class DeviceLink:
         self._outputs: dict[str, _Output] = {}
         self._wake = asyncio.Event()
         self._io_lock = asyncio.Lock()  # one cycle or write_now at a time
-        self._client: AsyncModbusTcpClient | None = None
+        self._bus = bus if bus is not None else Bus(device, name)
         self._health = LinkHealth()
         self._up: bool | None = None  # None until the first reply or failure
         self._faults: dict[str, str] = {}  # request key -> current device fault
@@ -158,41 +163,32 @@ class DeviceLink:
     async def run(self) -> None:
         """Connect, then cycle until cancelled; never raises anything else."""
         dev = self._device
-        client = AsyncModbusTcpClient(
-            dev.host,
-            port=dev.port,
-            name=f"ilup-{self.name}",
-            timeout=dev.timeout_s,
-            retries=dev.retries,
-            reconnect_delay=dev.reconnect_min_s,
-            reconnect_delay_max=dev.reconnect_max_s,
-        )
-        self._client = client
+        bus = self._bus
+        client = bus.attach(dev, self.name)
         backoff_s = dev.reconnect_min_s
         log.info(
-            "device %s: link starting to %s:%d unit %d, %d read request(s)",
+            "device %s: link starting to %s, %d read request(s)",
             self.name,
-            dev.host,
-            dev.port,
-            dev.unit_id,
+            dev.where,
             len(self._blocks),
         )
         try:
             while True:
                 _raise_if_cancel_was_swallowed()
                 try:
-                    if not client.connected and not await self._connect(client):
+                    if not bus.connected and not await self._connect_bus(client):
                         await asyncio.sleep(backoff_s)
                         backoff_s = min(2.0 * backoff_s, dev.reconnect_max_s)
                         continue
                     await self._wait_for_cycle()
-                    if client.connected:
+                    if bus.connected:
                         await self._cycle(client)
                     if self._health.consecutive_failures == 0:
                         backoff_s = dev.reconnect_min_s
-                    elif not client.connected:
-                        # Dropped after a timeout or a bad reply: a device that keeps being
-                        # slow is retried with the same back-off as one that refuses TCP.
+                    elif not self._health.connected:
+                        # No answer (timeout, bad reply, refused TCP): a device that keeps
+                        # being slow is retried with the same back-off as one that refuses
+                        # TCP, and on a shared line it leaves the line to the others.
                         await asyncio.sleep(backoff_s)
                         backoff_s = min(2.0 * backoff_s, dev.reconnect_max_s)
                 except Exception as e:  # a bug must not kill the link: log it, back off, go on
@@ -200,8 +196,7 @@ class DeviceLink:
                     self._failed(f"internal error: {e!r}")
                     await asyncio.sleep(backoff_s)
         finally:
-            client.close()
-            self._client = None
+            bus.detach()
             self._health.connected = False
             log.info("device %s: link stopped", self.name)
 
@@ -267,25 +262,17 @@ class DeviceLink:
     # ----------------------------------------------------------------------- internals
 
     @contextlib.asynccontextmanager
-    async def _direct_client(self) -> AsyncIterator[AsyncModbusTcpClient | None]:
+    async def _direct_client(self) -> AsyncIterator[ModbusBaseClient | None]:
         """Exclusive use of a connected client, between cycles; None if none can connect.
 
-        The running link's client if it is connected, else a short-lived one of our own.
+        The bus's running client if it is connected, else a short-lived one of our own.
         """
-        async with self._io_lock:
-            client = self._client
+        async with self._io_lock, self._bus.turn(self._device):
+            client = self._bus.client
             if client is not None and client.connected:
                 yield client
                 return
-            dev = self._device
-            temp = AsyncModbusTcpClient(
-                dev.host,
-                port=dev.port,
-                name=f"ilup-{self.name}-direct",
-                timeout=dev.timeout_s,
-                retries=dev.retries,
-                reconnect_delay=0,  # one-shot: no background reconnect
-            )
+            temp = self._bus.make_client(self._device, f"ilup-{self.name}-direct", direct=True)
             try:
                 yield temp if await self._connect(temp) else None
             finally:
@@ -303,24 +290,26 @@ class DeviceLink:
         return _Output(sig, value, data)
 
     async def _call(
-        self, client: AsyncModbusTcpClient, op: Callable[[], Awaitable[_T]], what: str
+        self, client: ModbusBaseClient, op: Callable[[], Awaitable[_T]], what: str
     ) -> _T:
         """Run one pymodbus call under our own deadline; transport errors -> _LinkDown."""
+        await self._bus.pace()
         try:
             # op() is inside the try: pymodbus raises ConnectionException when *building* a
             # request on a client that is not connected.
             return await asyncio.wait_for(op(), self._call_timeout_s)
         except TimeoutError:
             # Our deadline, not pymodbus': the client is in an unknown state, start afresh.
-            client.close()
+            self._bus.drop(client, line_broken=True)
             msg = f"{what}: no result within {self._call_timeout_s:.2f} s"
             self._link_down(msg)
             raise _LinkDown(msg) from None
         except _TRANSPORT_ERRORS as e:
             # Whatever failed, a reply may still be on its way: start a fresh connection so it
-            # cannot be taken for the answer to the next request.
-            client.close()
-            if isinstance(e, ModbusIOException) and "No response" in str(e):
+            # cannot be taken for the answer to the next request (a shared line: bus.drop).
+            silent = isinstance(e, ModbusIOException)
+            self._bus.drop(client, line_broken=not silent)
+            if silent and "No response" in str(e):
                 dev = self._device
                 msg = (
                     f"{what}: no reply within {dev.timeout_s:.2f} s "
@@ -330,22 +319,29 @@ class DeviceLink:
                 msg = f"{what}: {type(e).__name__}: {e}"
             self._link_down(msg)
             raise _LinkDown(msg) from e
+        finally:
+            self._bus.frame_done()
 
-    def _bad_reply(self, client: AsyncModbusTcpClient, what: str, why: str) -> NoReturn:
+    def _bad_reply(self, client: ModbusBaseClient, what: str, why: str) -> NoReturn:
         """A reply that does not answer the request sent: not an answer, and the stream is
         out of step (most likely a late reply to an earlier request): reconnect."""
         self._health.bad_replies += 1
-        client.close()
+        self._bus.drop(client, line_broken=False)
         msg = f"{what}: reply refused, {why} (a late reply to an earlier request?)"
         self._link_down(msg)
         raise _LinkDown(msg)
 
-    async def _connect(self, client: AsyncModbusTcpClient) -> bool:
+    async def _connect_bus(self, client: ModbusBaseClient) -> bool:
+        """Connect the bus's long-lived client, unless another device on it just did."""
+        async with self._bus.turn(self._device):
+            return self._bus.connected or await self._connect(client)
+
+    async def _connect(self, client: ModbusBaseClient) -> bool:
         dev = self._device
         # Cancel pymodbus' own background reconnect: this supervisor is the only one that
         # connects, so two connects can never race.
         client.close()
-        where = f"connect to {dev.host}:{dev.port}"
+        where = f"connect to {dev.where}"
         try:
             ok = await asyncio.wait_for(client.connect(), self._call_timeout_s)
         except TimeoutError:
@@ -355,7 +351,7 @@ class DeviceLink:
         else:
             why = f"{where} failed"
         if ok and client.connected:
-            log.debug("device %s: TCP connected to %s:%d", self.name, dev.host, dev.port)
+            log.debug("device %s: connected to %s", self.name, dev.where)
             return True
         self._link_down(why)
         return False
@@ -371,9 +367,9 @@ class DeviceLink:
         self._wake.clear()
         self._next_auto_cycle = loop.time() + self._poll_period_s
 
-    async def _cycle(self, client: AsyncModbusTcpClient) -> None:
+    async def _cycle(self, client: ModbusBaseClient) -> None:
         loop = asyncio.get_running_loop()
-        async with self._io_lock:
+        async with self._io_lock, self._bus.turn(self._device):
             started = loop.time()
             self._health.cycles += 1
             try:
@@ -389,7 +385,7 @@ class DeviceLink:
                 self._health.last_cycle_s = took_s
                 self._health.max_cycle_s = max(self._health.max_cycle_s, took_s)
 
-    async def _write(self, client: AsyncModbusTcpClient, name: str, out: _Output) -> bool:
+    async def _write(self, client: ModbusBaseClient, name: str, out: _Output) -> bool:
         sig = out.signal
         unit = self._device.unit_id
         what = f"write {name} ({sig.table} {sig.address})"
@@ -421,7 +417,7 @@ class DeviceLink:
         self._fault_cleared(f"write:{name}", what)
         return True
 
-    async def _read(self, client: AsyncModbusTcpClient, block: ReadBlock) -> BlockResult | None:
+    async def _read(self, client: ModbusBaseClient, block: ReadBlock) -> BlockResult | None:
         """Read one block into the store; None if the device answered with an exception."""
         unit = self._device.unit_id
         what = f"read {block.table} {block.start}..{block.start + block.count - 1}"
@@ -535,3 +531,21 @@ class DeviceLink:
     def _fault_cleared(self, key: str, what: str) -> None:
         if self._faults.pop(key, None) is not None:
             log.info("device %s: %s answers normally again", self.name, what)
+
+
+def build_links(
+    cfg: CartConfig, store: dict[str, Reading], clock: Callable[[], float]
+) -> dict[str, DeviceLink]:
+    """One link per device; the RTU devices of one serial port share that port's bus."""
+    buses = serial_buses(cfg.devices)
+    return {
+        name: DeviceLink(
+            name,
+            dev,
+            {s: sig for s, sig in cfg.signals.items() if sig.device == name},
+            store,
+            clock=clock,
+            bus=buses.get(name),
+        )
+        for name, dev in cfg.devices.items()
+    }

@@ -23,7 +23,7 @@ from ilup_controller.config.models import CartConfig
 from ilup_controller.core.cart import CartCore, Restored, TickResult
 from ilup_controller.core.monitor import silent_devices
 from ilup_controller.core.types import Reading
-from ilup_controller.modbus.link import DeviceLink
+from ilup_controller.modbus.link import DeviceLink, build_links
 from ilup_controller.mqtt.link import MqttLink
 from ilup_controller.mqtt.messages import Event
 from ilup_controller.mqtt.topics import ALARMS, EVENTS
@@ -70,9 +70,7 @@ class Daemon:
         """Run until ``stop`` is set; raises if a task crashed (after the safe shutdown)."""
         loop = asyncio.get_running_loop()
         cfg = self.cfg
-        for name, dev in cfg.devices.items():
-            signals = {s: sig for s, sig in cfg.signals.items() if sig.device == name}
-            self.links[name] = DeviceLink(name, dev, signals, self.store, clock=loop.time)
+        self.links = build_links(cfg, self.store, loop.time)  # RTU lines: one shared bus each
         self.intake = CommandIntake(cfg, self._send_reply)
         self.mqtt = MqttLink(
             cfg.mqtt,

@@ -94,7 +94,7 @@ async def _arm(cfg: CartConfig, name: str, link: DeviceLink, deadline_s: float) 
             "device manual"
         )
     raise WatchdogError(
-        f"device {name!r} at {dev.host}:{dev.port} unit id {dev.unit_id} did not answer within "
+        f"device {name!r} at {dev.where} did not answer within "
         f"{deadline_s:g} s (last error: {error}); its watchdog could not be armed: check the "
         f"cabling, host, port and unit_id in devices.{name}"
     )
