@@ -13,8 +13,8 @@ the flow or the heat input says it must have (analytical redundancy).
 
 from __future__ import annotations
 
+import bisect
 import math
-import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -71,6 +71,7 @@ class SensorCheck:
         self._same_count = 0
         self._violations: deque[float] = deque()
         self._d2: deque[tuple[float, float]] = deque()  # (reading time, |second difference|)
+        self._d2_sorted: list[float] = []  # the same values, kept sorted for the median
         self._prev2: Reading | None = None
         self.fault = ""  # why the last reading was unusable ("" = usable)
 
@@ -120,7 +121,9 @@ class SensorCheck:
             if jump:
                 self._violations.append(t_s)
             if self._prev2 is not None:
-                self._d2.append((r.t, abs(v - 2.0 * self._prev.value + self._prev2.value)))
+                d2 = abs(v - 2.0 * self._prev.value + self._prev2.value)
+                self._d2.append((r.t, d2))
+                bisect.insort(self._d2_sorted, d2)
             same = v == self._prev.value
             self._same.append((r.t, same))
             self._same_count += same
@@ -142,10 +145,15 @@ class SensorCheck:
             )
         if jump:
             return "implausible jump"
+        d2s = self._d2_sorted
         while self._d2 and r.t - self._d2[0][0] > NOISE_WINDOW_S:
-            self._d2.popleft()
-        if len(self._d2) >= 8:
-            sigma = statistics.median(d for _, d in self._d2) / _MEDIAN_ABS_D2_PER_SIGMA
+            del d2s[bisect.bisect_left(d2s, self._d2.popleft()[1])]
+        n = len(d2s)
+        if n >= 8:
+            # The median, kept sorted incrementally: this runs for every sensor every tick.
+            mid = n // 2
+            median = d2s[mid] if n % 2 else 0.5 * (d2s[mid - 1] + d2s[mid])
+            sigma = median / _MEDIAN_ABS_D2_PER_SIGMA
             # A value flipping by one LSB shows as ~1.2 LSB of "noise": that is quantisation.
             if sigma > self._limits.max_noise + 1.25 * self.resolution:
                 return f"noisy: noise {sigma:.2f} (limit {self._limits.max_noise:g})"
