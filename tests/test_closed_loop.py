@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
 from ilup_controller.config import CartConfig, load_config
@@ -54,21 +52,15 @@ def test_warming_rate_is_limited(cfg: CartConfig) -> None:
     cart = VirtualCart(cfg)
     samples: list[Sample] = []
     cart.run_for(15 * 60.0, samples.append)
-    rate = cfg.control.temperature.ramp_c_per_min / 60.0
     period = cfg.control.tick_period_s
-    steps = [
-        b.decision.loop.temperature_setpoint_c - a.decision.loop.temperature_setpoint_c
-        for a, b in itertools.pairwise(samples)
-        if a.decision.loop.heater_limited_by == b.decision.loop.heater_limited_by == "temperature"
-    ]
-    assert len(steps) > 0.8 * len(samples)
-    assert max(steps) <= rate * period + 1e-9
     # The perfusate at the inflow sensor warms by at most 0.5 degC/min over the alarm's window.
     window = cfg.alarms.heating_rate_window_s
     temps = [s.truth.arterial_c for s in samples]
     n = round(window / period)
     worst = max((b - a) / window * 60.0 for a, b in zip(temps, temps[n:], strict=False))
     assert worst <= cfg.alarms.heating_rate_c_per_min, worst
+    # ... and rewarms near the ramp asked of it (core/rewarm.py), not far below.
+    assert worst >= 0.9 * cfg.control.temperature.ramp_c_per_min, worst
     assert all(a.alarm_id != "heating_rate" for s in samples for a in s.decision.alarms)
 
 

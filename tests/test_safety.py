@@ -166,8 +166,9 @@ def test_heater_failed(warm_cart: VirtualCart) -> None:
     cfg = warm_cart.cfg
     out = inject(warm_cart, {"kind": "heater_failed"}, 900)
     a = cfg.alarms
-    # Klipper arithmetic: check_gain_time + max_error / shortfall (>= 1 degC below floor) + 1 s,
-    # after the water has fallen out of the hysteresis band.
+    # Klipper arithmetic: check_gain_time + max_error / shortfall + 1 s, after the water has
+    # fallen out of the hysteresis band. The water setpoint follows the cooling perfusate
+    # (perfusate + gradient, core/rewarm.py), so the shortfall grows from 0: counted at >= 0.5 degC.
     s = check(out, "heater_not_heating", 900.0)
     band_left = next(
         x.decision.t_s
@@ -175,7 +176,8 @@ def test_heater_failed(warm_cart: VirtualCart) -> None:
         if x.decision.loop.water_setpoint_c
         and x.truth.water_c < x.decision.loop.water_setpoint_c - a.heater_hysteresis_c
     )
-    assert s.decision.t_s - band_left <= a.heater_check_gain_time_s + a.heater_max_error_c_s + 1
+    budget_s = a.heater_check_gain_time_s + a.heater_max_error_c_s / 0.5 + 1
+    assert s.decision.t_s - band_left <= budget_s
     assert all(x.decision.loop.pump_speed_rpm > 10 for x in out.samples)  # the pump keeps going
 
 
