@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from ilup_controller.config.models import TemperatureLoop
 
 _BUCKET_S = 1.0
+WATER_FOLLOWS_C = 0.3  # the water is within this of its setpoint: the gradient is in effect
 _MIN_POINTS = 5
 
 
@@ -146,11 +147,13 @@ class GradientLoop:
         high_c = c.max_gradient_c
         applied_c = min(max(gradient_c, low_c), high_c)
         water_sp = min(temp_c + applied_c, c.water_cap_c - 0.5)
-        # Integrate only where the water can follow: not past a clamp, not further down while
-        # the water is already above its setpoint with the heater off (it can only cool by its
-        # losses), not further up while it lags below with the heater flat out.
-        stuck_high = heater_at_min and water_c > water_sp + 0.3 and error < 0.0
-        stuck_low = heater_at_max and water_c < water_sp - 0.3 and error > 0.0
+        # Integrate only where the water can follow: not past a clamp, and not while the water
+        # is still away from its setpoint (above it, it can only cool by its losses; below it,
+        # the heater is still bringing it up).
+        # The water has not reached the gradient asked of it yet (a weak heater, a big bath):
+        # its own loop is still catching up, so more of the same would only overshoot later.
+        stuck_high = water_c > water_sp + WATER_FOLLOWS_C and error < 0.0
+        stuck_low = water_c < water_sp - WATER_FOLLOWS_C and error > 0.0
         clamped = (gradient_c > high_c and error > 0.0) or (gradient_c < low_c and error < 0.0)
         falling = slope is not None and slope < 0.0 < rate_target
         if slope is not None and not (stuck_high or stuck_low or clamped or falling):
