@@ -306,7 +306,7 @@ def test_cli_functions(rendered: Rendered, tmp_path: Path) -> None:
     assert len(list((tmp_path / "r-figures").glob("*.png"))) == 6
     assert main_export([str(record), "--csv", "-o", str(tmp_path / "x.csv")]) == 0
     assert len((tmp_path / "x.csv").read_text().splitlines()) == len(rendered.proc.states) + 1
-    assert main_report([str(tmp_path / "missing.sqlite")]) == 2
+    assert main_report([str(tmp_path / "missing.sqlite")]) == 1
 
 
 def test_damaged_record_is_refused(rendered: Rendered, tmp_path: Path) -> None:

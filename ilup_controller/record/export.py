@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ilup_controller.exitcodes import ExitCode
 from ilup_controller.record.store import SAMPLE_COLUMNS, RecordError, connect_read
 
 
@@ -44,19 +45,26 @@ def _write(f: TextIO, rows: Iterable[tuple[Any, ...]]) -> int:
     return n
 
 
-def main_export(argv: Sequence[str] | None = None) -> int:
-    """``ilup export RECORD --csv [-o OUT]`` (OUT ``-``: standard output); exit status."""
-    ap = argparse.ArgumentParser(prog="ilup export", description=__doc__)
+def add_export_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("record", type=Path, help="record file (.sqlite)")
     ap.add_argument("--csv", action="store_true", required=True, help="export the samples as CSV")
     ap.add_argument("-o", "--output", help="CSV file (default: RECORD.csv; '-': stdout)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``ilup export RECORD --csv [-o OUT]`` (OUT ``-``: standard output); exit status."""
     out: str = args.output or str(args.record.with_suffix(".csv"))
     try:
         n = export_csv(args.record, sys.stdout if out == "-" else out)
     except (RecordError, OSError) as e:
         print(f"ilup export: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.FAILURE
     if out != "-":
         print(f"{out}: {n} samples", file=sys.stderr)
-    return 0
+    return ExitCode.OK
+
+
+def main_export(argv: Sequence[str] | None = None) -> int:
+    ap = add_export_arguments(argparse.ArgumentParser(prog="ilup export", description=__doc__))
+    return run_export(ap.parse_args(argv))

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from ilup_controller.exitcodes import ExitCode
 from ilup_controller.record.store import RecordData, RecordError, open_record
 
 PRIORITIES = ("high", "medium", "low")
@@ -539,21 +540,28 @@ def render_report(
     return out
 
 
-def main_report(argv: Sequence[str] | None = None) -> int:
-    """``ilup report RECORD [-o OUT] [--png-dir DIR]``; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="ilup report", description=__doc__)
+def add_report_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("record", type=Path, help="record file (.sqlite)")
     ap.add_argument("-o", "--output", type=Path, help="HTML file (default: RECORD.html)")
     ap.add_argument(
         "--png-dir", type=Path, help="directory of the PNG figures (default: OUT-figures)"
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``ilup report RECORD [-o OUT] [--png-dir DIR]``; returns the exit status."""
     out: Path = args.output or args.record.with_suffix(".html")
     png_dir: Path = args.png_dir or out.with_name(out.stem + "-figures")
     try:
         render_report(args.record, out, png_dir=png_dir)
     except RecordError as e:
         print(f"ilup report: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.FAILURE
     print(out)
-    return 0
+    return ExitCode.OK
+
+
+def main_report(argv: Sequence[str] | None = None) -> int:
+    ap = add_report_arguments(argparse.ArgumentParser(prog="ilup report", description=__doc__))
+    return run_report(ap.parse_args(argv))
