@@ -272,8 +272,9 @@ def print_snapshot(got: dict[str, Any]) -> int:
         print("no state received", file=sys.stderr)
         return ExitCode.FAILURE if online else ExitCode.OFFLINE
     m, t, o = state["measured"], state["targets"], state["outputs"]
+    at = datetime.fromisoformat(state["t"]).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
     print(
-        f"at {state['t']}  phase {state['phase']}  drug phase "
+        f"at {at}  phase {state['phase']}  drug phase "
         f"{state['drug_phase']['elapsed_s']:.0f} s done, "
         f"{state['drug_phase']['remaining_s']:.0f} s left"
     )

@@ -6,10 +6,11 @@ import argparse
 import csv
 import sqlite3
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ilup_controller.config.resolution import at_resolution, recorded_decimals
 from ilup_controller.exitcodes import ExitCode
 from ilup_controller.record.store import SAMPLE_COLUMNS, RecordError, connect_read
 
@@ -23,24 +24,33 @@ def export_csv(record_path: str | Path, out: str | Path | TextIO) -> int:
         check = [str(r[0]) for r in conn.execute("PRAGMA integrity_check")]
         if check != ["ok"]:
             raise RecordError(f"{p}: integrity check failed: {'; '.join(check)}")
+        meta = conn.execute("SELECT value FROM meta WHERE key = 'config_json'").fetchone()
+        decimals = recorded_decimals(meta[0] if meta else None)
         rows = conn.execute(f"SELECT {', '.join(SAMPLE_COLUMNS)} FROM samples ORDER BY seq")
         if not isinstance(out, str | Path):
-            return _write(out, rows)
+            return _write(out, rows, decimals)
         with open(out, "w", newline="", encoding="utf-8") as f:
-            return _write(f, rows)
+            return _write(f, rows, decimals)
     except sqlite3.Error as e:
         raise RecordError(f"{p}: cannot read samples: {e}") from e
     finally:
         conn.close()
 
 
-def _write(f: TextIO, rows: Iterable[tuple[Any, ...]]) -> int:
+def _write(f: TextIO, rows: Iterable[tuple[Any, ...]], decimals: Mapping[str, int]) -> int:
     w = csv.writer(f, lineterminator="\n")
     w.writerow(SAMPLE_COLUMNS)
     n = 0
     for row in rows:
-        # repr keeps every digit of a float; None (a missing reading) becomes an empty field.
-        w.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in row])
+        # Floats at their signal's resolution (records from before the state was rounded carry
+        # float noise); None (a missing reading) becomes an empty field.
+        w.writerow(
+            [
+                "" if v is None else repr(at_resolution(v, c, decimals)) if isinstance(v, float)
+                else v
+                for c, v in zip(SAMPLE_COLUMNS, row, strict=True)
+            ]
+        )  # fmt: skip
         n += 1
     return n
 

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from ilup_controller.config.resolution import DERIVED_DECIMALS, recorded_decimals
 from ilup_controller.exitcodes import ExitCode
 from ilup_controller.record.store import RecordData, RecordError, open_record
 
@@ -67,6 +68,11 @@ class Summary:
     reservoir_last_ml: float | None
     alarm_onsets: dict[str, int]
     safe_stop_s: float
+    # Decimals of each sample column: the resolution of its signal in the recorded config.
+    decimals: dict[str, int] = field(default_factory=dict)
+
+    def digits(self, column: str) -> int:
+        return self.decimals.get(column, DERIVED_DECIMALS)
 
     @property
     def reservoir_change_ml(self) -> float | None:
@@ -121,6 +127,7 @@ def summarize(data: RecordData) -> Summary:
         reservoir_last_ml=reservoir[-1] if reservoir else None,
         alarm_onsets=onsets,
         safe_stop_s=_safe_stop_s(events, end),
+        decimals=recorded_decimals(data.meta.get("config_json")),
     )
 
 
@@ -181,10 +188,12 @@ def summary_rows(sm: Summary) -> list[tuple[str, str, str]]:
         if sm.drug_target_s is not None:
             drug += f" of {fmt_duration(sm.drug_target_s)}"
     change = sm.reservoir_change_ml
+    r = sm.digits("reservoir_volume_ml")
     reservoir = "no data"
     if change is not None:
         reservoir = (
-            f"{change:+.1f} mL ({sm.reservoir_first_ml:.1f} to {sm.reservoir_last_ml:.1f} mL)"
+            f"{change:+.{r}f} mL ({sm.reservoir_first_ml:.{r}f} to "
+            f"{sm.reservoir_last_ml:.{r}f} mL)"
         )
     alarms = ", ".join(f"{p} {n}" for p, n in sm.alarm_onsets.items())
     return [
@@ -192,13 +201,17 @@ def summary_rows(sm: Summary) -> list[tuple[str, str, str]]:
         (
             "s-flow",
             "Flow in perfusion, mean / min / max",
-            _stats_text(sm.flow_perfusion, 1, "mL/min"),
+            _stats_text(sm.flow_perfusion, sm.digits("flow_ml_min"), "mL/min"),
         ),
-        ("s-pressure", "Maximum PA pressure", _num(sm.pressure_max_mmhg, 1, "mmHg")),
+        (
+            "s-pressure",
+            "Maximum PA pressure",
+            _num(sm.pressure_max_mmhg, sm.digits("pressure_mmhg"), "mmHg"),
+        ),
         (
             "s-temperature",
             "Perfusate temperature in perfusion, mean / min / max",
-            _stats_text(sm.temperature_perfusion, 2, "°C"),
+            _stats_text(sm.temperature_perfusion, sm.digits("temperature_c"), "°C"),
         ),
         ("s-reservoir", "Reservoir volume change (first to last reading)", reservoir),
         ("s-alarms", "Alarm onsets by priority", alarms),
@@ -413,6 +426,12 @@ def _table(
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _plain(value: object) -> object:
+    """An alarm's value or limit without float noise (6 significant digits: 3.78, not
+    3.7800000000000002); the signal behind it is not recorded with the event."""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
 def _event_log(data: RecordData, axis: _Axis | None) -> str:
     rows, classes = [], []
     for e in data.events:
@@ -427,8 +446,8 @@ def _event_log(data: RecordData, axis: _Axis | None) -> str:
                 phase,
                 e["message"],
                 e["operator"],
-                e["value"],
-                e["limit_value"],
+                _plain(e["value"]),
+                _plain(e["limit_value"]),
             )
         )
         classes.append(e["priority"] if e["kind"] == "onset" and e["priority"] else "")
