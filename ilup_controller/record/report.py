@@ -192,8 +192,7 @@ def summary_rows(sm: Summary) -> list[tuple[str, str, str]]:
     reservoir = "no data"
     if change is not None:
         reservoir = (
-            f"{change:+.{r}f} mL ({sm.reservoir_first_ml:.{r}f} to "
-            f"{sm.reservoir_last_ml:.{r}f} mL)"
+            f"{change:+.{r}f} mL ({sm.reservoir_first_ml:.{r}f} to {sm.reservoir_last_ml:.{r}f} mL)"
         )
     alarms = ", ".join(f"{p} {n}" for p, n in sm.alarm_onsets.items())
     return [
