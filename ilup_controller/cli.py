@@ -287,13 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
         o.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
         o.set_defaults(func=_cmd_operator)
 
-    from ilup_controller.record.export import add_export_arguments, run_export
-    from ilup_controller.record.report import add_report_arguments, run_report
+    from ilup_controller.record.commands import add_export_arguments, add_report_arguments
 
-    t = sub.add_parser("report", help="HTML report with plots from a procedure record")
-    add_report_arguments(t).set_defaults(func=run_report)
-    t = sub.add_parser("export", help="export a procedure record's samples (--csv)")
-    add_export_arguments(t).set_defaults(func=run_export)
+    add_report_arguments(sub.add_parser("report", help="HTML report with plots from a record"))
+    add_export_arguments(sub.add_parser("export", help="a record's samples as CSV (--csv)"))
 
     d = sub.add_parser("demo", help="simulator + daemon + broker + live view")
     _packaged_sim_config_flag(d)

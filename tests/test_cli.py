@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,16 @@ def test_bash_completion_completes_commands_flags_and_choices(
     assert "--png-dir" in _complete(script, "ilup", "report", "--p")
     assert _complete(script, "ilup", "--log-level", "debug", "che") == ["check-config"]
     assert _complete(script, "ilup", "sim", "--speed", "") == []  # a number: nothing to offer
+
+
+def test_building_the_parser_leaves_matplotlib_unimported() -> None:
+    """The daemon parses its arguments with this parser: matplotlib and numpy in its heap made
+    its garbage collections slow enough to overrun ticks under a command flood."""
+    code = (
+        "import sys; from ilup_controller.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('matplotlib', 'numpy') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert done.stdout.strip() == "[]"

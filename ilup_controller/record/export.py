@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 from ilup_controller.config.resolution import at_resolution, recorded_decimals
 from ilup_controller.exitcodes import ExitCode
+from ilup_controller.record.commands import add_export_arguments
 from ilup_controller.record.store import SAMPLE_COLUMNS, RecordError, connect_read
 
 
@@ -53,13 +54,6 @@ def _write(f: TextIO, rows: Iterable[tuple[Any, ...]], decimals: Mapping[str, in
         )  # fmt: skip
         n += 1
     return n
-
-
-def add_export_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    ap.add_argument("record", type=Path, help="record file (.sqlite)")
-    ap.add_argument("--csv", action="store_true", required=True, help="export the samples as CSV")
-    ap.add_argument("-o", "--output", help="CSV file (default: RECORD.csv; '-': stdout)")
-    return ap
 
 
 def run_export(args: argparse.Namespace) -> int:

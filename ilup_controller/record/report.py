@@ -25,6 +25,7 @@ from matplotlib.patches import Patch
 
 from ilup_controller.config.resolution import DERIVED_DECIMALS, recorded_decimals
 from ilup_controller.exitcodes import ExitCode
+from ilup_controller.record.commands import add_report_arguments
 from ilup_controller.record.store import RecordData, RecordError, open_record
 
 PRIORITIES = ("high", "medium", "low")
@@ -556,15 +557,6 @@ def render_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts), encoding="utf-8")
     return out
-
-
-def add_report_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    ap.add_argument("record", type=Path, help="record file (.sqlite)")
-    ap.add_argument("-o", "--output", type=Path, help="HTML file (default: RECORD.html)")
-    ap.add_argument(
-        "--png-dir", type=Path, help="directory of the PNG figures (default: OUT-figures)"
-    )
-    return ap
 
 
 def run_report(args: argparse.Namespace) -> int:

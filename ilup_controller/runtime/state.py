@@ -17,11 +17,22 @@ from ilup_controller.runtime.ticker import TickStats
 UtcOf = Callable[[float], datetime]
 
 
+_decimals_of: tuple[CartConfig, dict[str, int]] | None = None
+
+
+def _decimals(cfg: CartConfig) -> dict[str, int]:
+    """field_decimals of ``cfg``, worked out once per configuration (not on every tick)."""
+    global _decimals_of
+    if _decimals_of is None or _decimals_of[0] is not cfg:
+        _decimals_of = (cfg, field_decimals(cfg))
+    return _decimals_of[1]
+
+
 def build_state(
     cfg: CartConfig, r: TickResult, *, seq: int, utc_of: UtcOf, stats: TickStats
 ) -> msg.State:
     m, loop = r.measured, r.loop
-    d = field_decimals(cfg)  # each value at its signal's resolution: no float noise
+    d = _decimals(cfg)  # each value at its signal's resolution: no float noise
 
     def at(key: str, value: float) -> float:
         return at_resolution(value, key, d)
