@@ -1,4 +1,4 @@
-"""Configuration: good files load, bad files name the key path and exit 2 without a traceback."""
+"""Configuration: good files load, bad files name the key path and exit 4 without a traceback."""
 
 from __future__ import annotations
 

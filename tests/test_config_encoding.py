@@ -2,7 +2,7 @@
 
 Issue 8, defects 3 and 4: a watchdog timeout that encodes to raw 0 (watchdog off), a heater
 command whose offset makes its safe value 0 unencodable, a pump command whose scale cannot reach
-speed_max_rpm. Each must be refused at load with the key path, exit 2, no traceback.
+speed_max_rpm. Each must be refused at load with the key path, exit 4 (config error), no traceback.
 """
 
 from __future__ import annotations
