@@ -21,8 +21,10 @@ $(VENV)/.demo: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.demo
 	$(BIN)/ilup demo -c config/sim.yaml
 
-## make test: ruff, mypy --strict, the whole pytest suite
+## make test: system packages (installed when root, else the one command to run), ruff,
+## mypy --strict, the whole pytest suite
 test: $(VENV)/.test
+	scripts/system-deps.sh
 	$(BIN)/ruff check ilup_controller sim tests benchmarks
 	$(BIN)/mypy ilup_controller sim
 	$(BIN)/pytest

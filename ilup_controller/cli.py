@@ -9,14 +9,18 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from ilup_controller import __version__
+from ilup_controller import __version__, examples
 from ilup_controller.config import CartConfig, ConfigError, load_config
+from ilup_controller.exitcodes import ExitCode
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-EXIT_REFUSED = 3  # a start-up safety check failed (e.g. a device watchdog is off)
+# The table of exit codes is ExitCode (exitcodes.py); these names stay for existing callers.
+EXIT_OK = ExitCode.OK
+EXIT_FAILURE = ExitCode.FAILURE
+EXIT_USAGE = ExitCode.USAGE
+EXIT_REFUSED = ExitCode.REFUSED  # a start-up safety check failed (e.g. a device watchdog is off)
+EXIT_CONFIG = ExitCode.CONFIG
 
 
 def _setup_logging(level: str) -> None:
@@ -85,7 +89,7 @@ async def _run_sim(args: argparse.Namespace) -> int:
                 f"{args.variant_config}",
                 file=sys.stderr,
             )
-    scenario = load_scenario(args.scenario) if args.scenario else None
+    scenario = load_scenario(examples.resolve_scenario(args.scenario)) if args.scenario else None
     stop = asyncio.Event()
     _stop_on_signals(stop)
     cart = SimulatedCart(cfg, scenario=scenario, watchdog_ignored=frozenset(args.watchdog_off))
@@ -98,8 +102,8 @@ async def _run_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args.file, args.overlay)
-    shown = " + ".join([args.file, *args.overlay])
+    cfg = _load(args.config, args.overlay)
+    shown = " + ".join([args.config, *args.overlay])
     print(
         f"{shown}: ok (cart_id={cfg.cart_id}, {len(cfg.devices)} devices, "
         f"{len(cfg.signals)} signals)"
@@ -180,33 +184,38 @@ def _operator_body(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
-    from ilup_controller.client import print_reply, send_command, settings_from
+    from ilup_controller.client import (
+        CartOffline,
+        connection_failure,
+        print_reply,
+        send_command,
+        settings_from,
+    )
 
     name, body = _operator_body(args)
     settings = settings_from(args)
     try:
         reply = asyncio.run(send_command(settings, name, body, timeout_s=args.timeout))
+    except CartOffline as e:
+        print(f"ilup {args.command}: not sent: {e}", file=sys.stderr)
+        return ExitCode.OFFLINE
     except Exception as e:
-        print(
-            f"ilup {args.command}: cannot reach the broker {settings.host}:{settings.port}: {e}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+        text, code = connection_failure(e, settings)
+        print(f"ilup {args.command}: {text}", file=sys.stderr)
+        return code
     return print_reply(reply)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ilup_controller.client import print_snapshot, settings_from, snapshot
+    from ilup_controller.client import connection_failure, print_snapshot, settings_from, snapshot
 
     settings = settings_from(args)
     try:
         return print_snapshot(asyncio.run(snapshot(settings)))
     except Exception as e:
-        print(
-            f"ilup status: cannot reach the broker {settings.host}:{settings.port}: {e}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+        text, code = connection_failure(e, settings)
+        print(f"ilup status: {text}", file=sys.stderr)
+        return code
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -236,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("check-config", help="validate a cart configuration file")
-    c.add_argument("file")
+    c.add_argument("file", nargs="?", help="cart file (the same as -c FILE)")
+    c.add_argument("-c", "--config", metavar="FILE", help="cart file")
     _overlay_flag(c)
     c.set_defaults(func=_cmd_check_config)
 
@@ -250,9 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     _overlay_flag(add_tune_parser(sub, _cmd_tune))
 
     s = sub.add_parser("sim", help="run the plant simulator behind Modbus TCP")
-    s.add_argument("-c", "--config", required=True)
+    _packaged_sim_config_flag(s)
     s.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
-    s.add_argument("--scenario", help="YAML file of timed faults (docs/faults.md)")
+    s.add_argument(
+        "--scenario",
+        help="YAML file of timed faults (docs/faults.md), or a packaged one: "
+        + ", ".join(examples.scenario_names()),
+    )
     s.add_argument(
         "--variant",
         metavar="NAME",
@@ -317,33 +331,63 @@ def build_parser() -> argparse.ArgumentParser:
         o.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
         o.set_defaults(func=_cmd_operator)
 
-    for name, text in (
-        ("report", "HTML report with plots from a procedure record"),
-        ("export", "export a procedure record's samples (--csv)"),
-    ):
-        t = sub.add_parser(name, help=text, add_help=False)
-        t.add_argument("rest", nargs=argparse.REMAINDER)
-        t.set_defaults(func=_cmd_record_tool)
+    from ilup_controller.record.commands import add_export_arguments, add_report_arguments
+
+    add_report_arguments(sub.add_parser("report", help="HTML report with plots from a record"))
+    add_export_arguments(sub.add_parser("export", help="a record's samples as CSV (--csv)"))
 
     d = sub.add_parser("demo", help="simulator + daemon + broker + live view")
-    d.add_argument("-c", "--config", default="config/sim.yaml")
+    _packaged_sim_config_flag(d)
     d.add_argument("--speed", type=float, default=1.0)
     d.set_defaults(func=_cmd_demo)
+
+    i = sub.add_parser("init", help="write a commented cart file to start from")
+    i.add_argument("file", type=Path, help="cart file to write")
+    i.add_argument("--sim", action="store_true", help="a cart wired to `ilup sim` (default: real)")
+    i.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    i.set_defaults(func=_cmd_init)
+
+    k = sub.add_parser("completion", help="print a shell completion script")
+    k.add_argument("shell", choices=["bash"])
+    k.set_defaults(func=_cmd_completion)
     return p
 
 
-def _cmd_record_tool(args: argparse.Namespace) -> int:
-    if args.command == "report":
-        from ilup_controller.record.report import main_report
+def _packaged_sim_config_flag(p: argparse.ArgumentParser) -> None:
+    # The demo and the simulator run from any directory: the default is the packaged sim.yaml.
+    p.add_argument(
+        "-c",
+        "--config",
+        default=str(examples.example(examples.SIM_CONFIG)),
+        help="cart file (default: the packaged sim.yaml)",
+    )
 
-        return main_report(args.rest)
-    from ilup_controller.record.export import main_export
 
-    return main_export(args.rest)
+def _cmd_init(args: argparse.Namespace) -> int:
+    try:
+        path = examples.write_starter(args.file, simulated=args.sim, force=args.force)
+    except OSError as e:
+        print(f"ilup init: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    kind = "simulator" if args.sim else "real-hardware"
+    print(f"{path}: {kind} cart file written; next: ilup check-config -c {path}")
+    return EXIT_OK
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from ilup_controller.completion import bash_script
+
+    print(bash_script(build_parser()), end="")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        if (args.file is None) == (args.config is None):
+            parser.error("check-config: give the cart file once, as FILE or as -c FILE")
+        args.config = args.config or args.file
     _setup_logging(args.log_level)
     try:
         rc: int = args.func(args)

@@ -16,13 +16,21 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from ilup_controller.commands.models import Reply, default_reply_topic
 from ilup_controller.config.loader import ConfigError, load_config, read_yaml_file
+from ilup_controller.exitcodes import ExitCode
 
 REPLY_TIMEOUT_S = 5.0
+# A daemon's status is retained: the broker sends it right after the subscription. No status
+# within this bound means no daemon ever came online on this broker for this cart.
+STATUS_BOUND_S = 1.5
+# MQTT 3.1.1 CONNACK 4/5 and MQTT 5 reason codes 134/135: the broker refused the credentials.
+_CREDENTIALS_REFUSED = frozenset({4, 5, 134, 135})
 _KEYS = (
     "host",
     "port",
@@ -114,14 +122,74 @@ def settings_from(args: argparse.Namespace) -> ClientSettings:
     return ClientSettings(**values)
 
 
+class CartOffline(Exception):
+    """The cart's daemon is not online: a command would wait for a reply that cannot come."""
+
+
+def credentials_refused(e: BaseException, s: ClientSettings) -> str | None:
+    """The operator-facing sentence when ``e`` is the broker refusing the credentials."""
+    if not isinstance(e, MqttConnectError):
+        return None
+    rc = e.rc.value if isinstance(e.rc, ReasonCode) else e.rc
+    if rc not in _CREDENTIALS_REFUSED:
+        return None
+    how = "no password" if s.password is None else "the password given"
+    return (
+        f"the broker {s.host}:{s.port} refused the credentials for user {s.username!r} "
+        f"({how}; broker says: {e}). Check --username/--password, ILUP_MQTT_USERNAME/"
+        "ILUP_MQTT_PASSWORD or the client file"
+    )
+
+
+def connection_failure(e: BaseException, s: ClientSettings) -> tuple[str, ExitCode]:
+    """(message, exit code) for an exception raised while talking to the broker."""
+    refused = credentials_refused(e, s)
+    if refused is not None:
+        return refused, ExitCode.BROKER_AUTH
+    return f"cannot reach the broker {s.host}:{s.port}: {e}", ExitCode.FAILURE
+
+
+async def _await_status(
+    client: aiomqtt.Client, status_topic: str, bound_s: float
+) -> dict[str, Any] | None:
+    """The retained status of the cart, or None when none comes within ``bound_s``."""
+    try:
+        async with asyncio.timeout(bound_s):
+            async for message in client.messages:
+                if message.topic.matches(status_topic) and isinstance(message.payload, bytes):
+                    status: dict[str, Any] = json.loads(message.payload)
+                    return status
+    except TimeoutError:
+        return None
+    return None
+
+
+def _offline_reason(s: ClientSettings, status: dict[str, Any] | None) -> str | None:
+    where = f"cart {s.cart_id!r} on {s.host}:{s.port} (prefix {s.prefix!r})"
+    if status is None:
+        return (
+            f"{where} is offline: no daemon status within {STATUS_BOUND_S:g} s "
+            "(no `ilup run` has come online for this cart on this broker)"
+        )
+    if not status.get("online"):
+        return f"{where} is offline: its daemon's retained status says online: false"
+    return None
+
+
 async def send_command(
     s: ClientSettings, name: str, body: dict[str, Any], timeout_s: float = REPLY_TIMEOUT_S
 ) -> Reply | None:
-    """Publish one command and wait for its reply (None when none came in time)."""
+    """Publish one command and wait for its reply (None when none came in time). Raises
+    CartOffline, without publishing, when the cart's daemon is not online."""
     command_id = uuid.uuid4().hex
     payload = {"command_id": command_id, "issued_at": datetime.now(UTC).isoformat(), **body}
     reply_topic = default_reply_topic(s.prefix, s.cart_id, s.username, name)
+    status_topic = f"{s.prefix}/{s.cart_id}/status"
     async with s.client(f"ilup-cli-{command_id[:8]}") as client:
+        await client.subscribe(status_topic, qos=1)
+        why = _offline_reason(s, await _await_status(client, status_topic, STATUS_BOUND_S))
+        if why is not None:
+            raise CartOffline(why)
         await client.subscribe(reply_topic, qos=1)
         props = None
         if s.protocol == "5":
@@ -134,6 +202,14 @@ async def send_command(
                 async for message in client.messages:
                     if not isinstance(message.payload, bytes):
                         continue
+                    if message.topic.matches(status_topic):
+                        # The daemon went away (its last will) while the command was out.
+                        if not json.loads(message.payload).get("online"):
+                            raise CartOffline(
+                                f"cart {s.cart_id!r} went offline before replying: the "
+                                "command may or may not have been applied; check `ilup status`"
+                            )
+                        continue
                     reply = Reply.model_validate_json(message.payload)
                     if reply.command_id == command_id:
                         return reply
@@ -142,19 +218,24 @@ async def send_command(
     return None
 
 
+SNAPSHOT_TOPICS = ("status", "state", "alarms")
+
+
 async def snapshot(s: ClientSettings, timeout_s: float = 3.0) -> dict[str, Any]:
-    """The retained status, state and alarms of the cart."""
+    """The retained status, state and alarms of the cart: waits for all three, at most
+    ``timeout_s`` (the broker sends retained messages right after the subscription, in no
+    promised order across topics)."""
     base = f"{s.prefix}/{s.cart_id}"
     got: dict[str, Any] = {}
     async with s.client(f"ilup-status-{uuid.uuid4().hex[:8]}") as client:
-        for name in ("status", "state", "alarms"):
+        for name in SNAPSHOT_TOPICS:
             await client.subscribe(f"{base}/{name}", qos=1)
         try:
             async with asyncio.timeout(timeout_s):
                 async for message in client.messages:
                     if isinstance(message.payload, bytes):
                         got[message.topic.value.rsplit("/", 1)[1]] = json.loads(message.payload)
-                    if {"status", "state"} <= got.keys() and ("alarms" in got or len(got) >= 2):
+                    if set(SNAPSHOT_TOPICS) <= got.keys():
                         break
         except TimeoutError:
             pass
@@ -168,26 +249,32 @@ def print_reply(reply: Reply | None) -> int:
             "check `ilup status`",
             file=sys.stderr,
         )
-        return 1
+        return ExitCode.FAILURE
     line = f"{reply.command} {reply.status}"
     if reply.reason:
         line += f" ({reply.reason})"
     if reply.detail:
         line += f": {reply.detail}"
     print(line, file=sys.stdout if reply.status == "ok" else sys.stderr)
-    return 0 if reply.status == "ok" else 2
+    return ExitCode.OK if reply.status == "ok" else ExitCode.REJECTED
 
 
 def print_snapshot(got: dict[str, Any]) -> int:
+    """Print one snapshot; exit OFFLINE when the cart's daemon is not online (the values shown
+    are then the last ones it retained)."""
     state, status = got.get("state"), got.get("status")
-    if status is not None:
-        print(f"daemon: {'online' if status.get('online') else 'OFFLINE'}")
+    online = bool(status and status.get("online"))
+    if status is None:
+        print("daemon: OFFLINE (no status message)")
+    else:
+        print(f"daemon: {'online' if online else 'OFFLINE (values below are its last)'}")
     if state is None:
         print("no state received", file=sys.stderr)
-        return 1
+        return ExitCode.FAILURE if online else ExitCode.OFFLINE
     m, t, o = state["measured"], state["targets"], state["outputs"]
+    at = datetime.fromisoformat(state["t"]).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
     print(
-        f"at {state['t']}  phase {state['phase']}  drug phase "
+        f"at {at}  phase {state['phase']}  drug phase "
         f"{state['drug_phase']['elapsed_s']:.0f} s done, "
         f"{state['drug_phase']['remaining_s']:.0f} s left"
     )
@@ -197,9 +284,17 @@ def print_snapshot(got: dict[str, Any]) -> int:
         f"{m['temperature_c']} degC (target {t['temperature_c']})"
     )
     print(f"pump {o['pump_speed_rpm']:.2f} rpm, heater {o['heater_pct']:.1f} %")
-    alarms = (got.get("alarms") or {}).get("alarms", [])
-    for a in alarms:
-        print(f"ALARM {a['priority']:<6} {a['presence']:<7} {a['id']}: {a['message']}")
-    if not alarms:
-        print("alarms: none")
-    return 0
+    if "alarms" in got:
+        alarms = got["alarms"].get("alarms", [])
+        for a in alarms:
+            print(f"ALARM {a['priority']:<6} {a['presence']:<7} {a['id']}: {a['message']}")
+        if not alarms:
+            print("alarms: none")
+    else:
+        # Never say "none" without the alarms message: fall back on the ids in the state.
+        ids = state.get("active_alarms", [])
+        for alarm_id in ids:
+            print(f"ALARM {alarm_id} (details: no alarms message received)")
+        if not ids:
+            print("alarms: none listed in the state (no alarms message received)")
+    return ExitCode.OK if online else ExitCode.OFFLINE

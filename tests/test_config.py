@@ -1,4 +1,4 @@
-"""Configuration: good files load, bad files name the key path and exit 2 without a traceback."""
+"""Configuration: good files load, bad files name the key path and exit 4 without a traceback."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from ilup_controller.config import ConfigError, load_config
+from ilup_controller.exitcodes import ExitCode
 
 SIM = Path("config/sim.yaml")
 
@@ -105,7 +106,7 @@ def test_bad_config_names_the_key_path(
         load_config(bad)
     assert any(p.startswith(expected) for p in exc.value.problems), exc.value.problems
     r = _ilup("check-config", str(bad))
-    assert r.returncode == 2
+    assert r.returncode == ExitCode.CONFIG
     assert expected in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -134,12 +135,12 @@ def test_malformed_yaml(tmp_path: Path, text: str, expected: str) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
     r = _ilup("check-config", str(bad))
-    assert r.returncode == 2
+    assert r.returncode == ExitCode.CONFIG
     assert expected in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_missing_file() -> None:
     r = _ilup("check-config", "no/such/cart.yaml")
-    assert r.returncode == 2
+    assert r.returncode == ExitCode.CONFIG
     assert "no/such/cart.yaml: 1 configuration error(s)\n  file not found" in r.stderr

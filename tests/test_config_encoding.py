@@ -2,7 +2,7 @@
 
 Issue 8, defects 3 and 4: a watchdog timeout that encodes to raw 0 (watchdog off), a heater
 command whose offset makes its safe value 0 unencodable, a pump command whose scale cannot reach
-speed_max_rpm. Each must be refused at load with the key path, exit 2, no traceback.
+speed_max_rpm. Each must be refused at load with the key path, exit 4 (config error), no traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from ilup_controller.config import ConfigError, load_config
+from ilup_controller.exitcodes import ExitCode
 
 SIM = Path("config/sim.yaml")
 
@@ -155,7 +156,7 @@ def test_unencodable_written_values_are_refused_with_the_key_path(
     for line in expected:
         assert any(p.startswith(line) for p in exc.value.problems), (line, exc.value.problems)
     r = _ilup("check-config", str(bad))
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == ExitCode.CONFIG, r.stderr
     for line in expected:
         assert line in r.stderr
     assert "Traceback" not in r.stderr
@@ -176,12 +177,12 @@ def test_encodable_edges_still_load(tmp_path: Path, changes: dict[str, Any]) -> 
     load_config(_broken(tmp_path, changes))
 
 
-def test_run_refuses_the_heater_offset_config_with_exit_2_not_a_traceback(
+def test_run_refuses_the_heater_offset_config_with_a_config_exit_not_a_traceback(
     tmp_path: Path,
 ) -> None:
     """Before: check-config said ok and `ilup run` died with CodecError (exit 1)."""
     bad = _broken(tmp_path, {"signals": {"heater_power_setpoint": {"offset": 10.0}}})
     r = _ilup("run", "-c", str(bad))
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == ExitCode.CONFIG, r.stderr
     assert "signals.heater_power_setpoint.offset: command signal cannot encode" in r.stderr
     assert "Traceback" not in r.stderr

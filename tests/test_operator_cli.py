@@ -18,6 +18,7 @@ from procs import Proc, Subscriber, session, write_cart_config
 from ruamel.yaml import YAML
 
 from ilup_controller.broker import MosquittoProcess
+from ilup_controller.exitcodes import ExitCode
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,7 @@ async def test_cli_runs_a_procedure_and_gets_specific_rejections(
         await wait_until(lambda: bool(sub.of("/state")), 20, what="daemon up")
 
         out_of_phase = await asyncio.to_thread(ilup, cfg_path, "phase", "washout")
-        assert out_of_phase.returncode == 2
+        assert out_of_phase.returncode == ExitCode.REJECTED
         assert "not_allowed_in_phase" in out_of_phase.stderr
         for action in ("priming", "perfusion"):
             r = await asyncio.to_thread(ilup, cfg_path, "phase", action)
@@ -61,7 +62,7 @@ async def test_cli_runs_a_procedure_and_gets_specific_rejections(
         r = await asyncio.to_thread(ilup, cfg_path, "set", "flow", "450")
         assert r.returncode == 0, r.stderr
         too_big = await asyncio.to_thread(ilup, cfg_path, "set", "flow", "5000")
-        assert too_big.returncode == 2
+        assert too_big.returncode == ExitCode.REJECTED
         assert "out_of_range" in too_big.stderr or "invalid" in too_big.stderr
         status = await asyncio.to_thread(ilup, cfg_path, "status")
         assert status.returncode == 0, status.stderr

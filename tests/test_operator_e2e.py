@@ -34,6 +34,7 @@ from ruamel.yaml import YAML
 
 from ilup_controller.broker import free_port
 from ilup_controller.config import CartConfig
+from ilup_controller.exitcodes import ExitCode
 
 pytestmark = pytest.mark.integration
 
@@ -397,7 +398,7 @@ async def test_rejections_duplicates_and_expiry(cart: Cart) -> None:
     marker_reply = cart.reply(OPERATOR, "marker")
     async with observing(cart.broker, OPERATOR, [f"{cart.base}/#"]) as obs:
         not_now = await ilup("phase", "washout", cart=cart)
-        assert not_now.rc == 2, not_now
+        assert not_now.rc == ExitCode.REJECTED, not_now
         assert "phase rejected (not_allowed_in_phase)" in not_now.stderr, not_now.stderr
 
         async def send_and_wait(topic: str, payload: bytes, corr: bytes, reply_topic: str) -> Msg:
@@ -435,7 +436,7 @@ async def test_rejections_duplicates_and_expiry(cart: Cart) -> None:
 
         await ok(ilup("phase", "perfusion", cart=cart), "phase")
         too_early = await ilup("phase", "complete", cart=cart)
-        assert too_early.rc == 2, too_early
+        assert too_early.rc == ExitCode.REJECTED, too_early
         assert "phase rejected (not_allowed_in_phase)" in too_early.stderr, too_early.stderr
         assert (await fresh_state(obs, cart))["phase"] == "perfusion"
 

@@ -198,10 +198,11 @@ def test_summary_figures_are_exact(rendered: Rendered) -> None:
 
     flows = _perfusion(proc, lambda s: s.measured.flow_ml_min)
     mean = math.fsum(flows) / len(flows)
-    assert _cell(html, "s-flow") == f"{mean:.1f} / 400.0 / 505.0 mL/min"
+    # At each signal's resolution in config/sim.yaml: flow float32 (2), pressure 0.01 (2).
+    assert _cell(html, "s-flow") == f"{mean:.2f} / 400.00 / 505.00 mL/min"
     assert 490.0 < mean < 500.0  # the 60 s dip at 400 pulls the mean down
 
-    assert _cell(html, "s-pressure") == "27.5 mmHg"
+    assert _cell(html, "s-pressure") == "27.50 mmHg"
 
     temps = _perfusion(proc, lambda s: s.measured.temperature_c)
     t_mean = math.fsum(temps) / len(temps)
@@ -209,7 +210,8 @@ def test_summary_figures_are_exact(rendered: Rendered) -> None:
 
     last = proc.states[-1].measured.reservoir_volume_ml
     assert last is not None
-    assert _cell(html, "s-reservoir") == f"{last - 800.0:+.1f} mL (800.0 to {last:.1f} mL)"
+    # The reservoir signal's resolution is 1 mL (scale 1.0 in config/sim.yaml).
+    assert _cell(html, "s-reservoir") == f"{last - 800.0:+.0f} mL (800 to {last:.0f} mL)"
 
     assert _cell(html, "s-alarms") == "high 1, medium 2, low 1"
     assert _cell(html, "s-safe-stop") == "0:45 (45 s)"
@@ -294,7 +296,8 @@ def test_csv_export_has_every_sample_with_nulls_empty(rendered: Rendered, tmp_pa
     assert {r[col["flow_ml_min"]] for r in safe} == {""}  # NULL exported as empty, not 0
     first = rows[1]
     assert (first[col["seq"]], first[col["tick"]], first[col["phase"]]) == ("0", "0", "priming")
-    assert float(first[col["pump_speed_rpm_measured"]]) == 150.0 / 33.0  # every digit kept
+    # At the resolution of the pump tacho (scale 0.01 rpm), not 4.545454545454546.
+    assert first[col["pump_speed_rpm_measured"]] == "4.55"
     assert first[col["reservoir_volume_ml"]] == ""
 
 
@@ -306,7 +309,7 @@ def test_cli_functions(rendered: Rendered, tmp_path: Path) -> None:
     assert len(list((tmp_path / "r-figures").glob("*.png"))) == 6
     assert main_export([str(record), "--csv", "-o", str(tmp_path / "x.csv")]) == 0
     assert len((tmp_path / "x.csv").read_text().splitlines()) == len(rendered.proc.states) + 1
-    assert main_report([str(tmp_path / "missing.sqlite")]) == 2
+    assert main_report([str(tmp_path / "missing.sqlite")]) == 1
 
 
 def test_damaged_record_is_refused(rendered: Rendered, tmp_path: Path) -> None:

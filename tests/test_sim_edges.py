@@ -17,6 +17,7 @@ from helpers import wait_until
 from procs import Proc, read_signal, session, write_cart_config
 
 from ilup_controller.broker import MosquittoProcess
+from ilup_controller.exitcodes import ExitCode
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +113,7 @@ def test_sim_port_in_use_names_it_and_exits_2(tmp_path: Path) -> None:
         held.close()
     port = cfg.devices["pump"].port
     print(done.stderr[-2000:])
-    assert done.returncode == 2
+    assert done.returncode == ExitCode.CONFIG
     assert "Traceback" not in done.stderr
     assert f"sim device pump: cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Address already in use" in done.stderr

@@ -34,6 +34,8 @@ COMMAND = "python -m ilup_controller.mqtt.asyncapi"
 ASYNCAPI_VERSION = "3.0.0"
 MQTT_BINDING_VERSION = "0.2.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
+# The SPDX expression of pyproject.toml's `license` (a test checks they agree).
+LICENSE = "LicenseRef-Proprietary"
 # Commands: at least once; a repeat is answered from the duplicate cache.
 COMMAND_QOS = 1
 
@@ -211,6 +213,7 @@ def build() -> Doc:
                 "Do not edit by hand. Every topic of a cart is <prefix>/<cart_id>/<name>; "
                 "payloads are UTF-8 JSON objects. Broker security: docs/security.md."
             ),
+            "license": {"name": LICENSE},
         },
         "defaultContentType": "application/json",
         "servers": {

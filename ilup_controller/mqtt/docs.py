@@ -68,13 +68,14 @@ def _cell(text: str) -> str:
 def _fields_table(model: Schema) -> list[str]:
     required = set(model.get("required", []))
     lines = [
-        "| Field | Type | Required | Default | Description |",
-        "|---|---|---|---|---|",
+        "| Field | Type | Units | Required | Default | Description |",
+        "|---|---|---|---|---|---|",
     ]
     for name, prop in model.get("properties", {}).items():
         default = f"`{json.dumps(prop['default'])}`" if "default" in prop else ""
         lines.append(
-            f"| `{name}` | {_cell(_type(prop))} | {'yes' if name in required else 'no'} "
+            f"| `{name}` | {_cell(_type(prop))} | {_cell(prop.get('x-units', ''))} "
+            f"| {'yes' if name in required else 'no'} "
             f"| {default} | {_cell(prop.get('description', ''))} |"
         )
     return lines

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def quantity(units: str, description: str, default: Any = ...) -> Any:
+    """A numeric field with its units in the JSON Schema (``x-units``: an extension keyword,
+    valid in JSON Schema and AsyncAPI alike) and its description; values are rounded to the
+    resolution of their signal (config/resolution.py)."""
+    return Field(default, description=description, json_schema_extra={"x-units": units})
 
 
 class Message(BaseModel):
@@ -29,25 +37,25 @@ class Status(Message):
 class Measured(Message):
     """Latest measurements; null when the reading is missing or stale (never a made-up 0)."""
 
-    flow_ml_min: float | None
-    pressure_mmhg: float | None
-    temperature_c: float | None
-    water_temperature_c: float | None = None
-    pump_speed_rpm: float | None = None
-    reservoir_volume_ml: float | None = None
+    flow_ml_min: float | None = quantity("mL/min", "Circuit flow (flow sensor).")
+    pressure_mmhg: float | None = quantity("mmHg", "Pulmonary-artery inflow pressure.")
+    temperature_c: float | None = quantity("degC", "Perfusate (arterial line) temperature.")
+    water_temperature_c: float | None = quantity("degC", "Heater-cooler water temperature.", None)
+    pump_speed_rpm: float | None = quantity("rpm", "Pump speed from its tacho.", None)
+    reservoir_volume_ml: float | None = quantity("mL", "Reservoir volume (level sensor).", None)
 
 
 class Targets(Message):
-    flow_ml_min: float = Field(description="Final flow target.")
-    flow_ramped_ml_min: float = Field(description="Flow setpoint on its ramp, this tick.")
-    pressure_limit_mmhg: float
-    temperature_c: float = Field(description="Final perfusate temperature target.")
-    temperature_ramped_c: float = Field(description="Temperature setpoint on its ramp.")
+    flow_ml_min: float = quantity("mL/min", "Final flow target.")
+    flow_ramped_ml_min: float = quantity("mL/min", "Flow setpoint on its ramp, this tick.")
+    pressure_limit_mmhg: float = quantity("mmHg", "PA pressure limit; the pump is held below it.")
+    temperature_c: float = quantity("degC", "Final perfusate temperature target.")
+    temperature_ramped_c: float = quantity("degC", "Temperature setpoint on its ramp.")
 
 
 class Outputs(Message):
-    pump_speed_rpm: float
-    heater_pct: float
+    pump_speed_rpm: float = quantity("rpm", "Pump speed command written this tick.")
+    heater_pct: float = quantity("%", "Heater power command written this tick (0 to 100).")
 
 
 class Loop(Message):
@@ -55,18 +63,20 @@ class Loop(Message):
         description="'flow', 'pressure' or the interlock holding the pump."
     )
     heater_limited_by: str = Field(description="'temperature' or the interlock holding the heater.")
-    water_setpoint_c: float | None = None
+    water_setpoint_c: float | None = quantity(
+        "degC", "Water temperature the outer loop asks of the heater-cooler.", None
+    )
 
 
 class DrugPhase(Message):
-    elapsed_s: float = Field(description="Time at target so far (the timer pauses off target).")
-    remaining_s: float
+    elapsed_s: float = quantity("s", "Time at target so far (the timer pauses off target).")
+    remaining_s: float = quantity("s", "Time at target still to go.")
 
 
 class Timing(Message):
-    tick_period_s: float
-    ticks: int
-    overruns: int
+    tick_period_s: float = quantity("s", "Configured control period.")
+    ticks: int = quantity("count", "Ticks run since the daemon started.")
+    overruns: int = quantity("count", "Ticks that started late (took longer than the period).")
 
 
 class State(Message):
@@ -98,8 +108,10 @@ class Alarm(Message):
     audible: bool = Field(description="False when acknowledged or covered by an audio pause.")
     since: datetime = Field(description="UTC onset of this occurrence.")
     message: str = Field(description="Names the sensor, the value, the limit and the action.")
-    value: float | None = None
-    limit: float | None = None
+    value: float | None = Field(
+        None, description="The value that raised the alarm, in the units of its signal."
+    )
+    limit: float | None = Field(None, description="The limit it crossed, in the same units.")
 
 
 class Alarms(Message):
@@ -129,5 +141,7 @@ class Event(Message):
     to_phase: str | None = None
     message: str
     operator: str | None = None
-    value: float | None = None
-    limit: float | None = None
+    value: float | None = Field(
+        None, description="Alarm events: the value, in the units of the alarm's signal."
+    )
+    limit: float | None = Field(None, description="Alarm events: the limit, in the same units.")

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
@@ -23,6 +23,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from ilup_controller.config.resolution import DERIVED_DECIMALS, recorded_decimals
+from ilup_controller.exitcodes import ExitCode
+from ilup_controller.record.commands import add_report_arguments
 from ilup_controller.record.store import RecordData, RecordError, open_record
 
 PRIORITIES = ("high", "medium", "low")
@@ -66,6 +69,11 @@ class Summary:
     reservoir_last_ml: float | None
     alarm_onsets: dict[str, int]
     safe_stop_s: float
+    # Decimals of each sample column: the resolution of its signal in the recorded config.
+    decimals: dict[str, int] = field(default_factory=dict)
+
+    def digits(self, column: str) -> int:
+        return self.decimals.get(column, DERIVED_DECIMALS)
 
     @property
     def reservoir_change_ml(self) -> float | None:
@@ -120,6 +128,7 @@ def summarize(data: RecordData) -> Summary:
         reservoir_last_ml=reservoir[-1] if reservoir else None,
         alarm_onsets=onsets,
         safe_stop_s=_safe_stop_s(events, end),
+        decimals=recorded_decimals(data.meta.get("config_json")),
     )
 
 
@@ -180,10 +189,11 @@ def summary_rows(sm: Summary) -> list[tuple[str, str, str]]:
         if sm.drug_target_s is not None:
             drug += f" of {fmt_duration(sm.drug_target_s)}"
     change = sm.reservoir_change_ml
+    r = sm.digits("reservoir_volume_ml")
     reservoir = "no data"
     if change is not None:
         reservoir = (
-            f"{change:+.1f} mL ({sm.reservoir_first_ml:.1f} to {sm.reservoir_last_ml:.1f} mL)"
+            f"{change:+.{r}f} mL ({sm.reservoir_first_ml:.{r}f} to {sm.reservoir_last_ml:.{r}f} mL)"
         )
     alarms = ", ".join(f"{p} {n}" for p, n in sm.alarm_onsets.items())
     return [
@@ -191,13 +201,17 @@ def summary_rows(sm: Summary) -> list[tuple[str, str, str]]:
         (
             "s-flow",
             "Flow in perfusion, mean / min / max",
-            _stats_text(sm.flow_perfusion, 1, "mL/min"),
+            _stats_text(sm.flow_perfusion, sm.digits("flow_ml_min"), "mL/min"),
         ),
-        ("s-pressure", "Maximum PA pressure", _num(sm.pressure_max_mmhg, 1, "mmHg")),
+        (
+            "s-pressure",
+            "Maximum PA pressure",
+            _num(sm.pressure_max_mmhg, sm.digits("pressure_mmhg"), "mmHg"),
+        ),
         (
             "s-temperature",
             "Perfusate temperature in perfusion, mean / min / max",
-            _stats_text(sm.temperature_perfusion, 2, "°C"),
+            _stats_text(sm.temperature_perfusion, sm.digits("temperature_c"), "°C"),
         ),
         ("s-reservoir", "Reservoir volume change (first to last reading)", reservoir),
         ("s-alarms", "Alarm onsets by priority", alarms),
@@ -412,6 +426,12 @@ def _table(
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _plain(value: object) -> object:
+    """An alarm's value or limit without float noise (6 significant digits: 3.78, not
+    3.7800000000000002); the signal behind it is not recorded with the event."""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
 def _event_log(data: RecordData, axis: _Axis | None) -> str:
     rows, classes = [], []
     for e in data.events:
@@ -426,8 +446,8 @@ def _event_log(data: RecordData, axis: _Axis | None) -> str:
                 phase,
                 e["message"],
                 e["operator"],
-                e["value"],
-                e["limit_value"],
+                _plain(e["value"]),
+                _plain(e["limit_value"]),
             )
         )
         classes.append(e["priority"] if e["kind"] == "onset" and e["priority"] else "")
@@ -539,21 +559,19 @@ def render_report(
     return out
 
 
-def main_report(argv: Sequence[str] | None = None) -> int:
+def run_report(args: argparse.Namespace) -> int:
     """``ilup report RECORD [-o OUT] [--png-dir DIR]``; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="ilup report", description=__doc__)
-    ap.add_argument("record", type=Path, help="record file (.sqlite)")
-    ap.add_argument("-o", "--output", type=Path, help="HTML file (default: RECORD.html)")
-    ap.add_argument(
-        "--png-dir", type=Path, help="directory of the PNG figures (default: OUT-figures)"
-    )
-    args = ap.parse_args(argv)
     out: Path = args.output or args.record.with_suffix(".html")
     png_dir: Path = args.png_dir or out.with_name(out.stem + "-figures")
     try:
         render_report(args.record, out, png_dir=png_dir)
     except RecordError as e:
         print(f"ilup report: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.FAILURE
     print(out)
-    return 0
+    return ExitCode.OK
+
+
+def main_report(argv: Sequence[str] | None = None) -> int:
+    ap = add_report_arguments(argparse.ArgumentParser(prog="ilup report", description=__doc__))
+    return run_report(ap.parse_args(argv))

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from ilup_controller.config.models import CartConfig
+from ilup_controller.config.resolution import at_resolution, field_decimals, rounded
 from ilup_controller.core.alarms import ActiveAlarm, AlarmEvent
 from ilup_controller.core.cart import TickResult
 from ilup_controller.core.procedure import PhaseEvent
@@ -16,10 +17,26 @@ from ilup_controller.runtime.ticker import TickStats
 UtcOf = Callable[[float], datetime]
 
 
+_decimals_of: tuple[CartConfig, dict[str, int]] | None = None
+
+
+def _decimals(cfg: CartConfig) -> dict[str, int]:
+    """field_decimals of ``cfg``, worked out once per configuration (not on every tick)."""
+    global _decimals_of
+    if _decimals_of is None or _decimals_of[0] is not cfg:
+        _decimals_of = (cfg, field_decimals(cfg))
+    return _decimals_of[1]
+
+
 def build_state(
     cfg: CartConfig, r: TickResult, *, seq: int, utc_of: UtcOf, stats: TickStats
 ) -> msg.State:
     m, loop = r.measured, r.loop
+    d = _decimals(cfg)  # each value at its signal's resolution: no float noise
+
+    def at(key: str, value: float) -> float:
+        return at_resolution(value, key, d)
+
     return msg.State(
         t=utc_of(r.t_s),
         seq=seq,
@@ -27,27 +44,33 @@ def build_state(
         phase=str(r.phase),
         simulated=cfg.simulated,
         measured=msg.Measured(
-            flow_ml_min=m.flow_ml_min,
-            pressure_mmhg=m.pressure_mmhg,
-            temperature_c=m.temperature_c,
-            water_temperature_c=m.water_temperature_c,
-            pump_speed_rpm=m.pump_speed_rpm,
-            reservoir_volume_ml=m.reservoir_volume_ml,
+            flow_ml_min=rounded(m.flow_ml_min, "flow_ml_min", d),
+            pressure_mmhg=rounded(m.pressure_mmhg, "pressure_mmhg", d),
+            temperature_c=rounded(m.temperature_c, "temperature_c", d),
+            water_temperature_c=rounded(m.water_temperature_c, "water_temperature_c", d),
+            pump_speed_rpm=rounded(m.pump_speed_rpm, "pump_speed_rpm_measured", d),
+            reservoir_volume_ml=rounded(m.reservoir_volume_ml, "reservoir_volume_ml", d),
         ),
         targets=msg.Targets(
-            flow_ml_min=r.flow_target_ml_min,
-            flow_ramped_ml_min=loop.flow_setpoint_ml_min,
-            pressure_limit_mmhg=r.pressure_limit_mmhg,
-            temperature_c=r.temperature_target_c,
-            temperature_ramped_c=loop.temperature_setpoint_c,
+            flow_ml_min=at("flow_target_ml_min", r.flow_target_ml_min),
+            flow_ramped_ml_min=at("flow_ramped_ml_min", loop.flow_setpoint_ml_min),
+            pressure_limit_mmhg=at("pressure_limit_mmhg", r.pressure_limit_mmhg),
+            temperature_c=at("temperature_target_c", r.temperature_target_c),
+            temperature_ramped_c=at("temperature_ramped_c", loop.temperature_setpoint_c),
         ),
-        outputs=msg.Outputs(pump_speed_rpm=loop.pump_speed_rpm, heater_pct=loop.heater_pct),
+        outputs=msg.Outputs(
+            pump_speed_rpm=at("pump_speed_rpm", loop.pump_speed_rpm),
+            heater_pct=at("heater_pct", loop.heater_pct),
+        ),
         loop=msg.Loop(
             pump_limited_by=loop.pump_limited_by,
             heater_limited_by=loop.heater_limited_by,
-            water_setpoint_c=loop.water_setpoint_c,
+            water_setpoint_c=rounded(loop.water_setpoint_c, "water_setpoint_c", d),
         ),
-        drug_phase=msg.DrugPhase(elapsed_s=r.drug_elapsed_s, remaining_s=r.drug_remaining_s),
+        drug_phase=msg.DrugPhase(
+            elapsed_s=at("drug_elapsed_s", r.drug_elapsed_s),
+            remaining_s=at("drug_remaining_s", r.drug_remaining_s),
+        ),
         active_alarms=[a.alarm_id for a in r.alarms],
         timing=msg.Timing(
             tick_period_s=cfg.control.tick_period_s, ticks=stats.ticks, overruns=stats.overruns
