@@ -10,6 +10,7 @@ import pytest
 
 from ilup_controller.config import CartConfig, load_config
 from ilup_controller.config.models import SimPlant
+from ilup_controller.exitcodes import ExitCode
 from sim import family
 from sim.metrics import run_metrics
 from sim.plant import Plant
@@ -236,7 +237,7 @@ def test_cli_sim_rejects_an_unknown_variant_and_writes_a_variant_cart_file(
          "--variant", "no_such_plant"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert done.returncode == 2, done.stderr
+    assert done.returncode == ExitCode.CONFIG, done.stderr
     assert "no plant variant named 'no_such_plant'" in done.stderr
     out = tmp_path / "cart.yaml"
     cfg = family.apply(family.by_name("temp_0p1c"), load_config(ROOT / "config/sim.yaml"))

@@ -18,6 +18,7 @@ from ruamel.yaml import YAML
 from ilup_controller.broker import MosquittoProcess
 from ilup_controller.config import ConfigError, load_config
 from ilup_controller.config.models import CartConfig, SimPlant
+from ilup_controller.exitcodes import ExitCode
 from ilup_controller.tuning.identify import Fopdt, add_lag, fit_step, simc_pi
 from ilup_controller.tuning.steptest import Measured, Stage, StepPlan, StepTest
 
@@ -164,7 +165,7 @@ def test_overlay_deep_merges_and_errors_name_the_overlay_key(tmp_path: Path) -> 
         text=True,
         timeout=60,
     )
-    assert r.returncode == 2
+    assert r.returncode == ExitCode.CONFIG
     assert f"{bad}: control.temperature.inner_pid.kq: unknown key" in r.stderr
 
 
