@@ -31,7 +31,7 @@ from ilup_controller.broker import MosquittoProcess, free_port
 from ilup_controller.config import CartConfig, load_config
 from ilup_controller.runtime.daemon import Daemon
 from sim import family
-from sim.metrics import RunMetrics, run_metrics
+from sim.metrics import RunMetrics, physical_bound_s, run_metrics
 from sim.virtual import Sample, VirtualCart
 
 SIM_CONFIG = Path("config/sim.yaml")
@@ -228,9 +228,11 @@ def bench_resources(tmp: Path, broker: MosquittoProcess, seconds: float) -> str:
 # ------------------------------------------------------------------ 4. plant family
 
 
-def _family_run(name: str, duration_s: float) -> tuple[str, RunMetrics]:
+def _family_run(name: str, duration_s: float) -> tuple[str, RunMetrics, float | None]:
     cfg = family.apply(family.by_name(name), load_config(SIM_CONFIG))
-    return name, run_metrics(cfg, duration_s)
+    m = run_metrics(cfg, duration_s)
+    bound = None if m.rewarm_start_c is None else physical_bound_s(cfg, m.rewarm_start_c)
+    return name, m, bound
 
 
 def _min(value_s: float | None) -> str:
@@ -244,9 +246,11 @@ def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1)
     t0 = time.perf_counter()
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            results = dict(pool.map(_family_run, names, [duration_s] * len(names)))
+            runs = list(pool.map(_family_run, names, [duration_s] * len(names)))
     else:
-        results = dict(_family_run(n, duration_s) for n in names)
+        runs = [_family_run(n, duration_s) for n in names]
+    results = {name: m for name, m, _ in runs}
+    bounds = {name: b for name, _, b in runs}
     wall = time.perf_counter() - t0
     rows = []
     for name in names:
@@ -262,7 +266,10 @@ def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1)
                 _min(m.rewarm_s),
                 _min(m.rewarm_limit_s),
                 "-" if ratio is None else f"{ratio:.2f}",
+                _min(bounds[name]),
                 f"{m.overshoot_c:.2f}",
+                f"{m.max_rate_c_per_min:.2f}",
+                f"{m.max_gradient_c:.1f}",
                 "-" if m.flow_rms_ml_min is None else f"{m.flow_rms_ml_min:.1f}",
                 f"{m.peak_pressure_mmhg:.1f}",
                 f"{m.speed_up:.0f}x / {m.cpu_speed_up:.0f}x",
@@ -282,6 +289,11 @@ def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1)
         ["rewarmed within the guideline limit", f"{sum(r <= 1.0 for r in ratios)}"],
         ["never rewarmed", str(sum(m.rewarm_s is None for m in ms))],
         ["worst overshoot", f"{max(m.overshoot_c for m in ms):.2f} degC"],
+        [
+            "fastest arterial warming over 2 min",
+            f"{max(m.max_rate_c_per_min for m in ms):.2f} degC/min",
+        ],
+        ["largest water-to-arterial gradient", f"{max(m.max_gradient_c for m in ms):.1f} degC"],
         ["highest peak pressure", f"{max(m.peak_pressure_mmhg for m in ms):.1f} mmHg"],
         ["virtual time", f"{len(ms) * minutes:g} min"],
         [
@@ -297,7 +309,11 @@ def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1)
         f"### Plant family: {len(ms)} variants, {minutes:g} virtual minutes each\n\n"
         "Rewarm: from the first tick the temperature loop drives the heater to the true arterial"
         " temperature within 0.3 degC of target; limit = 1.25 x (target - start) / 0.5 degC/min."
-        " Times in minutes; overshoot and flow RMS on the true plant values.\n\n"
+        " Bound: the fastest the plant allows within the guideline (perfusate at most"
+        " 0.5 degC/min, water at most max_gradient_c above it and under its cap, the heater's"
+        " power; quasi-static, so a lower bound). Max rate: fastest true arterial warming over"
+        " any 2 minutes. Times in minutes; overshoot, rate, gradient and flow RMS on the true"
+        " plant values.\n\n"
         + _table(
             [
                 "variant",
@@ -308,7 +324,10 @@ def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1)
                 "rewarm",
                 "limit",
                 "ratio",
+                "bound",
                 "overshoot degC",
+                "max rate degC/min",
+                "max gradient degC",
                 "flow RMS mL/min",
                 "peak mmHg",
                 "speed-up wall / CPU",

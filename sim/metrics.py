@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.alarms import AlarmEvent
 from ilup_controller.core.procedure import Phase, PhaseEvent
+from sim.plant import PERFUSATE_SPECIFIC_HEAT_J_PER_KG_K
 from sim.virtual import Sample, VirtualCart
 
 # Guideline rewarming rate (domain.md) and the allowance the issue grants over it.
@@ -165,6 +166,40 @@ class _Collector:
             max_rate_c_per_min=self.max_rate,
             max_gradient_c=self.max_gradient,
         )
+
+
+def physical_bound_s(cfg: CartConfig, start_c: float) -> float | None:
+    """Fastest rewarm from ``start_c`` to within REWARM_BAND_C of the target that the plant
+    allows with the guideline's own limits: the perfusate never faster than GUIDELINE_C_PER_MIN,
+    the water at most ``max_gradient_c`` above it and under its cap, the heater's power (after
+    the water's own losses), at the target flow. Quasi-static (the water is taken to be where it
+    is needed at once), so a true lower bound. None when the target is out of reach."""
+    if cfg.simulator is None:
+        raise ValueError("the configuration has no 'simulator' section")
+    p, t = cfg.simulator.plant, cfg.control.temperature
+    heat_capacity_j_per_k = p.perfusate_volume_ml * 1e-3 * PERFUSATE_SPECIFIC_HEAT_J_PER_KG_K
+    lung_ua = p.lung_ua_w_per_k_per_l_min * cfg.control.flow.target_ml_min * 1e-3
+    heater_w = p.heater_power_w * t.heater_max_pct / 100.0
+    if p.heater_supply_max_w is not None:
+        heater_w = min(heater_w, p.heater_supply_max_w)
+    end_c = t.target_c - REWARM_BAND_C
+    temp_c, elapsed_s, step_s = start_c, 0.0, 1.0
+    while temp_c < end_c:
+        water_c = min(temp_c + t.max_gradient_c, t.water_cap_c - 0.5, p.water_cap_c)
+        # What the heater can hold the water at: its power less the water's loss to the room.
+        water_c = min(water_c, temp_c + (heater_w - p.water_ambient_ua_w_per_k * (water_c
+                      - p.ambient_c)) / p.hx_ua_w_per_k)  # fmt: skip
+        gain_w = (
+            p.hx_ua_w_per_k * (water_c - temp_c)
+            - p.tubing_ua_w_per_k * (temp_c - p.ambient_c)
+            - lung_ua * (temp_c - p.body_c)
+        )
+        rate_c_per_s = min(GUIDELINE_C_PER_MIN / 60.0, gain_w / heat_capacity_j_per_k)
+        if rate_c_per_s <= 1e-6:
+            return None
+        temp_c += rate_c_per_s * step_s
+        elapsed_s += step_s
+    return elapsed_s
 
 
 def run_metrics(cfg: CartConfig, duration_s: float = 2400.0) -> RunMetrics:

@@ -256,7 +256,7 @@ class TemperatureLoop(Strict):
     command: Name = Field(description="Signal: heater power command, %.")
     target_c: Finite = Field(37.0, ge=20.0, le=42.0)
     ramp_c_per_min: Pos = Field(
-        0.45,
+        0.47,
         le=2.0,
         description="Rewarming rate asked of the perfusate, degC/min; under the 0.5 degC/min "
         "guideline limit by the margin a 2-minute window of readings needs.",
@@ -286,7 +286,7 @@ class TemperatureLoop(Strict):
         4.0, le=10.0, description="Water setpoint at most this far above the perfusate."
     )
     gradient_pid: PidGains = Field(
-        PidGains(kp=1.0, ki=0.04),
+        PidGains(kp=1.0, ki=0.05),
         description="Outer loop: perfusate warming-rate error (degC/min) to the water-to-"
         "perfusate gradient (degC): kp in degC per degC/min, ki per second.",
     )

@@ -178,6 +178,7 @@ class Monitor:
         self._t0_s = t0_s
         self._ever_ok: set[str] = set()
         self._heating = _Trend(a.heating_rate_window_s)
+        self._heating_lsb_c_per_min = lsb(c.temperature.measured) / a.heating_rate_window_s * 60.0
         self._volume = _Trend(a.leak_window_s)
         self._heater = _HeaterSupervision(
             a.heater_hysteresis_c,
@@ -313,7 +314,11 @@ class Monitor:
         )
         out["water_cap"] = _above(water, c.temperature.water_cap_c)
         rate = self._heating.add(t_s, temp)
-        too_fast = rate is not None and rate > a.heating_rate_c_per_min
+        # Two readings one LSB apart can differ by a whole LSB more than the perfusate moved:
+        # a 0.1 degC probe would otherwise add 0.05 degC/min to a 2-minute window.
+        too_fast = (
+            rate is not None and rate > a.heating_rate_c_per_min + self._heating_lsb_c_per_min
+        )
         # Switching the heater off only helps when the heater is the heat source, i.e. its
         # water is above the perfusate (whatever the command: a welded relay commands 0 % and
         # heats; a heater on into water colder than the perfusate adds nothing to it).
