@@ -89,8 +89,8 @@ async def test_status_shows_the_latched_alarm_and_rounded_values(
             ("targets", "flow_ramped_ml_min"): 2,
             ("drug_phase", "elapsed_s"): 1,
         }
+        await wait_until(lambda: len(sub.of("/state")) >= 5, 10, what="5 state messages")
         states = [m.payload for m in sub.of("/state")]
-        assert len(states) >= 5
         for state in states:
             for (group, key), n in decimals.items():
                 value = state[group][key]
