@@ -76,7 +76,7 @@ def _listening(host: str, port: int) -> bool:
 def _wait_listening(sim: subprocess.Popen[bytes], cfg: CartConfig, log: Path) -> None:
     """Wait until the simulator owns its ports, or say why it did not start."""
     deadline = time.monotonic() + SIM_START_TIMEOUT_S
-    pending = {(d.host, d.port) for d in cfg.devices.values()}
+    pending = {(d.host, d.port) for d in cfg.devices.values() if d.transport == "tcp"}
     while pending:
         if sim.poll() is not None:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
@@ -89,7 +89,11 @@ def _wait_listening(sim: subprocess.Popen[bytes], cfg: CartConfig, log: Path) ->
 
 def run_demo(config_path: str, *, speed: float = 1.0) -> int:
     cfg = load_config(config_path)  # fail early, with key paths, before starting anything
-    busy = [f"{d.host}:{d.port}" for d in cfg.devices.values() if _listening(d.host, d.port)]
+    busy = [
+        f"{d.host}:{d.port}"
+        for d in cfg.devices.values()
+        if d.transport == "tcp" and _listening(d.host, d.port)
+    ]
     if busy:
         # A simulator left from an earlier run would be driven by two daemons at once.
         print(

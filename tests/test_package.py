@@ -232,3 +232,55 @@ def test_missing_system_packages_stop_make_test_at_once_with_the_command(tmp_pat
     test_recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
     assert test_recipe.index("scripts/system-deps.sh") < test_recipe.index("pytest")
     assert "scripts/system-deps.sh" in (REPO / ".ci" / "run").read_text()
+
+
+def test_installed_demo_runs_from_an_empty_directory(
+    installed: Path, tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    """The wheel's own `ilup demo` in a terminal, from an empty directory: simulator, daemon
+    and live view come up with live values, and Ctrl-C stops them in order."""
+    import pty
+
+    from test_demo import _read_until
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ilup = str(installed / "ilup")
+    done = run([ilup, "init", "--sim", "cart.yaml"], cwd=empty, timeout_s=60)
+    assert done.returncode == 0, done.stderr
+    yaml = YAML(typ="safe", pure=True)
+    data = yaml.load((empty / "cart.yaml").read_text())
+    for dev in data["devices"].values():  # free ports: tests never take the fixed ones
+        dev["port"] = free_port()
+    data["mqtt"].update({"host": "127.0.0.1", "port": mosquitto.port})
+    data["record"] = {"directory": str(empty / "records")}
+    with (empty / "cart.yaml").open("w") as f:
+        yaml.dump(data, f)
+    master, slave = pty.openpty()
+    os.set_blocking(master, False)
+    env = {**os.environ, "COLUMNS": "120", "LINES": "40", "TERM": "xterm"}
+    demo = subprocess.Popen(
+        [ilup, "demo", "-c", "cart.yaml"],
+        cwd=empty,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        start_new_session=True,
+    )
+    os.close(slave)
+    seen = bytearray()
+    try:
+        took = _read_until(master, b"Flow", 20.0, seen)
+        _read_until(master, b"state age", 20.0 - took, seen)
+        demo.send_signal(signal.SIGINT)
+        _read_until(master, b"simulator stopped", 20.0, seen)
+        assert demo.wait(10) == 0
+        text = seen.decode(errors="replace")
+        assert text.index("daemon stopped (exit 0)") < text.index("simulator stopped")
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        os.close(master)
+    assert list((empty / "records").glob("*.sqlite")), "no procedure record written"

@@ -291,10 +291,11 @@ def test_proposal_bounds_the_gain_when_the_dead_time_is_not_resolved() -> None:
 
     # Water loop as identified on the reference plant: theta below one sample.
     p = propose(_cfg(), "water", Fopdt(gain=0.51, time_constant_s=923.0, dead_time_s=0.0))
-    # tau_c = tau / 10 = 92.3 s: kc = 923 / (0.51 * 92.3) = 19.6 %/degC, tau_i = 369 s.
-    assert p.gains.tau_c_s == pytest.approx(92.3)
-    assert p.gains.kp == pytest.approx(19.61, rel=1e-3)
-    assert p.gains.ki == pytest.approx(19.61 / 369.2, rel=1e-3)
+    # tau_c = min(tau / 10, 30 s) = 30 s (the cascade's inner loop must keep up with the
+    # rewarming rate loop): kc = 923 / (0.51 * 30) = 60.3 %/degC, tau_i = 4 * 30 = 120 s.
+    assert p.gains.tau_c_s == pytest.approx(30.0)
+    assert p.gains.kp == pytest.approx(60.33, rel=1e-3)
+    assert p.gains.ki == pytest.approx(60.33 / 120.0, rel=1e-3)
     assert p.overlay() == {
         "control": {
             "temperature": {

@@ -21,6 +21,8 @@ from ilup_controller.tuning.identify import (
 from ilup_controller.tuning.steptest import Loop
 
 # Where each loop's gains live in the config, and the units of its model (output per input).
+WATER_TAU_C_S = 30.0  # closed-loop time of the water loop asked by default (see propose)
+
 GAIN_PATH: dict[Loop, tuple[str, ...]] = {
     "flow": ("control", "flow", "pid"),
     "pressure": ("control", "pressure", "pid"),
@@ -92,6 +94,11 @@ def propose(cfg: CartConfig, loop: Loop, model: Fopdt, *, tau_c_s: float | None 
     # time is below what the samples resolve, as on the water loop) faster than a tenth of the
     # process lag: that bounds the loop gain kc K to 10 instead of running bang-bang.
     floor_s = max(2.0 * c.tick_period_s, tuned_on.time_constant_s / 10.0)
+    if loop == "water":
+        # The inner loop of the rewarming cascade: it must follow the gradient the rate loop
+        # asks for within a fraction of that loop's minute, whatever the bath's own (slow,
+        # ~15 min) time constant; a tenth of that would leave the rate loop waiting.
+        floor_s = max(2.0 * c.tick_period_s, min(floor_s, WATER_TAU_C_S))
     gains = simc_pi(tuned_on, tau_c_s, min_tau_c_s=floor_s)
     current = {
         "flow": c.flow.pid,
