@@ -109,7 +109,7 @@ async def test_sigterm_stops_the_pump_and_heater(
                 return False
 
         await wait_until(pumping, 30, interval_s=0.2, what="pump running above 10 rpm")
-        assert await read_signal(cfg, ports, pump_cmd) > 10.0
+        assert await read_signal(cfg, ports, pump_cmd) > 5.0  # commanded on (its trim moves it)
         daemon.signal(signal.SIGTERM)
         assert await asyncio.to_thread(daemon.wait, 10) == 0
         # Read back from the simulator: commands are zero and the pump really stopped.

@@ -253,7 +253,6 @@ def test_installed_demo_runs_from_an_empty_directory(
     for dev in data["devices"].values():  # free ports: tests never take the fixed ones
         dev["port"] = free_port()
     data["mqtt"].update({"host": "127.0.0.1", "port": mosquitto.port})
-    data["record"] = {"directory": str(empty / "records")}
     with (empty / "cart.yaml").open("w") as f:
         yaml.dump(data, f)
     master, slave = pty.openpty()
@@ -283,4 +282,3 @@ def test_installed_demo_runs_from_an_empty_directory(
             demo.kill()
             demo.wait()
         os.close(master)
-    assert list((empty / "records").glob("*.sqlite")), "no procedure record written"
