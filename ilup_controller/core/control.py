@@ -218,14 +218,7 @@ class Controller:
         if not self._heating:
             self._gradient.reset(water_c, temp_c)
             self._heating = True
-        demand = self._gradient.step(
-            dt_s,
-            temp_c,
-            water_c,
-            self.temperature_target_c,
-            heater_at_min=self._heater_pct <= 0.0,
-            heater_at_max=self._heater_pct >= tc.heater_max_pct,
-        )
+        demand = self._gradient.step(dt_s, temp_c, water_c, self.temperature_target_c)
         # Shown as the setpoint: where the asked rate is heading (the target once landing).
         self._temp_sp = min(
             self.temperature_target_c,

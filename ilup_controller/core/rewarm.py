@@ -97,8 +97,7 @@ class GradientDemand:
 
 
 class GradientLoop:
-    """Water setpoint from the perfusate readings (module docstring). ``track`` keeps the
-    integral consistent with the water the heater really achieves (anti-windup)."""
+    """Water setpoint from the perfusate readings (module docstring)."""
 
     def __init__(self, cfg: TemperatureLoop) -> None:
         self._cfg = cfg
@@ -120,12 +119,7 @@ class GradientLoop:
         perfusate_c: float,
         water_c: float,
         target_c: float,
-        *,
-        heater_at_min: bool,
-        heater_at_max: bool,
     ) -> GradientDemand:
-        """``heater_at_min``/``heater_at_max``: the heater's last command sat at a limit, so
-        the water can follow the setpoint only as fast as its own losses or full power allow."""
         c = self._cfg
         self._t_s += dt_s
         self._rate.add(self._t_s, perfusate_c)
