@@ -38,26 +38,20 @@ def _read_until(fd: int, needle: bytes, timeout_s: float, seen: bytearray) -> fl
     return time.monotonic() - start
 
 
-def test_demo_shows_live_values_and_stops_cleanly(
-    tmp_path: Path, mosquitto: MosquittoProcess
-) -> None:
-    cfg_path, _ = write_cart_config(tmp_path, mosquitto.port, ramp_s=5.0)
+def demo_in_a_terminal(args: list[str], cwd: Path, timeout_s: float = 10.0) -> None:
+    """Run ``args`` (an `ilup demo`) in a pseudo-terminal: live values within ``timeout_s``,
+    then Ctrl-C stops the daemon before the simulator and the demo exits 0."""
     master, slave = pty.openpty()
     os.set_blocking(master, False)
     env = {**os.environ, "COLUMNS": "120", "LINES": "40", "TERM": "xterm"}
     demo = subprocess.Popen(
-        [sys.executable, "-m", "ilup_controller", "demo", "-c", str(cfg_path)],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=env,
-        start_new_session=True,
+        args, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
     )
     os.close(slave)
     seen = bytearray()
     try:
-        took = _read_until(master, b"Flow", 10.0, seen)
-        _read_until(master, b"state age", 10.0 - took, seen)
+        took = _read_until(master, b"Flow", timeout_s, seen)
+        _read_until(master, b"state age", timeout_s - took, seen)
         assert b"STALE" not in seen.split(b"state age")[-1][:400]
         # Ctrl-C: the terminal sends SIGINT to its foreground process group, which holds the
         # demo only (its children run in their own sessions, so they are stopped in order).
@@ -71,6 +65,15 @@ def test_demo_shows_live_values_and_stops_cleanly(
             demo.kill()
             demo.wait()
         os.close(master)
+
+
+def test_demo_shows_live_values_and_stops_cleanly(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg_path, _ = write_cart_config(tmp_path, mosquitto.port, ramp_s=5.0)
+    demo_in_a_terminal(
+        [sys.executable, "-m", "ilup_controller", "demo", "-c", str(cfg_path)], tmp_path
+    )
     # Nothing left behind: no simulator or daemon of this run still running.
     left = subprocess.run(
         ["pgrep", "-f", str(cfg_path.parent)], capture_output=True, text=True, check=False

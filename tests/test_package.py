@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
+from test_demo import demo_in_a_terminal
 
 from ilup_controller import examples
 from ilup_controller.broker import MosquittoProcess, free_port
@@ -239,10 +240,6 @@ def test_installed_demo_runs_from_an_empty_directory(
 ) -> None:
     """The wheel's own `ilup demo` in a terminal, from an empty directory: simulator, daemon
     and live view come up with live values, and Ctrl-C stops them in order."""
-    import pty
-
-    from test_demo import _read_until
-
     empty = tmp_path / "empty"
     empty.mkdir()
     ilup = str(installed / "ilup")
@@ -255,30 +252,4 @@ def test_installed_demo_runs_from_an_empty_directory(
     data["mqtt"].update({"host": "127.0.0.1", "port": mosquitto.port})
     with (empty / "cart.yaml").open("w") as f:
         yaml.dump(data, f)
-    master, slave = pty.openpty()
-    os.set_blocking(master, False)
-    env = {**os.environ, "COLUMNS": "120", "LINES": "40", "TERM": "xterm"}
-    demo = subprocess.Popen(
-        [ilup, "demo", "-c", "cart.yaml"],
-        cwd=empty,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=env,
-        start_new_session=True,
-    )
-    os.close(slave)
-    seen = bytearray()
-    try:
-        took = _read_until(master, b"Flow", 20.0, seen)
-        _read_until(master, b"state age", 20.0 - took, seen)
-        demo.send_signal(signal.SIGINT)
-        _read_until(master, b"simulator stopped", 20.0, seen)
-        assert demo.wait(10) == 0
-        text = seen.decode(errors="replace")
-        assert text.index("daemon stopped (exit 0)") < text.index("simulator stopped")
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
-        os.close(master)
+    demo_in_a_terminal([ilup, "demo", "-c", "cart.yaml"], empty, timeout_s=20.0)

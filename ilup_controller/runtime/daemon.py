@@ -31,13 +31,12 @@ from ilup_controller.record.recorder import Recorder, RecorderError
 from ilup_controller.runtime.commands import CommandIntake, PendingReply
 from ilup_controller.runtime.notify import Notifier
 from ilup_controller.runtime.recovery import open_procedure
+from ilup_controller.runtime.safe import drive_safe, safe_outputs
 from ilup_controller.runtime.state import build_alarms, build_event, build_state
 from ilup_controller.runtime.ticker import Ticker
 from ilup_controller.runtime.watchdog import StartRefused, arm_watchdogs
 
 log = logging.getLogger("ilup.daemon")
-
-SAFE_WRITE_TIMEOUT_S = 1.0
 
 
 class Daemon:
@@ -62,10 +61,6 @@ class Daemon:
         self._alarm_signature: tuple[object, ...] | None = None
         self.notify = Notifier()  # systemd Type=notify; a no-op without $NOTIFY_SOCKET
 
-    def _safe_outputs(self) -> dict[str, float]:
-        c = self.cfg.control
-        return {c.flow.command: 0.0, c.temperature.command: 0.0}
-
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; raises if a task crashed (after the safe shutdown)."""
         loop = asyncio.get_running_loop()
@@ -81,7 +76,7 @@ class Daemon:
             on_message=self.intake.on_message,
         )
         # Commands start safe in every mailbox, so the very first cycle writes zeros.
-        for sig, value in self._safe_outputs().items():
+        for sig, value in safe_outputs(cfg).items():
             self._link_of(sig).set_output(sig, value)
 
         background = [
@@ -188,22 +183,7 @@ class Daemon:
 
     async def _drive_safe(self) -> None:
         """Pump to zero and heater off, written directly; each device independently."""
-        by_link: dict[str, dict[str, float | bool]] = {}
-        for sig, value in self._safe_outputs().items():
-            by_link.setdefault(self.cfg.signals[sig].device, {})[sig] = value
-        results = await asyncio.gather(
-            *(self.links[n].write_now(v, SAFE_WRITE_TIMEOUT_S) for n, v in by_link.items()),
-            return_exceptions=True,
-        )
-        for name, ok in zip(by_link, results, strict=True):
-            if ok is True:
-                log.info("safe state written device=%s", name)
-            else:
-                log.error(
-                    "safe state NOT confirmed device=%s result=%r; relying on the device watchdog",
-                    name,
-                    ok,
-                )
+        await drive_safe(self.cfg, self.links)
 
     def _devices_down(self, t_s: float) -> tuple[str, ...]:
         health = {name: link.health for name, link in self.links.items()}

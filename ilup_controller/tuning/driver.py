@@ -26,13 +26,13 @@ from ilup_controller.config.models import CartConfig
 from ilup_controller.core.types import Reading
 from ilup_controller.modbus.link import DeviceLink
 from ilup_controller.mqtt.topics import topic
+from ilup_controller.runtime.safe import drive_safe, safe_outputs
 from ilup_controller.runtime.watchdog import StartRefused, arm_watchdogs
 from ilup_controller.tuning.identify import Fopdt, fit_step
 from ilup_controller.tuning.steptest import Measured, Stage, StepPlan, StepTest
 
 log = logging.getLogger("ilup.tune")
 
-SAFE_WRITE_TIMEOUT_S = 1.0
 MIN_SAMPLE_WALL_S = 0.02
 IN_USE_PHASES = frozenset({"priming", "perfusion", "washout"})
 
@@ -104,8 +104,7 @@ async def run_test(
         signals = {s: sig for s, sig in cfg.signals.items() if sig.device == name}
         fast = dev.model_copy(update={"poll_period_s": sample_wall_s})
         links[name] = DeviceLink(name, fast, signals, store, clock=loop.time)
-    safe = {c.flow.command: 0.0, c.temperature.command: 0.0}
-    for sig, value in safe.items():
+    for sig, value in safe_outputs(cfg).items():
         links[cfg.signals[sig].device].set_output(sig, value)
     tasks = [asyncio.create_task(link.run(), name=f"tune:{n}") for n, link in links.items()]
     test = StepTest(cfg, plan)
@@ -147,7 +146,7 @@ async def run_test(
                     m,
                 )
     finally:
-        await _drive_safe(cfg, links, safe)
+        await drive_safe(cfg, links)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -164,20 +163,3 @@ async def run_test(
         ts, ys, t_step_s=test.t_step_s, du=test.du, detrend=plan.loop in ("water", "perfusate")
     )
     return TuneRun(test, model)
-
-
-async def _drive_safe(
-    cfg: CartConfig, links: Mapping[str, DeviceLink], safe: Mapping[str, float]
-) -> None:
-    by_device: dict[str, dict[str, float | bool]] = {}
-    for sig, value in safe.items():
-        by_device.setdefault(cfg.signals[sig].device, {})[sig] = value
-    results = await asyncio.gather(
-        *(links[d].write_now(v, SAFE_WRITE_TIMEOUT_S) for d, v in by_device.items()),
-        return_exceptions=True,
-    )
-    for device, ok in zip(by_device, results, strict=True):
-        if ok is True:
-            log.info("safe state written device=%s", device)
-        else:
-            log.error("safe state NOT confirmed device=%s (%r); its watchdog stops it", device, ok)
