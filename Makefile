@@ -36,6 +36,9 @@ bench: $(VENV)/.test
 ## make docs: regenerate the documents generated from the pydantic models
 docs: $(VENV)/.test
 	$(BIN)/python -m ilup_controller.mqtt.docs
+	$(BIN)/python -m ilup_controller.mqtt.asyncapi
+	$(BIN)/python -m ilup_controller.core.catalogue > docs/alarms.md
+	$(BIN)/python -m sim.faults --docs
 	$(BIN)/python -m sim.family --docs
 
 clean:
