@@ -21,8 +21,7 @@ from ilup_controller.core.sensors import Run, SensorCheck, resolution_of
 from ilup_controller.core.types import Readings
 
 STARTUP_GRACE_S = 5.0  # a sensor never read is a fault only after this long
-SERVO_STOP = "pressure_servo_stop"
-# Water this far above the perfusate means the heater-cooler is still adding heat.
+SERVO_STOP = "pressure_servo_stop"  # the loop stopped the pump ahead of the stop limit
 HEATER_CONTRIBUTES_C = 0.5  # water this far above the perfusate: the heater is a heat source
 
 

@@ -106,8 +106,8 @@ class GradientLoop:
         self._t_s = 0.0
 
     def reset(self, water_c: float | None, perfusate_c: float | None) -> None:
-        """Heating (re)starts: forget the slope, start the integral from the present gradient
-        less what the feed-forward will add, so the first demand is what the water is."""
+        """Heating (re)starts: forget the slope and start the integral at the present gradient
+        (within 0 .. max_gradient_c), so the first demand continues from where the water is."""
         self._rate.clear()
         self._integral_c = 0.0
         if water_c is not None and perfusate_c is not None:

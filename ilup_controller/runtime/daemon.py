@@ -23,7 +23,7 @@ from ilup_controller.config.models import CartConfig
 from ilup_controller.core.cart import CartCore, Restored, TickResult
 from ilup_controller.core.monitor import silent_devices
 from ilup_controller.core.types import Reading
-from ilup_controller.modbus.link import DeviceLink, build_links
+from ilup_controller.modbus.link import DeviceLink, LinkHealth, build_links
 from ilup_controller.mqtt.link import MqttLink
 from ilup_controller.mqtt.messages import Event
 from ilup_controller.mqtt.topics import ALARMS, EVENTS
@@ -185,8 +185,7 @@ class Daemon:
         """Pump to zero and heater off, written directly; each device independently."""
         await drive_safe(self.cfg, self.links)
 
-    def _devices_down(self, t_s: float) -> tuple[str, ...]:
-        health = {name: link.health for name, link in self.links.items()}
+    def _devices_down(self, t_s: float, health: dict[str, LinkHealth]) -> tuple[str, ...]:
         for name, h in health.items():  # link changes go to the events topic and the record
             if self._link_up.get(name) != h.connected:
                 self._link_up[name] = h.connected
@@ -215,14 +214,15 @@ class Daemon:
             replies, command_events = self.intake.apply_pending(
                 core, t_s, record_problem=self._record_unwritable()
             )
+            health = {name: link.health for name, link in self.links.items()}  # one snapshot
             r = core.step(
                 t_s,
                 self.store,
-                devices_down=self._devices_down(t_s),
+                devices_down=self._devices_down(t_s, health),
                 overruns_total=self.ticker.stats.overruns,
                 remote_ok=mqtt.connected,
                 recorder_problem=self._recorder_problem(),
-                last_write_ok_s={n: link.health.last_write_ok_t for n, link in self.links.items()},
+                last_write_ok_s={n: h.last_write_ok_t for n, h in health.items()},
                 identity_clash=mqtt.identity_clash,
             )
             for sig, value in r.outputs.items():
