@@ -283,7 +283,26 @@ class TemperatureLoop(Strict):
     )
     water_cap_c: Finite = Field(42.0, le=42.0, description="Heater water never above this.")
     max_gradient_c: Pos = Field(
-        4.0, le=10.0, description="Water setpoint at most this far above the perfusate."
+        3.6,
+        le=10.0,
+        description="Water setpoint at most this far above the perfusate; below "
+        "alarms.gradient_c, so the water's own overshoot and noise stay under the alarm.",
+    )
+    ramp_integral_per_s: NonNeg = Field(
+        0.003,
+        le=0.1,
+        description="Second integral of the rewarming rate loop, per s: while the ramp runs, "
+        "the rate loop's integral is itself integrated at this rate, which learns a loss that "
+        "grows as the perfusate warms (tubing to the room, lung to the body) so the warming "
+        "rate holds the ramp instead of trailing it. 0: off.",
+    )
+    gradient_slew_c_per_s: Pos = Field(
+        0.02,
+        le=10.0,
+        description="The asked water-to-perfusate gradient rises at most this fast, degC/s: "
+        "at the start of rewarming the feed-forward and the proportional kick do not land at "
+        "once (an exchanger stronger than exchanger_time_constant_s says would overshoot "
+        "the guideline rate).",
     )
     gradient_pid: PidGains = Field(
         PidGains(kp=1.0, ki=0.05),
@@ -625,6 +644,12 @@ class CartConfig(Strict):
                     f"devices.{dev_name}.watchdog.signal: {wd.signal!r} must be a "
                     f"writable signal of device {dev_name!r}"
                 )
+        if c.temperature.max_gradient_c >= self.alarms.gradient_c:
+            errors.append(
+                f"control.temperature.max_gradient_c: {c.temperature.max_gradient_c:g} degC must "
+                f"be below alarms.gradient_c ({self.alarms.gradient_c:g} degC), or the "
+                "controller's own gradient raises the alarm"
+            )
         errors.extend(_overlaps(self.signals))
         errors.extend(_serial_lines(self.devices, self.simulator))
         errors.extend(_line_budgets(self))
