@@ -22,7 +22,7 @@ from test_recorder import CONFIG_JSON, REPO, make_event, make_state
 
 from ilup_controller.cli import main
 from ilup_controller.exitcodes import ExitCode
-from ilup_controller.record import Recorder, open_record
+from ilup_controller.record import Recorder, chain, open_record
 from ilup_controller.record.chain import Verification, verify_record
 from ilup_controller.record.report import render_report
 from ilup_controller.record.store import _SCHEMA, INSERT_SAMPLE, sample_row
@@ -345,3 +345,36 @@ async def test_report_shows_the_verification(record: Written, tmp_path: Path) ->
     assert warning is not None
     assert "TAMPERED" in warning.group(1)
     assert "sample seq 42" in warning.group(1)
+
+
+async def test_a_record_being_written_is_read_at_one_commit(
+    record: Written, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running daemon commits while `ilup verify` reads: the head (read first) and the rows
+    (read after) come from the same commit, so the live record is not reported tampered."""
+    columns = chain.real_columns
+    committed: list[bool] = []
+
+    def a_commit_meanwhile(conn: sqlite3.Connection, table: str) -> frozenset[str]:
+        if not committed:  # after the meta rows were read, before the rows are
+            committed.append(True)
+            w = sqlite3.connect(record.path, isolation_level=None)
+            writer = chain.ChainWriter.load(w)
+            assert writer is not None
+            w.execute("BEGIN")
+            writer.unseal(w)
+            writer.sample(w, sample_row(300, make_state(300), 30.0))
+            writer.flush_head(w)
+            w.execute("COMMIT")
+            w.close()
+        return columns(conn, table)
+
+    monkeypatch.setattr(chain, "real_columns", a_commit_meanwhile)
+    during = verify_record(record.path)
+    monkeypatch.setattr(chain, "real_columns", columns)
+    assert committed
+    assert during.status == "intact", during.summary()
+    assert during.rows_checked == 320
+    after = verify_record(record.path)
+    assert after.status == "unsealed", after.summary()
+    assert after.rows_checked == after.head_rows == 321

@@ -272,6 +272,9 @@ def verify_record(path: str | Path) -> Verification:
 
 
 def _verify(conn: sqlite3.Connection, p: Path) -> Verification:
+    # One read transaction: a record being written (a running daemon) is seen at one commit,
+    # its head and its rows together.
+    conn.execute("BEGIN")
     integrity = "; ".join(str(r[0]) for r in conn.execute("PRAGMA integrity_check"))
     meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
     version = meta.get("schema_version")
@@ -305,9 +308,9 @@ def _verify(conn: sqlite3.Connection, p: Path) -> Verification:
         v.rows[table] = count
     rows.sort(key=lambda r: (r.n, _TABLE_ORDER[r.table]))
     _walk(rows, genesis, reals, found)
-    v.intact_rows = _intact_prefix(rows, found)
     last_n, last_hash = (rows[-1].n, rows[-1].stored) if rows else (0, genesis)
     _check_head(meta, last_n, last_hash, rows[-1] if rows else None, v)
+    v.intact_rows = _intact_prefix(rows, found)
     if not found:
         v.status = "intact" if v.sealed_utc is not None else "unsealed"
     return v
@@ -399,7 +402,7 @@ def _check_head(
         found.append(
             Finding(
                 "extra",
-                f"rows {v.head_rows + 1}..{last_n} are past the chain head (added afterwards)",
+                f"row(s) {v.head_rows + 1}..{last_n} are past the chain head (added afterwards)",
                 v.head_rows + 1,
             )
         )

@@ -396,7 +396,7 @@ class Recorder:
                 conn.execute("BEGIN")
                 self._chain.unseal(conn)
                 conn.execute("COMMIT")
-        except (OSError, sqlite3.Error, RecordError) as e:
+        except (OSError, sqlite3.Error, RecordError, ValueError, TypeError) as e:
             self._fail(f"cannot open {self.path}: {e}")
         self._ready.set()
         try:
