@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -21,11 +22,14 @@ import pytest
 from test_recorder import CONFIG_JSON, REPO, make_event, make_state
 
 from ilup_controller.cli import main
+from ilup_controller.config import load_config
+from ilup_controller.config.models import Record
 from ilup_controller.exitcodes import ExitCode
 from ilup_controller.record import Recorder, chain, open_record
 from ilup_controller.record.chain import Verification, verify_record
 from ilup_controller.record.report import render_report
 from ilup_controller.record.store import _SCHEMA, INSERT_SAMPLE, sample_row
+from ilup_controller.runtime.recovery import open_procedure
 
 MARKER = "drug in: melphalan 40 mg"
 
@@ -200,6 +204,27 @@ async def test_rewritten_configuration_is_named(record: Written) -> None:
         args=(CONFIG_JSON.replace("1800.0", "900.0"),),
     )
     only(verify_record(record.path), "meta")
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        ("UPDATE samples SET chain_hash = 'not a hash' WHERE seq = 50", "changed"),
+        ("UPDATE events SET chain_n = 'x' WHERE id = 3", "unchained"),
+        ("INSERT INTO gaps (from_seq, to_seq, reason, chain_n, chain_hash) "
+         "VALUES (1, 2, 'forged', 321, 'ab')", "extra"),
+        ("UPDATE meta SET value = 'garbage' WHERE key = 'chain_head'", "head"),
+        ("UPDATE meta SET value = '{' WHERE key = 'chain_sealed'", "seal"),
+        ("DELETE FROM meta WHERE key = 'chain_genesis'", "meta"),
+    ],
+)  # fmt: skip
+async def test_vandalised_chain_data_is_named_never_a_crash(
+    record: Written, edit: str, problem: str
+) -> None:
+    sql(record.path, edit)
+    v = verify_record(record.path)
+    assert v.status == "tampered", v.summary()
+    assert problem in [f.problem for f in v.findings], [f.text() for f in v.findings]
 
 
 # --------------------------------------------------------------------------- crash and resume
@@ -378,3 +403,25 @@ async def test_a_record_being_written_is_read_at_one_commit(
     after = verify_record(record.path)
     assert after.status == "unsealed", after.summary()
     assert after.rows_checked == after.head_rows == 321
+
+
+async def test_continuing_a_tampered_unfinished_record_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(REPO / "config" / "sim.yaml")
+    cfg = cfg.model_copy(update={"record": Record(directory=str(tmp_path))})
+    rec = Recorder.from_config(cfg)
+    rec.start()
+    for i in range(20):
+        rec.sample(make_state(i))
+    await rec.commit(make_event(0, "phase", from_phase="priming", to_phase="perfusion"))
+    assert rec.close()
+    assert open_procedure(cfg).restored is not None  # intact: continued, nothing logged
+    assert "does not verify" not in caplog.text
+    sql(rec.path, "DELETE FROM samples WHERE seq = 5")
+    caplog.set_level(logging.CRITICAL, logger="ilup.recovery")
+    opening = open_procedure(cfg)
+    assert opening.restored is not None  # still continued: the operator decides
+    assert opening.recorder.path == rec.path
+    assert "does not verify" in caplog.text
+    assert "missing: row 6" in caplog.text

@@ -339,12 +339,12 @@ def _walk(
                 )
             )
         data = canonical_row(row.table, CHAINED_TABLES[row.table], row.values, reals[row.table])
-        if link(prev, data) != row.stored and not after_hole:
+        if _link(prev, data) != row.stored and not after_hole:
             follows = None
             if searches < _REORDER_SEARCHES:
                 searches += 1
                 follows = next(
-                    (o for o in rows if o is not row and link(o.stored, data) == row.stored), None
+                    (o for o in rows if o is not row and _link(o.stored, data) == row.stored), None
                 )
             if follows is not None:
                 found.append(
@@ -368,6 +368,14 @@ def _walk(
             )
         last_key[row.table] = row.key
         prev, expected, prev_row = row.stored, row.n + 1, row
+
+
+def _link(prev: str, data: bytes) -> str | None:
+    """``link``, or None when the previous hash is not a hash at all (it was edited)."""
+    try:
+        return link(prev, data)
+    except ValueError:
+        return None
 
 
 def _intact_prefix(rows: list[_Row], found: list[Finding]) -> int:
