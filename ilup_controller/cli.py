@@ -331,10 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
         o.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
         o.set_defaults(func=_cmd_operator)
 
-    from ilup_controller.record.commands import add_export_arguments, add_report_arguments
+    from ilup_controller.record.commands import (
+        add_export_arguments,
+        add_report_arguments,
+        add_verify_arguments,
+    )
 
     add_report_arguments(sub.add_parser("report", help="HTML report with plots from a record"))
     add_export_arguments(sub.add_parser("export", help="a record's samples as CSV (--csv)"))
+    add_verify_arguments(
+        sub.add_parser("verify", help="check a record's hash chain: intact, unsealed or tampered")
+    )
 
     d = sub.add_parser("demo", help="simulator + daemon + broker + live view")
     _packaged_sim_config_flag(d)
