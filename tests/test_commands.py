@@ -613,13 +613,14 @@ def test_reply_goes_to_an_allowed_response_topic_only(cart: Cart) -> None:
 
 NUMERIC = {"flow_ml_min", "pressure_limit_mmhg", "temperature_c", "pump_speed_rpm", "expires_in_s"}
 CAPS = {"flow_ml_min": 5000.0, "pressure_limit_mmhg": 100.0, "temperature_c": 42.0}
-REQUIRED = {"command_id", "issued_at", "control", "output_mode", "action", "text"}
+REQUIRED = {"command_id", "issued_at", "control", "output_mode", "action", "text", "token"}
 VALID_BODIES: dict[str, dict[str, Any]] = {
     "setpoint": {"flow_ml_min": 550.0, "temperature_c": 37.2},
     "mode": {"control": "pressure", "output_mode": "manual", "pump_speed_rpm": 10.0},
     "phase": {"action": "priming"},
     "alarm": {"action": "acknowledge", "alarm_id": "air_detected"},
     "marker": {"text": "drug in"},
+    "confirm": {"token": "tok00001", "action": "confirm"},  # none pending: not_confirmed
 }
 json_values = st.recursive(
     st.none()
@@ -651,7 +652,7 @@ def mutated(draw: st.DrawFn) -> tuple[str, bytes, bool]:
     if kind == "drop":
         del fields[key]
         must_reject = (
-            key in REQUIRED
+            (key in REQUIRED and not (name == "confirm" and key == "action"))
             or (name == "alarm" and key == "alarm_id")
             or (name == "mode" and key == "pump_speed_rpm")
         )
@@ -699,6 +700,9 @@ def check(name: str, payload: bytes, must_reject: bool) -> None:
         assert snapshot(cart.core) == before
     else:
         assert reply.reason is None
+        # A change that takes two steps is pending, not applied.
+        if reply.status == "confirm_required":
+            assert snapshot(cart.core) == before
     assert len(cart.proc.drain_events()) == 1
 
 
