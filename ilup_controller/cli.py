@@ -186,6 +186,7 @@ def _operator_body(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
 def _cmd_operator(args: argparse.Namespace) -> int:
     from ilup_controller.client import (
         CartOffline,
+        ConsoleConfirm,
         connection_failure,
         print_reply,
         send_command,
@@ -194,8 +195,11 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
     name, body = _operator_body(args)
     settings = settings_from(args)
+    decide = ConsoleConfirm(yes=args.yes)
     try:
-        reply = asyncio.run(send_command(settings, name, body, timeout_s=args.timeout))
+        reply = asyncio.run(
+            send_command(settings, name, body, timeout_s=args.timeout, decide=decide)
+        )
     except CartOffline as e:
         print(f"ilup {args.command}: not sent: {e}", file=sys.stderr)
         return ExitCode.OFFLINE
@@ -203,7 +207,9 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         text, code = connection_failure(e, settings)
         print(f"ilup {args.command}: {text}", file=sys.stderr)
         return code
-    return print_reply(reply)
+    rc = print_reply(reply)
+    # The operator said no: the cancel was accepted, but the change was not made.
+    return ExitCode.REJECTED if decide.declined and rc == ExitCode.OK else rc
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -329,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     for o in ops:
         add_connection_flags(o)
         o.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+        o.add_argument(
+            "--yes",
+            action="store_true",
+            help="confirm a change that needs confirmation without asking (still two steps)",
+        )
         o.set_defaults(func=_cmd_operator)
 
     from ilup_controller.record.commands import (

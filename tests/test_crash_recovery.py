@@ -191,7 +191,9 @@ async def test_restart_restores_targets_phase_and_latched_alarms(
                 mosquitto.port, prefix, "alarm", {"action": "reset", "alarm_id": alarm_id}
             )
             assert ok["status"] == "ok", ok
-        resumed = await _command(mosquitto.port, prefix, "phase", {"action": "resume"})
+        asked = await _command(mosquitto.port, prefix, "phase", {"action": "resume"})
+        assert asked["status"] == "confirm_required", asked  # resume takes two steps
+        resumed = await _command(mosquitto.port, prefix, "confirm", {"token": asked["token"]})
         assert resumed["status"] == "ok", resumed
         t_resume = loop.time()
         await wait_until(

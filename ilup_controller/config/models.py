@@ -20,6 +20,13 @@ from pydantic import (
     model_validator,
 )
 
+from ilup_controller.config.operators import (
+    WILDCARD,
+    CommandLimits,
+    OperatorRole,
+    UserName,
+)
+
 
 class Strict(BaseModel):
     """Base for all config models: unknown keys are errors and loaded config is immutable."""
@@ -582,6 +589,13 @@ class CartConfig(Strict):
     mqtt: Mqtt = Mqtt()
     record: Record = Record()
     simulator: Simulator | None = None
+    operators: dict[UserName, OperatorRole] | None = Field(
+        None,
+        description="Broker user -> role (monitor, assistant, operator); config/operators.py. "
+        "Absent: no command is accepted. '*': the role of every user not named (simulated "
+        "carts only).",
+    )
+    commands: CommandLimits = CommandLimits()
 
     @field_validator("signals")
     @classmethod
@@ -653,9 +667,26 @@ class CartConfig(Strict):
         errors.extend(_overlaps(self.signals))
         errors.extend(_serial_lines(self.devices, self.simulator))
         errors.extend(_line_budgets(self))
+        errors.extend(_operator_list(self))
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+
+def _operator_list(cfg: CartConfig) -> list[str]:
+    ops = cfg.operators or {}
+    errors: list[str] = []
+    if WILDCARD in ops and not cfg.simulated:
+        errors.append(
+            f"operators.{WILDCARD}: a wildcard is only allowed on a simulated cart; name each "
+            "broker user with its role"
+        )
+    daemon = cfg.mqtt.username
+    if daemon and daemon in ops:
+        errors.append(
+            f"operators.{daemon}: the daemon's own user (mqtt.username) sends no commands"
+        )
+    return errors
 
 
 def _overlaps(signals: dict[str, Signal]) -> list[str]:
