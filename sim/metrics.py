@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.alarms import AlarmEvent
 from ilup_controller.core.procedure import Phase, PhaseEvent
-from sim.plant import PERFUSATE_SPECIFIC_HEAT_J_PER_KG_K
+from sim.plant import PERFUSATE_SPECIFIC_HEAT_J_PER_KG_K, WATER_SPECIFIC_HEAT_J_PER_KG_K
 from sim.virtual import Sample, VirtualCart
 
 # Guideline rewarming rate (domain.md) and the allowance the issue grants over it.
@@ -36,6 +36,7 @@ class RunMetrics:
     drug_elapsed_s: float  # drug-phase time at target when the run ended
     rewarm_start_s: float | None  # first tick the temperature loop drove the heater
     rewarm_start_c: float | None  # true arterial temperature then
+    rewarm_start_bulk_c: float | None  # true perfusate (the circuit's bulk) then, for the bound
     rewarm_s: float | None  # from rewarm_start_s to within REWARM_BAND_C of the target
     rewarm_limit_s: float | None  # GUIDELINE_ALLOWANCE x (target - start) / 0.5 degC/min
     overshoot_c: float  # highest true arterial temperature above the target (0 if never)
@@ -56,6 +57,14 @@ class RunMetrics:
         if self.rewarm_s is None or not self.rewarm_limit_s:
             return None
         return self.rewarm_s / self.rewarm_limit_s
+
+    @property
+    def bound_start_c(self) -> float | None:
+        """Where a physical bound starts: the colder of the arterial and the bulk at the start
+        of rewarming (see physical_bound_s)."""
+        if self.rewarm_start_c is None or self.rewarm_start_bulk_c is None:
+            return self.rewarm_start_c
+        return min(self.rewarm_start_c, self.rewarm_start_bulk_c)
 
     @property
     def speed_up(self) -> float:
@@ -85,6 +94,7 @@ class _Collector:
         self.perfusion_start_s: float | None = None
         self.rewarm_start_s: float | None = None
         self.rewarm_start_c: float | None = None
+        self.rewarm_start_bulk_c: float | None = None
         self.rewarm_s: float | None = None
         self.max_arterial_c = -math.inf
         self.flow_sq_sum = 0.0
@@ -111,6 +121,7 @@ class _Collector:
         arterial = truth.arterial_c
         if self.rewarm_start_s is None and d.loop.heater_enabled:
             self.rewarm_start_s, self.rewarm_start_c = t_s, arterial
+            self.rewarm_start_bulk_c = truth.perfusate_c
         if (
             self.rewarm_start_s is not None
             and self.rewarm_s is None
@@ -157,6 +168,7 @@ class _Collector:
             drug_elapsed_s=self.drug_elapsed_s,
             rewarm_start_s=self.rewarm_start_s,
             rewarm_start_c=self.rewarm_start_c,
+            rewarm_start_bulk_c=self.rewarm_start_bulk_c,
             rewarm_s=self.rewarm_s,
             rewarm_limit_s=limit_s,
             overshoot_c=max(0.0, self.max_arterial_c - self.target_c),
@@ -172,12 +184,17 @@ def physical_bound_s(cfg: CartConfig, start_c: float) -> float | None:
     """Fastest rewarm from ``start_c`` to within REWARM_BAND_C of the target that the plant
     allows with the guideline's own limits: the perfusate never faster than GUIDELINE_C_PER_MIN,
     the water at most ``max_gradient_c`` above it and under its cap, the heater's power (after
-    the water's own losses), at the target flow. Quasi-static (the water is taken to be where it
-    is needed at once), so a true lower bound. None when the target is out of reach."""
+    the water's own losses, and warming the water along with the perfusate), at the target flow.
+    Quasi-static (the water is taken to be at its gradient at once), so a true lower bound. None
+    when the target is out of reach.
+
+    ``start_c``: the circuit's bulk temperature when the heater may first run (a priming at low
+    flow cools it before then, and that perfusate still has to reach the arterial probe)."""
     if cfg.simulator is None:
         raise ValueError("the configuration has no 'simulator' section")
     p, t = cfg.simulator.plant, cfg.control.temperature
     heat_capacity_j_per_k = p.perfusate_volume_ml * 1e-3 * PERFUSATE_SPECIFIC_HEAT_J_PER_KG_K
+    water_capacity_j_per_k = p.water_mass_kg * WATER_SPECIFIC_HEAT_J_PER_KG_K
     lung_ua = p.lung_ua_w_per_k_per_l_min * cfg.control.flow.target_ml_min * 1e-3
     heater_w = p.heater_power_w * t.heater_max_pct / 100.0
     if p.heater_supply_max_w is not None:
@@ -194,7 +211,12 @@ def physical_bound_s(cfg: CartConfig, start_c: float) -> float | None:
             - p.tubing_ua_w_per_k * (temp_c - p.ambient_c)
             - lung_ua * (temp_c - p.body_c)
         )
-        rate_c_per_s = min(GUIDELINE_C_PER_MIN / 60.0, gain_w / heat_capacity_j_per_k)
+        losses_w = gain_w - p.hx_ua_w_per_k * (water_c - temp_c)
+        # The heater also warms the water as fast as the perfusate (the gradient held).
+        heater_rate = (
+            heater_w - p.water_ambient_ua_w_per_k * (water_c - p.ambient_c) + losses_w
+        ) / (heat_capacity_j_per_k + water_capacity_j_per_k)
+        rate_c_per_s = min(GUIDELINE_C_PER_MIN / 60.0, gain_w / heat_capacity_j_per_k, heater_rate)
         if rate_c_per_s <= 1e-6:
             return None
         temp_c += rate_c_per_s * step_s

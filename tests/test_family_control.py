@@ -68,8 +68,8 @@ def test_variant_rewarms_within_the_guideline_limits(
     assert m.rewarm_ratio is not None
     assert m.rewarm_ratio <= CASES[name][1], m.rewarm_ratio
     # ... and the plant could have done it faster: the figure is the controller's, not physics'.
-    assert m.rewarm_start_c is not None
-    bound = physical_bound_s(cfg, m.rewarm_start_c)
+    assert m.bound_start_c is not None
+    bound = physical_bound_s(cfg, m.bound_start_c)
     assert bound is not None
     assert m.rewarm_s is not None
     assert bound < m.rewarm_s

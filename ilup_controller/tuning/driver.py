@@ -28,8 +28,8 @@ from ilup_controller.modbus.link import DeviceLink
 from ilup_controller.mqtt.topics import topic
 from ilup_controller.runtime.safe import drive_safe, safe_outputs
 from ilup_controller.runtime.watchdog import StartRefused, arm_watchdogs
-from ilup_controller.tuning.identify import Fopdt, fit_step
-from ilup_controller.tuning.steptest import Measured, Stage, StepPlan, StepTest
+from ilup_controller.tuning.identify import Fopdt, IdentificationError
+from ilup_controller.tuning.steptest import Measured, Stage, StepPlan, StepTest, fit_test
 
 log = logging.getLogger("ilup.tune")
 
@@ -154,12 +154,8 @@ async def run_test(
         raise TuneFailed(f"test aborted, actuators driven safe: {test.reason}")
     if test.reason:
         log.warning("test ended early: %s", test.reason)
-    if test.t_step_s is None or test.du == 0.0:
-        raise TuneFailed("no step was applied (no room under the caps?)")
-    ts = [s[0] for s in test.samples]
-    ys = [s[2] for s in test.samples]
-    # Temperature tests start from a circuit that drifts; flow and pressure sit at rest.
-    model = fit_step(
-        ts, ys, t_step_s=test.t_step_s, du=test.du, detrend=plan.loop in ("water", "perfusate")
-    )
+    try:
+        model = fit_test(test)
+    except IdentificationError as e:
+        raise TuneFailed(str(e)) from e
     return TuneRun(test, model)

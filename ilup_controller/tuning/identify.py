@@ -17,7 +17,7 @@ tau_i = min(tau, 4 (tau_c + theta)), with tau_c = theta by default ("tight" cont
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 SIMC_RULE = "SIMC (Skogestad 2003): kc = tau/(K(tau_c+theta)), tau_i = min(tau, 4(tau_c+theta))"
@@ -123,16 +123,75 @@ def fit_step(
         raise IdentificationError("the test after the step has no duration")
     dt = max(span / len(ts), 1e-9)
 
-    # Coarse grid: theta linear up to half the window, tau logarithmic from a sample to 3 windows.
+    sse, k, theta, tau = _grid(lambda theta, tau: _fit_k(ts, dev, du, theta, tau), span, dt)
+    if k == 0.0 or not math.isfinite(k):
+        raise IdentificationError("the output did not respond to the step")
+    return Fopdt(gain=k, time_constant_s=tau, dead_time_s=theta, rms_error=math.sqrt(sse / len(ts)))
+
+
+def fit_lag(
+    t_s: Sequence[float], u: Sequence[float], y: Sequence[float], *, t_step_s: float
+) -> Fopdt:
+    """FOPDT from a measured input ``u`` (not a clean step) to ``y``: both detrended by their
+    drift before ``t_step_s``, then y - y0 = K lag(u - u0) delayed by theta, fitted like
+    :func:`fit_step` (K closed form on a (theta, tau) grid, refined). For a loop whose input is
+    itself the output of another loop (the water under its own PI), this identifies the process
+    alone, without that loop's lag."""
+    if not len(t_s) == len(u) == len(y):
+        raise IdentificationError("t_s, u and y differ in length")
+    u0, u_slope = _baseline(t_s, u, t_step_s)
+    y0, y_slope = _baseline(t_s, y, t_step_s)
+    post = [
+        (t - t_step_s, ui - u0 - u_slope * (t - t_step_s), yi - y0 - y_slope * (t - t_step_s))
+        for t, ui, yi in zip(t_s, u, y, strict=True)
+        if t > t_step_s
+    ]
+    if len(post) < 10:
+        raise IdentificationError(f"only {len(post)} samples after the step (need >= 10)")
+    post = post[:: max(1, len(post) // _MAX_POINTS)]
+    ts = [t for t, _, _ in post]
+    us = [v for _, v, _ in post]
+    dev = [v for _, _, v in post]
+    span = ts[-1]
+    if span <= 0.0 or max(abs(v) for v in us) == 0.0:
+        raise IdentificationError("the input did not move after the step")
+
+    def fit(theta: float, tau: float) -> tuple[float, float]:
+        basis, x, j, prev_t = [], 0.0, -1, 0.0
+        for t in ts:
+            # Input as it was theta ago (held between samples), through the lag from prev_t.
+            while j + 1 < len(ts) and ts[j + 1] <= t - theta:
+                j += 1
+            u_then = us[j] if j >= 0 else 0.0
+            x += (1.0 - math.exp(-(t - prev_t) / tau)) * (u_then - x) if tau > 0 else u_then - x
+            prev_t = t
+            basis.append(x)
+        bb = sum(b * b for b in basis)
+        if bb <= 0.0:
+            return 0.0, sum(d * d for d in dev)
+        k = sum(b * d for b, d in zip(basis, dev, strict=True)) / bb
+        return k, sum((d - k * b) ** 2 for b, d in zip(basis, dev, strict=True))
+
+    sse, k, theta, tau = _grid(fit, span, max(span / len(ts), 1e-9))
+    if k == 0.0 or not math.isfinite(k):
+        raise IdentificationError("the output did not respond to the input")
+    return Fopdt(gain=k, time_constant_s=tau, dead_time_s=theta, rms_error=math.sqrt(sse / len(ts)))
+
+
+def _grid(
+    fit: Callable[[float, float], tuple[float, float]], span: float, dt: float
+) -> tuple[float, float, float, float]:
+    """(sse, K, theta, tau) minimising ``fit``: a coarse grid (theta linear up to half the
+    window, tau logarithmic from half a sample to 3 windows), then a shrinking box around the
+    best point."""
     thetas = [span * 0.5 * i / 24 for i in range(25)]
     taus = [dt * 0.5 * (6.0 * span / (dt * 0.5)) ** (j / 29) for j in range(30)]
-    best = (math.inf, 0.0, 0.0, 0.0)  # sse, k, theta, tau
+    best = (math.inf, 0.0, 0.0, 0.0)
     for theta in thetas:
         for tau in taus:
-            k, sse = _fit_k(ts, dev, du, theta, tau)
+            k, sse = fit(theta, tau)
             if sse < best[0]:
                 best = (sse, k, theta, tau)
-    # Refine: shrink a box around the best point (theta linear, tau by ratio).
     d_theta, r_tau = span * 0.5 / 24, (6.0 * span / (dt * 0.5)) ** (1 / 29)
     for _ in range(12):
         _, _, theta0, tau0 = best
@@ -140,15 +199,12 @@ def fit_step(
             for j in (-1.0, -0.5, 0.0, 0.5, 1.0):
                 theta = max(0.0, theta0 + i * d_theta)
                 tau = tau0 * r_tau**j
-                k, sse = _fit_k(ts, dev, du, theta, tau)
+                k, sse = fit(theta, tau)
                 if sse < best[0]:
                     best = (sse, k, theta, tau)
         d_theta *= 0.5
         r_tau = math.sqrt(r_tau)
-    sse, k, theta, tau = best
-    if k == 0.0 or not math.isfinite(k):
-        raise IdentificationError("the output did not respond to the step")
-    return Fopdt(gain=k, time_constant_s=tau, dead_time_s=theta, rms_error=math.sqrt(sse / len(ts)))
+    return best
 
 
 def add_lag(model: Fopdt, lag_s: float) -> Fopdt:

@@ -109,14 +109,16 @@ def propose(cfg: CartConfig, loop: Loop, model: Fopdt, *, tau_c_s: float | None 
 
 
 GRADIENT_RULE = (
-    "rate loop (core/rewarm.py): gradient -> warming rate is a static gain 60 K/tau per minute "
-    "with dead time theta + rate_window_s/2; SIMC for a dead-time process (integral, "
-    "tau_c = that dead time) plus a proportional part of half the inverse gain"
+    "rate loop (core/rewarm.py), from the exchanger model (measured water -> perfusate, K tau "
+    "theta): feed-forward time C/UA = tau/K; kp = C/UA in minutes (a rate error asks the "
+    "gradient the feed-forward would), integral time = the loop's dead time theta + "
+    "rate_window_s/2 (tau_c = theta, as SIMC's 'tight'); the defaults are this rule on the "
+    "reference simulator"
 )
 
 
 def _propose_gradient(cfg: CartConfig, model: Fopdt, tau_c_s: float | None) -> Proposal:
-    """The perfusate model (water -> perfusate, K tau theta) gives the rewarming loop: the
+    """The exchanger model (water -> perfusate, K tau theta) gives the rewarming loop: the
     exchanger time constant C/UA = tau/K for the feed-forward, and the rate loop's gains."""
     t = cfg.control.temperature
     if model.gain <= 0.0 or model.time_constant_s <= 0.0:
@@ -124,12 +126,12 @@ def _propose_gradient(cfg: CartConfig, model: Fopdt, tau_c_s: float | None) -> P
             f"perfusate model K={model.gain:g}, tau={model.time_constant_s:g} s: not a lag the "
             "rewarming loop can use"
         )
-    rate_gain_per_min = 60.0 * model.gain / model.time_constant_s  # (degC/min) per degC
+    exchanger_s = model.time_constant_s / model.gain
     dead_s = model.dead_time_s + t.rate_window_s / 2.0
     tau_c = max(dead_s if tau_c_s is None else tau_c_s, 2.0 * cfg.control.tick_period_s)
-    ki = 1.0 / (rate_gain_per_min * (tau_c + dead_s))
-    kp = 0.5 / rate_gain_per_min
-    gains = PiGains(kp=kp, ki=ki, kd=0.0, tau_c_s=tau_c, tau_i_s=kp / ki, rule=GRADIENT_RULE)
+    kp = exchanger_s / 60.0  # degC of gradient per degC/min of rate error
+    ki = kp / tau_c
+    gains = PiGains(kp=kp, ki=ki, kd=0.0, tau_c_s=tau_c, tau_i_s=tau_c, rule=GRADIENT_RULE)
     g = t.gradient_pid
     return Proposal(
         "perfusate",
@@ -137,7 +139,7 @@ def _propose_gradient(cfg: CartConfig, model: Fopdt, tau_c_s: float | None) -> P
         model,
         gains,
         (g.kp, g.ki, g.kd),
-        extra={"exchanger_time_constant_s": round(model.time_constant_s / model.gain, 3)},
+        extra={"exchanger_time_constant_s": round(exchanger_s, 3)},
     )
 
 
@@ -145,7 +147,7 @@ def write_overlay(path: str | Path, proposals: list[Proposal]) -> None:
     """A config overlay holding only the proposed gains, with the models as comments."""
     data: dict[str, Any] = {}
     for p in proposals:
-        _merge(data, p.overlay())
+        merge(data, p.overlay())
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
     buf = io.StringIO()
@@ -156,9 +158,9 @@ def write_overlay(path: str | Path, proposals: list[Proposal]) -> None:
     Path(path).write_text("\n".join(header) + "\n" + buf.getvalue(), encoding="utf-8")
 
 
-def _merge(into: dict[str, Any], add: dict[str, Any]) -> None:
+def merge(into: dict[str, Any], add: dict[str, Any]) -> None:
     for k, v in add.items():
         if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
+            merge(into[k], v)
         else:
             into[k] = v

@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Literal
 
 from ilup_controller.config.models import CartConfig
+from ilup_controller.tuning.identify import Fopdt, IdentificationError, fit_lag, fit_step
 
 Loop = Literal["water", "perfusate", "flow", "pressure"]
 LOOPS: tuple[Loop, ...] = ("water", "perfusate", "flow", "pressure")
@@ -84,6 +85,7 @@ class StepTest:
     t_step_s: float | None = None
     du: float = 0.0
     samples: list[tuple[float, float, float]] = field(default_factory=list)  # (t, u, y)
+    water_c: list[float] = field(default_factory=list)  # measured water at each sample
     _stage_t0: float | None = None
     _pump_rpm: float = 0.0
     _water_sp_c: float | None = None
@@ -169,6 +171,8 @@ class StepTest:
         if self.stage in (Stage.baseline, Stage.step):
             u, y = self._record(m)
             self.samples.append((t_s, u, y))
+            if m.water_c is not None:
+                self.water_c.append(m.water_c)
         if self.finished:
             return Command(0.0, 0.0)
         return Command(self._pump_rpm, heater)
@@ -231,3 +235,21 @@ class StepTest:
         assert m.temperature_c is not None
         base = self._water_sp_c if self._water_sp_c is not None else math.nan
         return base + (self.du if on else 0.0), m.temperature_c
+
+
+def fit_test(test: StepTest) -> Fopdt:
+    """The model of a finished test's step response (raises IdentificationError).
+
+    The perfusate loop's model is from the measured water, not from its setpoint, to the
+    perfusate: the exchanger alone, without the water loop's own lag, whose time constant over
+    gain is the exchanger's C/UA that the rewarming feed-forward needs."""
+    if test.t_step_s is None or test.du == 0.0:
+        raise IdentificationError("no step was applied (no room under the caps?)")
+    ts = [s[0] for s in test.samples]
+    ys = [s[2] for s in test.samples]
+    if test.plan.loop == "perfusate" and len(test.water_c) == len(ts):
+        return fit_lag(ts, test.water_c, ys, t_step_s=test.t_step_s)
+    # Temperature tests start from a circuit that drifts; flow and pressure sit at rest.
+    return fit_step(
+        ts, ys, t_step_s=test.t_step_s, du=test.du, detrend=test.plan.loop in ("water", "perfusate")
+    )
