@@ -1,0 +1,168 @@
+"""`ilup guard` proves its independence with real processes (issue 12 part 2).
+
+The simulator runs in this test's event loop (SimulatedCart, the same code as `ilup sim`), so
+the plant's true pressure, pump speed and heater power are read directly, every 5 ms. The guard,
+the broken controller and the daemon are real processes talking Modbus TCP to it, and Mosquitto
+a real broker. Figures are printed for the issue note (`pytest tests/test_guard.py -s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import wait_until
+from procs import Proc, Subscriber, session, write_cart_config
+
+from ilup_controller.broker import MosquittoProcess, free_port
+from ilup_controller.config import CartConfig
+from ilup_controller.config.loader import parse_yaml
+from ilup_controller.guard.runner import limits_of
+from sim.faults import parse_runtime_fault
+from sim.runner import SimulatedCart
+
+pytestmark = pytest.mark.integration
+
+FULL_RPM = 25.0  # the broken controller's "full speed" (22 mmHg on an open line)
+
+
+def guard_overrides(*, enables: bool, **extra: Any) -> dict[str, Any]:
+    """config/guard.yaml on a free port; without enables: the weaker form."""
+    text = Path("config/guard.yaml").read_text(encoding="utf-8")
+    data: dict[str, Any] = parse_yaml(text, "config/guard.yaml")
+    data["devices"]["safety_io"]["port"] = free_port()
+    if not enables:
+        del data["guard"]["pump_enable"], data["guard"]["heater_enable"]
+        del data["simulator"]
+    data["guard"].update(extra)
+    return data
+
+
+@dataclass
+class Truth:
+    """The plant sampled every 5 ms: (loop time, pressure, pump speed, heater W, pump cut)."""
+
+    cart: SimulatedCart
+    rows: list[tuple[float, float, float, float, bool]] = field(default_factory=list)
+
+    def pump_cut(self) -> bool:
+        p = self.cart.plant
+        return not p.pump_enabled or p.pump_speed_command_rpm == 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            p = self.cart.plant
+            self.rows.append(
+                (
+                    loop.time(),
+                    p.line_pressure_mmhg,
+                    p.pump_speed_rpm,
+                    p.heater_delivered_w,
+                    self.pump_cut(),
+                )
+            )
+            await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def simulated(cfg: CartConfig) -> AsyncIterator[Truth]:
+    cart = SimulatedCart(cfg)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(cart.run(stop))
+    truth = Truth(cart)
+    sampler = asyncio.create_task(truth.run())
+    try:
+        yield truth
+    finally:
+        sampler.cancel()
+        stop.set()
+        await asyncio.gather(runner, sampler, return_exceptions=True)
+
+
+def broken_controller(
+    cfg_path: Path, log: Path, heater_pct: float = 0.0
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "tests/broken_controller.py",
+            str(cfg_path),
+            str(FULL_RPM),
+            str(heater_pct),
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.mark.parametrize("enables", [True, False], ids=["enable_channel", "weaker_form"])
+async def test_guard_stops_a_broken_controller_against_an_occlusion(
+    tmp_path: Path, mosquitto: MosquittoProcess, enables: bool
+) -> None:
+    cfg_path, cfg = write_cart_config(
+        tmp_path, mosquitto.port, overrides=guard_overrides(enables=enables)
+    )
+    lim = limits_of(cfg)
+    stop_mmhg = lim.pressure_stop_mmhg
+    sub = Subscriber(mosquitto.port, f"{cfg.mqtt.topic_prefix}/{cfg.cart_id}/guard/#")
+    async with simulated(cfg) as truth, session(sub) as procs:
+        plant = truth.cart.plant
+        double = broken_controller(cfg_path, tmp_path / "broken.log")
+        try:
+            procs.append(Proc(["guard", "-c", str(cfg_path)], tmp_path / "guard.log"))
+            await wait_until(
+                lambda: plant.pump_speed_rpm >= FULL_RPM - 0.5, 15, what="pump at full speed"
+            )
+            await wait_until(lambda: bool(sub.of("/guard")), 10, what="guard status")
+            await wait_until(lambda: plant.line_pressure_mmhg > 21.0, 5, what="pressure settled")
+            assert plant.line_pressure_mmhg < stop_mmhg - 5.0  # an open line: no hazard yet
+            assert not truth.pump_cut()
+
+            # Kinked line downstream of the sensor, the controller keeps full speed.
+            t_occlusion = asyncio.get_running_loop().time()
+            truth.cart.injector.apply(
+                parse_runtime_fault(json.dumps({"kind": "occlusion", "factor": 2.5}).encode())
+            )
+            await wait_until(truth.pump_cut, 5, what="the guard cuts the pump")
+            await asyncio.sleep(1.5)  # the controller goes on writing full speed
+        finally:
+            double.kill()
+            double.wait()
+        rows = [r for r in truth.rows if r[0] >= t_occlusion]
+        cross = next(r for r in rows if r[1] >= stop_mmhg)
+        cut = next(r for r in rows if r[4])
+        before = [r for r in rows if cross[0] - 0.1 <= r[0] <= cross[0]]
+        rate = (before[-1][1] - before[0][1]) / (before[-1][0] - before[0][0])
+        reaction_s = cut[0] - cross[0]
+        peak = max(r[1] for r in rows)
+        after = [r for r in rows if r[0] >= cut[0] + 0.3]
+        form = "enable channel" if enables else "weaker form (guard writes 0)"
+        print(
+            f"\nguard vs broken controller, {form}: true pressure crossed {stop_mmhg:g} mmHg "
+            f"rising {rate:.1f} mmHg/s; pump cut {reaction_s * 1000:.0f} ms later (budget "
+            f"{lim.budget_s:g} s + cycle {cfg.guard.cycle_s:g} s); true peak {peak:.2f} mmHg; "  # type: ignore[union-attr]
+            f"pump speed afterwards max {max(r[2] for r in after):.2f} rpm"
+        )
+        assert reaction_s <= lim.budget_s + 2 * cfg.guard.cycle_s + 0.1  # type: ignore[union-attr]
+        assert peak < stop_mmhg + 5.0
+        if enables:  # the drive's run-enable is off: it does not turn, whatever it is told
+            assert max(r[2] for r in after) == 0.0
+            assert plant.pump_speed_command_rpm == FULL_RPM
+        else:  # the guard's zeros against the controller's full speed: it barely turns
+            assert max(r[2] for r in after) < 3.0
+        events = [m.payload for m in sub.of("/guard/events")]
+        latched = [e for e in events if e["kind"] == "latched"]
+        assert len(latched) == 1 and latched[0]["message"].startswith("pump held off: PA pressure")
+        status = sub.of("/guard")[-1].payload
+        assert status["online"] is True and "pump" in status["latched"]
+        assert status["form"]["pump"] == ("enable" if enables else "command")
