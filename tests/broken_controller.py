@@ -28,7 +28,9 @@ async def main(path: str, pump_rpm: float, heater_pct: float) -> None:
     clients: dict[str, AsyncModbusTcpClient] = {}
     for name, dev in cfg.devices.items():
         clients[name] = AsyncModbusTcpClient(dev.host, port=dev.port, timeout=0.25, retries=0)
-        while not await clients[name].connect():
+        for _ in range(200):  # the simulator may still be starting
+            if await clients[name].connect():
+                break
             await asyncio.sleep(0.05)
     count = 0
     while True:

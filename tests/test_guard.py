@@ -162,7 +162,96 @@ async def test_guard_stops_a_broken_controller_against_an_occlusion(
             assert max(r[2] for r in after) < 3.0
         events = [m.payload for m in sub.of("/guard/events")]
         latched = [e for e in events if e["kind"] == "latched"]
-        assert len(latched) == 1 and latched[0]["message"].startswith("pump held off: PA pressure")
+        assert len(latched) == 1
+        assert latched[0]["message"].startswith("pump held off: PA pressure")
         status = sub.of("/guard")[-1].payload
-        assert status["online"] is True and "pump" in status["latched"]
+        assert status["online"] is True
+        assert "pump" in status["latched"]
         assert status["form"]["pump"] == ("enable" if enables else "command")
+
+
+async def test_guard_stops_a_stuck_heater_of_a_hung_daemon_and_the_daemon_alarms_without_guard(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    """(b) The daemon SIGSTOPped while the heater element is stuck on: its heartbeat stops, the
+    guard opens the heater contactor (the device watchdog alone zeroes a command the stuck
+    element ignores). (c) The guard killed: the daemon raises guard_absent."""
+    cfg_path, cfg = write_cart_config(
+        tmp_path, mosquitto.port, ramp_s=2.0, overrides=guard_overrides(enables=True)
+    )
+    assert cfg.guard is not None
+    lim = limits_of(cfg)
+    sub = Subscriber(mosquitto.port, f"{cfg.mqtt.topic_prefix}/{cfg.cart_id}/#")
+    loop = asyncio.get_running_loop()
+
+    def live_alarms(since_s: float) -> list[list[str]]:
+        return [m.payload["active_alarms"] for m in sub.of("/state", since_s)]
+
+    async with simulated(cfg) as truth, session(sub) as procs:
+        plant = truth.cart.plant
+        procs.append(guard := Proc(["guard", "-c", str(cfg_path)], tmp_path / "guard.log"))
+        procs.append(daemon := Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
+        await wait_until(
+            lambda: plant.heater_command_pct > 0.0 and plant.pump_speed_rpm > 3.0,
+            30,
+            what="daemon pumping and heating",
+        )
+        t_seen = loop.time()
+        await asyncio.sleep(1.0)  # the daemon has seen the guard: no alarm about it
+        assert live_alarms(t_seen)
+        assert all("guard_absent" not in a for a in live_alarms(t_seen))
+
+        # (b) Heater element stuck on, then the daemon hangs.
+        truth.cart.injector.apply(parse_runtime_fault(b'{"kind": "heater_stuck_on"}'))
+        t_stop = loop.time()
+        daemon.signal(signal.SIGSTOP)
+        try:
+
+            def off_rows() -> list[float]:
+                return [r[0] for r in truth.rows if r[0] >= t_stop and r[3] == 0.0]
+
+            await wait_until(lambda: bool(off_rows()), 5, what="heater at 0 W")
+            t_off = off_rows()[0]
+            await asyncio.sleep(1.0)
+            # The element is stuck and the device watchdog zeroed its command long ago (1 s):
+            # only the open contactor keeps it at 0 W.
+            assert plant.heater_stuck_on
+            assert plant.heater_enabled is False
+            assert max(r[3] for r in truth.rows if r[0] >= t_off) == 0.0
+            held = sub.of("/guard")[-1].payload["latched"]
+            assert "heartbeat" in held["heater"]
+        finally:
+            daemon.signal(signal.SIGCONT)
+        off_s = t_off - t_stop
+        budget_s = lim.heartbeat_s + lim.budget_s
+        print(
+            f"\nguard vs hung daemon: heater at 0 W {off_s * 1000:.0f} ms after SIGSTOP "
+            f"(heartbeat {lim.heartbeat_s:g} s + budget {lim.budget_s:g} s)"
+        )
+        assert budget_s <= off_s <= budget_s + 2 * cfg.guard.cycle_s + 0.2
+
+        # (c) The guard killed: the broker publishes its will, the daemon raises guard_absent.
+        t_kill = loop.time()
+        guard.signal(signal.SIGKILL)
+        await wait_until(
+            lambda: any("guard_absent" in a for a in live_alarms(t_kill)),
+            10,
+            what="guard_absent in the daemon's state",
+        )
+        first = next(
+            m for m in sub.of("/state", t_kill) if "guard_absent" in m.payload["active_alarms"]
+        )
+        print(f"guard killed: daemon alarm guard_absent after {first.at_s - t_kill:.2f} s")
+        assert first.at_s - t_kill <= cfg.guard.status_timeout_s + 1.0
+
+        def alarm() -> list[dict[str, Any]]:
+            return [
+                a
+                for m in sub.of("/alarms", t_kill)
+                for a in m.payload["alarms"]
+                if a["id"] == "guard_absent"
+            ]
+
+        await wait_until(lambda: bool(alarm()), 5, what="guard_absent on the alarms topic")
+        assert alarm()[0]["priority"] == "medium"
+        assert "not watching this cart" in alarm()[0]["message"]

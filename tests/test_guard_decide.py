@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -83,21 +84,24 @@ def test_a_hazard_latches_its_actuator_after_the_budget(
 ) -> None:
     # 0.15 s with the hazard: within the budget (the controller acts first), nothing yet.
     s, events = run(ticks(0.0, 0.15, **change))
-    assert events == [] and s.latched == {}
+    assert events == []
+    assert s.latched == {}
     d = decide(s, replace(OK, t_s=0.2, heartbeat=9, **change), LIM)  # type: ignore[arg-type]
     assert list(d.state.latched) == [actuator]
     assert word in d.state.latched[actuator]
     assert d.enabled[actuator] is False
     other = "heater" if actuator == "pump" else "pump"
     assert d.enabled[other] is True
-    assert len(d.events) == 1 and "0.20 s after the guard saw it (budget 0.2 s)" in d.events[0]
+    assert len(d.events) == 1
+    assert "0.20 s after the guard saw it (budget 0.2 s)" in d.events[0]
 
 
 def test_the_controller_acting_within_the_budget_means_the_guard_does_not() -> None:
     high = ticks(0.0, 0.1, pressure_mmhg=31.0)
     stopped = ticks(0.15, 1.0, pressure_mmhg=31.0, pump_on=False)  # line holds its pressure
     s, events = run(high + stopped)
-    assert events == [] and s.latched == {}
+    assert events == []
+    assert s.latched == {}
     # The pump on again against the same pressure: the budget starts afresh.
     s, events = run(ticks(1.05, 1.2, pressure_mmhg=31.0), state=s)
     assert events == []
@@ -108,7 +112,8 @@ def test_the_controller_acting_within_the_budget_means_the_guard_does_not() -> N
 def test_a_hazard_that_clears_within_the_budget_restarts_it() -> None:
     blip = ticks(0.0, 0.15, pressure_mmhg=31.0) + ticks(0.2, 0.2)
     s, events = run(blip + ticks(0.25, 0.4, pressure_mmhg=31.0))
-    assert events == [] and s.latched == {}
+    assert events == []
+    assert s.latched == {}
 
 
 def test_an_unreadable_sensor_is_a_hazard_after_its_time() -> None:
@@ -150,14 +155,17 @@ def test_a_latch_holds_until_reset_and_reset_is_refused_while_the_hazard_persist
     assert list(s.latched) == ["pump"]
     # Pressure back to normal, the pump commanded on again: still held off.
     d = decide(s, replace(OK, t_s=0.35, heartbeat=100), LIM)
-    assert d.enabled["pump"] is False and d.events == ()
+    assert d.enabled["pump"] is False
+    assert d.events == ()
     # Reset while the pressure is still high: refused, naming why; the latch stays.
     s2, why = reset(d.state, replace(OK, t_s=0.4, pressure_mmhg=33.0, heartbeat=101), LIM)
     assert why.startswith("refused: PA pressure 33.0 >= 30")
     assert list(s2.latched) == ["pump"]
     # A hazard of the other actuator does not block the reset.
     s3, why = reset(s2, replace(OK, t_s=0.45, water_c=43.0, heartbeat=102), LIM)
-    assert why == "" and s3.latched == {} and s3.since == {}
+    assert why == ""
+    assert s3.latched == {}
+    assert s3.since == {}
     assert decide(s3, replace(OK, t_s=0.5, heartbeat=103), LIM).enabled["pump"] is True
 
 
@@ -177,8 +185,8 @@ def test_a_latch_found_at_start_up_is_kept() -> None:
 
 
 def _sim_with_guard(**guard: object) -> object:
-    data = parse_yaml(open("config/sim.yaml", encoding="utf-8").read(), "sim.yaml")
-    overlay = parse_yaml(open("config/guard.yaml", encoding="utf-8").read(), "guard.yaml")
+    data = parse_yaml(Path("config/sim.yaml").read_text(encoding="utf-8"), "sim.yaml")
+    overlay = parse_yaml(Path("config/guard.yaml").read_text(encoding="utf-8"), "guard.yaml")
     for key in ("devices", "signals"):
         data[key].update(overlay[key])
     data["simulator"]["bindings"].update(overlay["simulator"]["bindings"])
