@@ -260,7 +260,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ilup_controller.demo import run_demo
 
-    return run_demo(args.config, speed=args.speed)
+    return run_demo(args.config, speed=args.speed, guard=not args.no_guard)
 
 
 def _overlay_flag(p: argparse.ArgumentParser) -> None:
@@ -388,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="simulator + daemon + broker + live view")
     _packaged_sim_config_flag(d)
     d.add_argument("--speed", type=float, default=1.0)
+    d.add_argument("--no-guard", action="store_true", help="without the independent safety guard")
     d.set_defaults(func=_cmd_demo)
 
     i = sub.add_parser("init", help="write a commented cart file to start from")
