@@ -168,6 +168,42 @@ async def test_guard_stops_a_broken_controller_against_an_occlusion(
         assert status["online"] is True
         assert "pump" in status["latched"]
         assert status["form"]["pump"] == ("enable" if enables else "command")
+        if enables:
+            await reset_through_the_cli(cfg_path, truth)
+
+
+async def write_safe_values(cfg: CartConfig) -> None:
+    from pymodbus.client import AsyncModbusTcpClient
+
+    from ilup_controller.modbus.codec import encode
+
+    for name in (cfg.control.flow.command, cfg.control.temperature.command):
+        sig = cfg.signals[name]
+        dev = cfg.devices[sig.device]
+        client = AsyncModbusTcpClient(dev.host, port=dev.port, timeout=1, retries=0)
+        assert await client.connect()
+        rsp = await client.write_registers(sig.address, encode(sig, 0.0), device_id=dev.unit_id)
+        assert not rsp.isError()
+        client.close()
+
+
+async def reset_through_the_cli(cfg_path: Path, truth: Truth) -> None:
+    """`ilup guard-reset`: refused while a pump hazard persists, then the enable closes."""
+    plant = truth.cart.plant
+    args = [sys.executable, "-m", "ilup_controller", "guard-reset", "-c", str(cfg_path)]
+    truth.cart.injector.apply(parse_runtime_fault(b'{"kind": "air"}'))
+    await asyncio.sleep(0.2)
+    refused = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True)
+    assert refused.returncode == 5, refused.stdout + refused.stderr
+    assert "guard reset rejected: refused: air in the inflow line" in refused.stderr
+    assert plant.pump_enabled is False
+    truth.cart.injector.clear("all")
+    await write_safe_values(truth.cart.cfg)  # the controller, restarted, writes its safe values
+    await wait_until(lambda: plant.line_pressure_mmhg < 25.0, 10, what="occlusion drained")
+    done = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "guard reset ok"
+    await wait_until(lambda: plant.pump_enabled, 1.0, what="the enable closed again")
 
 
 async def test_guard_stops_a_stuck_heater_of_a_hung_daemon_and_the_daemon_alarms_without_guard(

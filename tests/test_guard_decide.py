@@ -143,6 +143,16 @@ def test_a_stopped_heartbeat_latches_both_actuators_that_are_on() -> None:
     assert sorted(s.latched) == ["heater", "pump"]
 
 
+def test_a_stopped_heartbeat_with_everything_off_blocks_no_reset() -> None:
+    s, _ = run(ticks(0.0, 0.3, pressure_mmhg=35.0))
+    frozen = [replace(x, heartbeat=6) for x in ticks(0.35, 2.0)]
+    s, _ = run(frozen, state=s)
+    hung = replace(OK, t_s=2.05, heartbeat=6)  # the command still reads "on"
+    assert reset(s, hung, LIM)[1].startswith("refused: controller heartbeat unchanged for 1.7")
+    stopped = replace(hung, pump_on=False, heater_on=False)  # it wrote its safe values
+    assert reset(s, stopped, LIM)[1] == ""
+
+
 def test_heartbeat_clock_starts_at_the_first_cycle() -> None:
     s, _ = run([replace(OK, t_s=5.0, heartbeat=None)])
     assert s.heartbeat_t_s == 5.0

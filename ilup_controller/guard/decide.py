@@ -86,7 +86,9 @@ def hazards(s: State, x: Inputs, lim: Limits) -> dict[str, tuple[tuple[Actuator,
             out[f"{name}_unreadable"] = (concerns, f"{name} unreadable for {x.t_s - since:.1f} s")
     hb_t = s.heartbeat_t_s
     if hb_t is not None and x.t_s - hb_t >= lim.heartbeat_s:
-        out["heartbeat"] = (_BOTH, f"controller heartbeat unchanged for {x.t_s - hb_t:.1f} s")
+        # A controller that stopped with its actuators off left nothing to stop.
+        on = tuple(a for a, is_on in zip(_BOTH, (x.pump_on, x.heater_on), strict=True) if is_on)
+        out["heartbeat"] = (on, f"controller heartbeat unchanged for {x.t_s - hb_t:.1f} s")
     return out
 
 
