@@ -291,3 +291,28 @@ async def test_guard_stops_a_stuck_heater_of_a_hung_daemon_and_the_daemon_alarms
         await wait_until(lambda: bool(alarm()), 5, what="guard_absent on the alarms topic")
         assert alarm()[0]["priority"] == "medium"
         assert "not watching this cart" in alarm()[0]["message"]
+
+
+async def test_a_restarted_guard_keeps_an_enable_it_finds_off(tmp_path: Path) -> None:
+    """A guard that starts (or restarts) with an enable off latches it: it never releases what
+    an earlier guard held off, until an operator resets it. In process, against the simulator."""
+    from ilup_controller.guard.runner import Guard
+
+    _, cfg = write_cart_config(tmp_path, free_port(), overrides=guard_overrides(enables=True))
+    async with simulated(cfg) as truth:
+        plant = truth.cart.plant
+        await wait_until(lambda: truth.cart.servers.ports() != {}, 5, what="simulator serving")
+        await asyncio.sleep(0.1)
+        enable = cfg.signals["pump_run_enable"]
+        guard = Guard(cfg)
+        device = guard.devices[enable.device]
+        assert await device.write(enable, False)  # as an earlier guard left it
+        loop = asyncio.get_running_loop()
+        d = await guard.cycle(loop.time())
+        assert d.state.latched == {"pump": "held off when the guard started (enable found off)"}
+        assert d.enabled == {"pump": False, "heater": True}
+        await guard.cycle(loop.time() + 0.05)
+        assert plant.pump_enabled is False  # not written back on
+        assert plant.heater_enabled is True
+        for dev in guard.devices.values():
+            dev.close()

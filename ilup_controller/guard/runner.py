@@ -27,7 +27,7 @@ import secrets
 import statistics
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import aiomqtt
@@ -54,14 +54,18 @@ def limits_of(cfg: CartConfig) -> Limits:
     """The guard's limits: its own section, each unset value taken from the control limits."""
     g, c = cfg.guard, cfg.control
     assert g is not None
-    low = g.reservoir_low_ml if g.reservoir_low_ml is not None else cfg.alarms.reservoir_low_ml
+
+    def own(mine: float | None, control: float) -> float:
+        return control if mine is None else mine
+
+    low = own(g.reservoir_low_ml, cfg.alarms.reservoir_low_ml)
     return Limits(
-        pressure_stop_mmhg=g.pressure_stop_mmhg or c.pressure.stop_mmhg,
-        perfusate_max_c=g.perfusate_max_c or c.temperature.max_c,
-        water_max_c=g.water_max_c or c.temperature.water_cap_c,
+        pressure_stop_mmhg=own(g.pressure_stop_mmhg, c.pressure.stop_mmhg),
+        perfusate_max_c=own(g.perfusate_max_c, c.temperature.max_c),
+        water_max_c=own(g.water_max_c, c.temperature.water_cap_c),
         reservoir_low_ml=low if c.reservoir_measured is not None else None,
         air=c.air_measured is not None,
-        budget_s=g.budget_s or c.tick_period_s + 0.1,
+        budget_s=own(g.budget_s, c.tick_period_s + 0.1),
         unreadable_s=g.unreadable_s,
         heartbeat_s=g.heartbeat_s,
     )
@@ -194,6 +198,7 @@ class Guard:
         self.resets: list[tuple[str, GuardReset]] = []
         self.mqtt_seq: int | None = None  # heartbeat: mqtt
         self.cycle_s: list[float] = []
+        self.checked: set[Actuator] = set()  # actuators whose enable was read at least once
         self._seq = 0
 
     # ----------------------------------------------------------------------- one cycle
@@ -228,17 +233,18 @@ class Guard:
             heartbeat=None if hb is None else int(hb),
         )
 
-    async def cycle(self, t_s: float, first: bool) -> Decision:
+    async def cycle(self, t_s: float) -> Decision:
         reads = await asyncio.gather(*(d.read() for d in self.devices.values()))
         values: Values = {k: v for r in reads for k, v in r.items()}
         x = self.inputs(values, t_s)
-        if first:  # an enable found off stays off: a restarted guard never releases a latch
-            held = {
-                a: "held off when the guard started (enable found off)"
-                for a, name in self.enable.items()
-                if name is not None and values.get(name) is False
-            }
-            self.state = State(latched=held)
+        # An enable found off stays off: a restarted guard never releases a latch. Until its
+        # enable has been read once, the guard neither judges nor writes it.
+        for a, name in self.enable.items():
+            if name is not None and a not in self.checked and name in values:
+                self.checked.add(a)
+                if values[name] is False:
+                    why = "held off when the guard started (enable found off)"
+                    self.state = replace(self.state, latched={**self.state.latched, a: why})
         for user, cmd in self.resets:
             self.state, refused = reset_step(self.state, x, self.lim)
             self._event("refused" if refused else "reset", refused or "latches released", user)
@@ -251,7 +257,7 @@ class Guard:
         for a in ACTUATORS:
             enable = self.enable[a]
             if enable is not None:
-                if values.get(enable) is not d.enabled[a]:
+                if a in self.checked and values.get(enable) is not d.enabled[a]:
                     await self.devices[self.cfg.signals[enable].device].write(
                         self.cfg.signals[enable], d.enabled[a]
                     )
@@ -309,7 +315,7 @@ class Guard:
             while not stop.is_set():
                 started = loop.time()
                 before = (dict(self.state.latched), tuple(d.hazards) if d else ())
-                d = await self.cycle(started, first=k == 0)
+                d = await self.cycle(started)
                 took = loop.time() - started
                 self.cycle_s.append(took)
                 changed = before != (dict(self.state.latched), tuple(d.hazards))
