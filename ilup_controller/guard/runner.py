@@ -426,7 +426,7 @@ class Guard:
             user = topic.split("/")[-2]
             try:
                 cmd = GuardReset.model_validate_json(msg.payload)
-            except ValueError as e:
+            except ValueError as e:  # pydantic's ValidationError included
                 log.warning("reset from %s refused: invalid payload (%s)", user, e)
                 continue
             age_s = abs((datetime.now(UTC) - cmd.issued_at).total_seconds())

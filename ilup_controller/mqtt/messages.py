@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 
 def quantity(units: str, description: str, default: Any = ...) -> Any:
@@ -190,7 +190,9 @@ class GuardReset(Message):
     broker ACL proves ``<user>``; the reply goes to ``.../reset/reply``."""
 
     command_id: str = Field(min_length=1, max_length=64)
-    issued_at: datetime = Field(description="UTC; a reset older than 10 s is refused.")
+    issued_at: AwareDatetime = Field(
+        description="With its UTC offset; a reset older than 10 s is refused."
+    )
 
 
 class GuardReply(Message):
