@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from helpers import wait_until
-from procs import Proc, Subscriber, session, write_cart_config
+from procs import Proc, Subscriber, read_signal, session, write_cart_config
 
 from ilup_controller.broker import MosquittoProcess, free_port
 from ilup_controller.config import CartConfig
@@ -206,14 +206,17 @@ async def reset_through_the_cli(cfg_path: Path, truth: Truth) -> None:
     await wait_until(lambda: plant.pump_enabled, 1.0, what="the enable closed again")
 
 
+@pytest.mark.parametrize("enables", [True, False], ids=["enable_channel", "weaker_form"])
 async def test_guard_stops_a_stuck_heater_of_a_hung_daemon_and_the_daemon_alarms_without_guard(
-    tmp_path: Path, mosquitto: MosquittoProcess
+    tmp_path: Path, mosquitto: MosquittoProcess, enables: bool
 ) -> None:
     """(b) The daemon SIGSTOPped while the heater element is stuck on: its heartbeat stops, the
     guard opens the heater contactor (the device watchdog alone zeroes a command the stuck
-    element ignores). (c) The guard killed: the daemon raises guard_absent."""
+    element ignores). In the weaker form the guard writes heater 0 itself, which a stuck
+    element ignores too: the limit the docs state. (c) The guard killed: the daemon raises
+    guard_absent."""
     cfg_path, cfg = write_cart_config(
-        tmp_path, mosquitto.port, ramp_s=2.0, overrides=guard_overrides(enables=True)
+        tmp_path, mosquitto.port, ramp_s=2.0, overrides=guard_overrides(enables=enables)
     )
     assert cfg.guard is not None
     lim = limits_of(cfg)
@@ -241,27 +244,45 @@ async def test_guard_stops_a_stuck_heater_of_a_hung_daemon_and_the_daemon_alarms
         truth.cart.injector.apply(parse_runtime_fault(b'{"kind": "heater_stuck_on"}'))
         t_stop = loop.time()
         daemon.signal(signal.SIGSTOP)
+        heater_cmd = cfg.control.temperature.command
+        ports = {name: dev.port for name, dev in cfg.devices.items()}
         try:
+            if enables:
 
-            def off_rows() -> list[float]:
-                return [r[0] for r in truth.rows if r[0] >= t_stop and r[3] == 0.0]
+                def off_rows() -> list[float]:
+                    return [r[0] for r in truth.rows if r[0] >= t_stop and r[3] == 0.0]
 
-            await wait_until(lambda: bool(off_rows()), 5, what="heater at 0 W")
-            t_off = off_rows()[0]
-            await asyncio.sleep(1.0)
-            # The element is stuck and the device watchdog zeroed its command long ago (1 s):
-            # only the open contactor keeps it at 0 W.
-            assert plant.heater_stuck_on
-            assert plant.heater_enabled is False
-            assert max(r[3] for r in truth.rows if r[0] >= t_off) == 0.0
-            held = sub.of("/guard")[-1].payload["latched"]
-            assert "heartbeat" in held["heater"]
+                await wait_until(lambda: bool(off_rows()), 5, what="heater at 0 W")
+                t_off = off_rows()[0]
+                await asyncio.sleep(1.0)
+                # The element is stuck and the device watchdog zeroed its command long ago
+                # (1 s): only the open contactor keeps it at 0 W.
+                assert plant.heater_stuck_on
+                assert plant.heater_enabled is False
+                assert max(r[3] for r in truth.rows if r[0] >= t_off) == 0.0
+                what = "heater at 0 W"
+            else:
+                assert await read_signal(cfg, ports, heater_cmd) > 0.0  # frozen with the daemon
+
+                async def zeroed() -> bool:
+                    return await read_signal(cfg, ports, heater_cmd) == 0.0
+
+                await wait_until(zeroed, 5, interval_s=0.02, what="heater command zeroed")
+                t_off = loop.time()
+                # The guard's 0 in the register, and the stuck element still at full power:
+                # the weaker form cannot stop what ignores its command.
+                assert plant.heater_delivered_w == plant.params.heater_power_w
+                what = "heater command 0 (element still stuck at full power)"
+            await wait_until(
+                lambda: "heater" in sub.of("/guard")[-1].payload["latched"], 2, what="status"
+            )
+            assert "heartbeat" in sub.of("/guard")[-1].payload["latched"]["heater"]
         finally:
             daemon.signal(signal.SIGCONT)
         off_s = t_off - t_stop
         budget_s = lim.heartbeat_s + lim.budget_s
         print(
-            f"\nguard vs hung daemon: heater at 0 W {off_s * 1000:.0f} ms after SIGSTOP "
+            f"\nguard vs hung daemon: {what} {off_s * 1000:.0f} ms after SIGSTOP "
             f"(heartbeat {lim.heartbeat_s:g} s + budget {lim.budget_s:g} s)"
         )
         assert budget_s <= off_s <= budget_s + 2 * cfg.guard.cycle_s + 0.2
@@ -316,3 +337,49 @@ async def test_a_restarted_guard_keeps_an_enable_it_finds_off(tmp_path: Path) ->
         assert plant.heater_enabled is True
         for dev in guard.devices.values():
             dev.close()
+
+
+def test_the_simulated_enables_stop_the_pump_and_the_heater_whatever_their_commands() -> None:
+    """sim/plant.py: a drive whose run-enable is off does not turn; an open heater contactor
+    gives 0 W, even with the element stuck on."""
+    from ilup_controller.config import load_config
+    from sim.plant import Plant
+
+    cfg = load_config("config/sim.yaml", ["config/guard.yaml"])
+    assert cfg.simulator is not None
+    plant = Plant(cfg.simulator.plant)
+    plant.set_pump_speed_command(20.0)
+    plant.set_heater_power_command(50.0)
+    plant.step(2.0)
+    assert plant.pump_speed_rpm == 20.0
+    assert plant.heater_delivered_w == 400.0
+    plant.pump_enabled = False
+    plant.heater_enabled = False
+    plant.heater_stuck_on = True
+    water_c = plant.water_c
+    plant.step(0.1)  # brakes at 200 rpm/s: 20 rpm stop within 0.1 s
+    assert plant.pump_speed_rpm == 0.0
+    assert plant.heater_delivered_w == 0.0
+    plant.step(10.0)
+    assert plant.pump_speed_rpm == 0.0
+    assert plant.water_c < water_c  # no heat in, only losses
+
+
+def test_an_mqtt_heartbeat_comes_from_the_daemon_state_seq() -> None:
+    from ilup_controller.config import load_config
+    from ilup_controller.guard.runner import Guard
+
+    overlay = {"heartbeat": "mqtt", "heartbeat_signal": None}
+    cfg = load_config("config/sim.yaml", ["config/guard.yaml"])
+    cfg = cfg.model_copy(update={"guard": cfg.guard.model_copy(update=overlay)})  # type: ignore[union-attr]
+    guard = Guard(cfg)
+    assert "controller_heartbeat" not in {
+        n for d in guard.devices.values() for b in d.blocks for n, *_ in b.members
+    }
+    assert guard.inputs({}, 1.0).heartbeat is None
+    guard.mqtt_seq = 41
+    x = guard.inputs({"pa_pressure": 200.0, "pump_speed_setpoint": 0.0}, 1.0)
+    assert x.heartbeat == 41
+    assert x.pressure_mmhg is None  # outside its signal range [-20, 150]: unreadable, not a value
+    assert x.pump_on is False
+    assert x.heater_on is True  # its command unreadable: counted as on
