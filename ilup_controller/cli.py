@@ -138,6 +138,9 @@ def _cmd_guard(args: argparse.Namespace) -> int:
     if cfg.guard is None:
         print(f"ilup guard: {args.config}: no 'guard' section", file=sys.stderr)
         return EXIT_CONFIG
+    if cfg.guard.mqtt_username is not None:  # its own broker identity, not the daemon's
+        mqtt = cfg.mqtt.model_copy(update={"username": cfg.guard.mqtt_username})
+        cfg = cfg.model_copy(update={"mqtt": mqtt})
 
     async def main() -> int:
         stop = asyncio.Event()

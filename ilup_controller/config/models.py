@@ -613,6 +613,11 @@ class Guard(Strict):
         description="The daemon raises guard_absent when the guard's status is older than this.",
     )
     log_file: str | None = Field(None, description="The guard's own log (default: stderr only).")
+    mqtt_username: str | None = Field(
+        None,
+        description="The guard's own broker user (ACL role ilup-guard); default mqtt.username. "
+        "Its password comes from the guard's own service credential (deploy/ilup-guard@.service).",
+    )
 
 
 # --------------------------------------------------------------------------- the cart

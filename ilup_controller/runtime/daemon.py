@@ -78,7 +78,8 @@ class Daemon:
             cfg.cart_id,
             simulated=cfg.simulated,
             version=__version__,
-            subscribe=(command_filter(cfg.mqtt.topic_prefix, cfg.cart_id), self._guard_topic),
+            subscribe=(command_filter(cfg.mqtt.topic_prefix, cfg.cart_id),)
+            + ((self._guard_topic,) if cfg.guard is not None else ()),
             on_message=self._on_message,
         )
         # Commands start safe in every mailbox, so the very first cycle writes zeros.
