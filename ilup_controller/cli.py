@@ -228,6 +228,7 @@ def _operator_body(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
 def _cmd_operator(args: argparse.Namespace) -> int:
     from ilup_controller.client import (
         CartOffline,
+        ConsoleConfirm,
         connection_failure,
         print_reply,
         send_command,
@@ -236,8 +237,11 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
     name, body = _operator_body(args)
     settings = settings_from(args)
+    decide = ConsoleConfirm(yes=args.yes)
     try:
-        reply = asyncio.run(send_command(settings, name, body, timeout_s=args.timeout))
+        reply = asyncio.run(
+            send_command(settings, name, body, timeout_s=args.timeout, decide=decide)
+        )
     except CartOffline as e:
         print(f"ilup {args.command}: not sent: {e}", file=sys.stderr)
         return ExitCode.OFFLINE
@@ -245,7 +249,9 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         text, code = connection_failure(e, settings)
         print(f"ilup {args.command}: {text}", file=sys.stderr)
         return code
-    return print_reply(reply)
+    rc = print_reply(reply)
+    # The operator said no: the cancel was accepted, but the change was not made.
+    return ExitCode.REJECTED if decide.declined and rc == ExitCode.OK else rc
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -377,16 +383,28 @@ def build_parser() -> argparse.ArgumentParser:
     for o in ops:
         add_connection_flags(o)
         o.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+        o.add_argument(
+            "--yes",
+            action="store_true",
+            help="confirm a change that needs confirmation without asking (still two steps)",
+        )
         o.set_defaults(func=_cmd_operator)
     gr = sub.add_parser("guard-reset", help="release the guard's latches once the cause is gone")
     add_connection_flags(gr)
     gr.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
     gr.set_defaults(func=_cmd_guard_reset)
 
-    from ilup_controller.record.commands import add_export_arguments, add_report_arguments
+    from ilup_controller.record.commands import (
+        add_export_arguments,
+        add_report_arguments,
+        add_verify_arguments,
+    )
 
     add_report_arguments(sub.add_parser("report", help="HTML report with plots from a record"))
     add_export_arguments(sub.add_parser("export", help="a record's samples as CSV (--csv)"))
+    add_verify_arguments(
+        sub.add_parser("verify", help="check a record's hash chain: intact, unsealed or tampered")
+    )
 
     d = sub.add_parser("demo", help="simulator + daemon + broker + live view")
     _packaged_sim_config_flag(d)

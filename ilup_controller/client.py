@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
+import threading
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -177,46 +180,129 @@ def _offline_reason(s: ClientSettings, status: dict[str, Any] | None) -> str | N
     return None
 
 
+# Decides a confirm_required reply: True confirms the change, False cancels it.
+Decide = Callable[[Reply], Awaitable[bool]]
+
+
 async def send_command(
-    s: ClientSettings, name: str, body: dict[str, Any], timeout_s: float = REPLY_TIMEOUT_S
+    s: ClientSettings,
+    name: str,
+    body: dict[str, Any],
+    timeout_s: float = REPLY_TIMEOUT_S,
+    *,
+    decide: Decide | None = None,
 ) -> Reply | None:
     """Publish one command and wait for its reply (None when none came in time). Raises
-    CartOffline, without publishing, when the cart's daemon is not online."""
-    command_id = uuid.uuid4().hex
-    payload = {"command_id": command_id, "issued_at": datetime.now(UTC).isoformat(), **body}
-    reply_topic = default_reply_topic(s.prefix, s.cart_id, s.username, name)
+    CartOffline, without publishing, when the cart's daemon is not online.
+
+    A reply ``confirm_required`` with ``decide`` given: ``decide(reply)`` says whether to
+    confirm, and a ``confirm`` command (action confirm or cancel, the reply's token) goes out
+    on the same connection; its reply is returned."""
     status_topic = f"{s.prefix}/{s.cart_id}/status"
-    async with s.client(f"ilup-cli-{command_id[:8]}") as client:
+    async with s.client(f"ilup-cli-{uuid.uuid4().hex[:8]}") as client:
         await client.subscribe(status_topic, qos=1)
         why = _offline_reason(s, await _await_status(client, status_topic, STATUS_BOUND_S))
         if why is not None:
             raise CartOffline(why)
-        await client.subscribe(reply_topic, qos=1)
-        props = None
-        if s.protocol == "5":
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.CorrelationData = command_id.encode()
-        topic = f"{s.prefix}/{s.cart_id}/cmd/{s.username}/{name}"
-        await client.publish(topic, json.dumps(payload), qos=1, properties=props)
-        try:
-            async with asyncio.timeout(timeout_s):
-                async for message in client.messages:
-                    if not isinstance(message.payload, bytes):
-                        continue
-                    if message.topic.matches(status_topic):
-                        # The daemon went away (its last will) while the command was out.
-                        if not json.loads(message.payload).get("online"):
-                            raise CartOffline(
-                                f"cart {s.cart_id!r} went offline before replying: the "
-                                "command may or may not have been applied; check `ilup status`"
-                            )
-                        continue
-                    reply = Reply.model_validate_json(message.payload)
-                    if reply.command_id == command_id:
-                        return reply
-        except TimeoutError:
-            return None
+        names = [name] if decide is None or name == "confirm" else [name, "confirm"]
+        for n in names:
+            await client.subscribe(default_reply_topic(s.prefix, s.cart_id, s.username, n), qos=1)
+        reply = await _command(client, s, name, body, status_topic, timeout_s)
+        if reply is None or reply.status != "confirm_required" or decide is None:
+            return reply
+        yes = await decide(reply)
+        second = {"token": reply.token, "action": "confirm" if yes else "cancel"}
+        return await _command(client, s, "confirm", second, status_topic, timeout_s)
+
+
+async def _command(
+    client: aiomqtt.Client,
+    s: ClientSettings,
+    name: str,
+    body: dict[str, Any],
+    status_topic: str,
+    timeout_s: float,
+) -> Reply | None:
+    """Publish one command on an open connection and wait for its reply."""
+    command_id = uuid.uuid4().hex
+    payload = {"command_id": command_id, "issued_at": datetime.now(UTC).isoformat(), **body}
+    props = None
+    if s.protocol == "5":
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.CorrelationData = command_id.encode()
+    topic = f"{s.prefix}/{s.cart_id}/cmd/{s.username}/{name}"
+    await client.publish(topic, json.dumps(payload), qos=1, properties=props)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for message in client.messages:
+                if not isinstance(message.payload, bytes):
+                    continue
+                if message.topic.matches(status_topic):
+                    # The daemon went away (its last will) while the command was out.
+                    if not json.loads(message.payload).get("online"):
+                        raise CartOffline(
+                            f"cart {s.cart_id!r} went offline before replying: the "
+                            "command may or may not have been applied; check `ilup status`"
+                        )
+                    continue
+                reply = Reply.model_validate_json(message.payload)
+                if reply.command_id == command_id:
+                    return reply
+    except TimeoutError:
+        return None
     return None
+
+
+@dataclass
+class ConsoleConfirm:
+    """Asks the operator at the terminal whether to confirm a change (``--yes``: confirm
+    without asking; it still takes the daemon's two steps). ``declined`` records a no."""
+
+    yes: bool = False
+    declined: bool = False
+    out: TextIO | None = None  # default: sys.stdout at the time of asking
+
+    async def __call__(self, reply: Reply) -> bool:
+        out = self.out or sys.stdout
+        window_s = reply.confirm_within_s or 0.0
+        print(f"{reply.command} needs confirmation: {reply.detail}", file=out)
+        if self.yes:
+            print("confirmed (--yes)", file=out)
+            return True
+        line = await _read_line(
+            f"Confirm within {window_s:g} s? [y/N] ", max(0.5, window_s - 0.5), out
+        )
+        ok = line is not None and line.strip().lower() in ("y", "yes")
+        if line is None:
+            print("\nno answer in time: cancelling", file=out)
+        self.declined = not ok
+        return ok
+
+
+async def _read_line(prompt: str, timeout_s: float, out: TextIO) -> str | None:
+    """One line from stdin within ``timeout_s``, else None. The reading thread is a daemon:
+    an unanswered prompt never keeps the process alive."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[str] = loop.create_future()
+
+    def deliver(line: str) -> None:
+        if not got.done():
+            got.set_result(line)
+
+    def read() -> None:
+        try:
+            line = sys.stdin.readline()
+        except (OSError, ValueError):
+            line = ""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(deliver, line)
+
+    print(prompt, end="", file=out, flush=True)
+    threading.Thread(target=read, name="ilup-confirm", daemon=True).start()
+    try:
+        return await asyncio.wait_for(got, timeout_s)
+    except TimeoutError:
+        return None
 
 
 async def send_guard_reset(
@@ -284,6 +370,8 @@ def print_reply(reply: Reply | None) -> int:
         line += f" ({reply.reason})"
     if reply.detail:
         line += f": {reply.detail}"
+    if reply.token is not None:
+        line += f" (token {reply.token}, {reply.confirm_within_s:g} s)"
     print(line, file=sys.stdout if reply.status == "ok" else sys.stderr)
     return ExitCode.OK if reply.status == "ok" else ExitCode.REJECTED
 

@@ -21,11 +21,17 @@ class ExitCode(IntEnum):
 
 MEANING: dict[ExitCode, str] = {
     ExitCode.OK: "done; a command was accepted (`ok`)",
-    ExitCode.FAILURE: "runtime failure: no reply in time, broker unreachable, record unreadable",
+    ExitCode.FAILURE: (
+        "runtime failure: no reply in time, broker unreachable, record unreadable; "
+        "`ilup verify`: the record has no hash chain (format 1)"
+    ),
     ExitCode.USAGE: "usage error: unknown subcommand, flag or argument (argparse)",
     ExitCode.REFUSED: "start refused: a start-up safety check failed, or the cart is in use",
     ExitCode.CONFIG: "configuration error: every error with its key path; a port already taken",
-    ExitCode.REJECTED: "the daemon rejected the command (the reply names the reason)",
+    ExitCode.REJECTED: (
+        "the daemon rejected the command (the reply names the reason); "
+        "`ilup verify`: the record is tampered or damaged"
+    ),
     ExitCode.OFFLINE: "the cart is offline: its retained status says `online: false`, or none",
     ExitCode.BROKER_AUTH: "the broker refused the credentials (user name or password)",
 }

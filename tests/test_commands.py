@@ -23,11 +23,6 @@ from ilup_controller.commands import (
     split_command_topic,
 )
 from ilup_controller.commands.payload import MAX_PAYLOAD_BYTES
-from ilup_controller.commands.processor import (
-    FLOW_SLEW_ML_MIN,
-    PRESSURE_SLEW_MMHG,
-    TEMPERATURE_SLEW_C,
-)
 from ilup_controller.commands.record_gate import needs_record
 from ilup_controller.config import CartConfig, load_config
 from ilup_controller.core.alarms import Condition
@@ -37,6 +32,9 @@ from ilup_controller.mqtt.link import Incoming
 from ilup_controller.runtime.commands import CommandIntake
 
 CFG = load_config("config/sim.yaml")
+FLOW_SLEW_ML_MIN = CFG.commands.slew.flow_ml_min
+PRESSURE_SLEW_MMHG = CFG.commands.slew.pressure_limit_mmhg
+TEMPERATURE_SLEW_C = CFG.commands.slew.temperature_c
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 OPERATOR = "alice"
 T_S = 10.0  # core time of every apply
@@ -101,6 +99,12 @@ def raise_air_alarm(core: CartCore, t_s: float = 1.0) -> None:
     assert core.pump_blockers() == ("air_detected",)
 
 
+def confirmed(cart: Cart, request: Reply, command_id: str, sender: str = OPERATOR) -> Reply:
+    """The second step of a change whose reply said confirm_required."""
+    assert request.status == "confirm_required", request
+    return cart.send("confirm", body(command_id, token=request.token), sender=sender)
+
+
 def rejected(reply: Reply, reason: str, *detail: str) -> None:
     assert (reply.status, reply.reason) == ("rejected", reason), reply
     for text in detail:
@@ -117,27 +121,35 @@ def test_setpoint_sets_the_targets_and_reports_the_change(cart: Cart) -> None:
         25.0,
         37.0,
     )
-    reply = cart.send(
+    request = cart.send(
         "setpoint", body(flow_ml_min=650.0, pressure_limit_mmhg=27.5, temperature_c=37.5)
     )
+    # Raising the limit and a flow step over 100 mL/min: two steps (test_confirmation.py).
+    assert (ctl.flow_target_ml_min, ctl.pressure_limit_mmhg) == (500.0, 25.0)
+    reply = confirmed(cart, request, "k1")
     assert (reply.status, reply.reason, reply.command_id, reply.command) == (
         "ok",
         None,
-        "c1",
-        "setpoint",
+        "k1",
+        "confirm",
     )
     assert reply.t == NOW
-    assert reply.detail == "flow_ml_min 500 -> 650; pressure_limit_mmhg 25 -> 27.5; " + (
-        "temperature_c 37 -> 37.5"
+    assert reply.detail == "setpoint c1 confirmed: flow_ml_min 500 -> 650; " + (
+        "pressure_limit_mmhg 25 -> 27.5; temperature_c 37 -> 37.5"
     )
     assert (ctl.flow_target_ml_min, ctl.pressure_limit_mmhg, ctl.temperature_target_c) == (
         650.0,
         27.5,
         37.5,
     )
-    (event,) = cart.proc.drain_events()
-    assert (event.sender, event.status, event.kind) == (OPERATOR, "ok", "command")
-    assert event.arguments == {
+    asked, event = cart.proc.drain_events()
+    assert (asked.status, event.sender, event.status, event.kind) == (
+        "confirm_required",
+        OPERATOR,
+        "ok",
+        "command",
+    )
+    assert asked.arguments == {
         "flow_ml_min": 650.0,
         "pressure_limit_mmhg": 27.5,
         "temperature_c": 37.5,
@@ -149,6 +161,8 @@ def test_phase_walks_the_procedure(cart: Cart) -> None:
     phases = []
     for i, action in enumerate(steps):
         reply = cart.send("phase", body(f"p{i}", action=action))
+        if action == "resume":
+            reply = confirmed(cart, reply, "k1")
         assert reply.status == "ok", reply
         phases.append(cart.core.procedure.phase)
     assert phases == [
@@ -212,7 +226,8 @@ def test_mode_changes_the_controller_and_out_of_range_speed_is_rejected(cart: Ca
     assert snapshot(cart.core) == before
     assert (ctl.control_mode, ctl.output_mode) == ("pressure", "auto")
     reply = cart.send("mode", body("m2", control="flow", output_mode="manual", pump_speed_rpm=12.0))
-    assert reply.status == "ok"
+    assert ctl.output_mode == "auto"  # manual output takes two steps
+    assert confirmed(cart, reply, "k2").status == "ok"
     assert (ctl.output_mode, ctl.manual_speed_rpm) == ("manual", 12.0)
 
 
@@ -598,13 +613,14 @@ def test_reply_goes_to_an_allowed_response_topic_only(cart: Cart) -> None:
 
 NUMERIC = {"flow_ml_min", "pressure_limit_mmhg", "temperature_c", "pump_speed_rpm", "expires_in_s"}
 CAPS = {"flow_ml_min": 5000.0, "pressure_limit_mmhg": 100.0, "temperature_c": 42.0}
-REQUIRED = {"command_id", "issued_at", "control", "output_mode", "action", "text"}
+REQUIRED = {"command_id", "issued_at", "control", "output_mode", "action", "text", "token"}
 VALID_BODIES: dict[str, dict[str, Any]] = {
     "setpoint": {"flow_ml_min": 550.0, "temperature_c": 37.2},
     "mode": {"control": "pressure", "output_mode": "manual", "pump_speed_rpm": 10.0},
     "phase": {"action": "priming"},
     "alarm": {"action": "acknowledge", "alarm_id": "air_detected"},
     "marker": {"text": "drug in"},
+    "confirm": {"token": "tok00001", "action": "confirm"},  # none pending: not_confirmed
 }
 json_values = st.recursive(
     st.none()
@@ -636,7 +652,7 @@ def mutated(draw: st.DrawFn) -> tuple[str, bytes, bool]:
     if kind == "drop":
         del fields[key]
         must_reject = (
-            key in REQUIRED
+            (key in REQUIRED and not (name == "confirm" and key == "action"))
             or (name == "alarm" and key == "alarm_id")
             or (name == "mode" and key == "pump_speed_rpm")
         )
@@ -684,6 +700,9 @@ def check(name: str, payload: bytes, must_reject: bool) -> None:
         assert snapshot(cart.core) == before
     else:
         assert reply.reason is None
+        # A change that takes two steps is pending, not applied.
+        if reply.status == "confirm_required":
+            assert snapshot(cart.core) == before
     assert len(cart.proc.drain_events()) == 1
 
 
@@ -780,13 +799,14 @@ def test_intake_rejects_therapy_commands_while_the_record_fails() -> None:
     ]:
         intake.on_message(Incoming(f"{base}/{name}", body(cid, now, **fields), False, None, None))
     replies, events = intake.apply_pending(core, T_S, record_problem="recorder failed: disk full")
+    # pause_audio and safe_stop are applied first, before anything queued with them.
     assert [(r.command_id, r.status, r.reason) for _, r, _ in replies] == [
-        ("r1", "rejected", "recorder_failed"),
         ("r2", "ok", None),
         ("r3", "ok", None),
+        ("r1", "rejected", "recorder_failed"),
     ]
-    assert "record cannot be written (recorder failed: disk full)" in replies[0][1].detail
+    assert "record cannot be written (recorder failed: disk full)" in replies[2][1].detail
     assert core.controller.flow_target_ml_min == 500.0
     assert core.procedure.phase is Phase.safe_stop
-    assert [e.reason for e in events] == ["recorder_failed", None, None]
+    assert [e.reason for e in events] == [None, None, "recorder_failed"]
     assert sent == []  # replies wait for the caller (commit before acknowledge)

@@ -20,6 +20,7 @@ from helpers import wait_until
 from procs import Proc, Subscriber, read_signal, session, write_cart_config
 
 from ilup_controller.broker import MosquittoProcess
+from ilup_controller.record.chain import verify_record
 from ilup_controller.record.store import open_record
 
 pytestmark = pytest.mark.integration
@@ -108,6 +109,9 @@ async def test_kill_9_at_random_moments(tmp_path: Path, mosquitto: MosquittoProc
                 assert len(files) == 1, files  # one procedure, one file, reopened each time
                 data = open_record(files[0])  # raises unless PRAGMA integrity_check is ok
                 assert data.integrity == "ok"
+                # Killed each time: the chain, continued across restarts, is whole but unsealed.
+                chain = verify_record(files[0])
+                assert chain.status == "unsealed", f"kill {k}: {chain.summary()}"
                 recorded = "\n".join(str(e["message"]) for e in data.events)
                 missing = [cid for cid in acked_before_kill if cid not in recorded]
                 assert missing == [], f"kill {k}: acknowledged but not recorded: {missing}"
@@ -187,7 +191,9 @@ async def test_restart_restores_targets_phase_and_latched_alarms(
                 mosquitto.port, prefix, "alarm", {"action": "reset", "alarm_id": alarm_id}
             )
             assert ok["status"] == "ok", ok
-        resumed = await _command(mosquitto.port, prefix, "phase", {"action": "resume"})
+        asked = await _command(mosquitto.port, prefix, "phase", {"action": "resume"})
+        assert asked["status"] == "confirm_required", asked  # resume takes two steps
+        resumed = await _command(mosquitto.port, prefix, "confirm", {"token": asked["token"]})
         assert resumed["status"] == "ok", resumed
         t_resume = loop.time()
         await wait_until(

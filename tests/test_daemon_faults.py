@@ -15,6 +15,7 @@ from procs import Proc, Subscriber, processes, read_signal, session, write_cart_
 
 from ilup_controller.broker import MosquittoProcess
 from ilup_controller.core.cart import CartCore, TickResult
+from ilup_controller.record.chain import verify_record
 from ilup_controller.record.recorder import Recorder
 from ilup_controller.record.store import open_record
 from ilup_controller.runtime.daemon import Daemon
@@ -77,6 +78,9 @@ async def test_a_crash_in_the_control_task_still_drives_safe_and_is_recorded(
     crashed = [e for e in events if e["kind"] == "daemon" and "crashed" in e["message"]]
     assert len(crashed) == 1, [e["message"] for e in events if e["kind"] == "daemon"]
     assert "InjectedBug" in crashed[0]["message"]
+    # The crash was handled: the record was closed, so its hash chain is sealed.
+    chain = verify_record(daemon.recorder.path)
+    assert chain.status == "intact", chain.summary()
 
 
 async def test_an_unreadable_record_starts_held_in_safe_stop(

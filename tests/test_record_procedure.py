@@ -10,6 +10,7 @@ import pytest
 
 from ilup_controller.config import load_config
 from ilup_controller.core.procedure import Phase
+from ilup_controller.record.chain import verify_record
 from ilup_controller.record.recorder import Recorder, config_json_of
 from ilup_controller.record.report import render_report, summarize
 from ilup_controller.record.store import open_record
@@ -77,6 +78,11 @@ def test_recorded_procedure_matches_ground_truth(tmp_path: Path) -> None:
     assert s.reservoir_change_ml == pytest.approx(0.0, abs=10.0)
     assert s.alarm_onsets == {"high": 0, "medium": 0, "low": 0}
     assert s.safe_stop_s == 0.0
+    # The whole procedure's hash chain verifies, quickly (figure in docs/security.md).
+    chain = verify_record(rec.path)
+    assert chain.status == "intact", chain.summary()
+    assert chain.rows_checked == stats.ticks + n_events
+    assert chain.seconds < 5.0, f"{chain.rows_checked} rows in {chain.seconds:.2f} s"
     html = render_report(rec.path, tmp_path / "report.html")
     text = html.read_text()
     assert "30:00" in text  # drug phase time at target shown as mm:ss

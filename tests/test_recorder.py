@@ -175,7 +175,7 @@ async def test_every_sample_and_event_is_recorded_with_nulls_and_meta(tmp_path: 
     assert data.meta["cart_id"] == "cart1"
     assert data.meta["config_json"] == CONFIG_JSON
     assert data.meta["config_sha256"] == hashlib.sha256(CONFIG_JSON.encode()).hexdigest()
-    assert data.meta["schema_version"] == "1"
+    assert data.meta["schema_version"] == "2"  # 2: hash-chained (test_record_integrity.py)
     assert datetime.fromisoformat(data.meta["created_utc"]).tzinfo is not None
     assert data.gaps == []
 

@@ -54,10 +54,11 @@ ReasonCode = Literal[
     "unauthorized",
     "recorder_failed",
     "refused",
+    "not_confirmed",
 ]
 REASON_CODES: Final[tuple[str, ...]] = ReasonCode.__args__  # type: ignore[attr-defined]
 
-CommandName = Literal["setpoint", "mode", "phase", "alarm", "marker"]
+CommandName = Literal["setpoint", "mode", "phase", "alarm", "marker", "confirm"]
 
 MAX_EXPIRES_IN_S: Final = 60.0
 
@@ -169,7 +170,24 @@ class MarkerCommand(Command):
         return v
 
 
-AnyCommand = SetpointCommand | ModeCommand | PhaseCommand | AlarmCommand | MarkerCommand
+class ConfirmCommand(Command):
+    """Second step of a safety-relevant change: confirm (or cancel) the change this operator
+    requested, whose reply said ``confirm_required`` and gave ``token``. Only the operator who
+    requested it may confirm it, within the cart's ``commands.confirm.window_s``; any other
+    command from that operator, a wrong token or another operator's confirm cancels it."""
+
+    token: str = Field(
+        pattern=r"^[A-Za-z0-9_-]{8,64}$",
+        description="The token of the confirm_required reply.",
+    )
+    action: Literal["confirm", "cancel"] = Field(
+        "confirm", description="confirm: apply the pending change; cancel: drop it."
+    )
+
+
+AnyCommand = (
+    SetpointCommand | ModeCommand | PhaseCommand | AlarmCommand | MarkerCommand | ConfirmCommand
+)
 
 COMMAND_MODELS: Final[dict[str, type[Command]]] = {
     "setpoint": SetpointCommand,
@@ -177,6 +195,7 @@ COMMAND_MODELS: Final[dict[str, type[Command]]] = {
     "phase": PhaseCommand,
     "alarm": AlarmCommand,
     "marker": MarkerCommand,
+    "confirm": ConfirmCommand,
 }
 
 
@@ -187,19 +206,31 @@ class Reply(_Strict):
         description="The command's id; null when the payload gave no valid one."
     )
     command: str = Field(max_length=64, description="Command name: the last topic level.")
-    status: Literal["ok", "rejected"]
+    status: Literal["ok", "rejected", "confirm_required"] = Field(
+        description="ok: applied; rejected: nothing changed (see reason); confirm_required: "
+        "nothing changed yet, detail says what would change (old -> new), and the same "
+        "operator must send a confirm command with the token within confirm_within_s."
+    )
     reason: ReasonCode | None = Field(
-        None, description="Why a command was rejected (machine code); null when ok."
+        None, description="Why a command was rejected (machine code); null otherwise."
     )
     detail: str = Field(
         "", max_length=500, description="Specific human text: what was changed, or what is wrong."
     )
     t: AwareDatetime = Field(description="UTC time of the decision.")
+    token: str | None = Field(
+        None, description="With confirm_required: the token to send back in a confirm command."
+    )
+    confirm_within_s: float | None = Field(
+        None, description="With confirm_required: seconds left to confirm."
+    )
 
     @model_validator(mode="after")
     def _reason_iff_rejected(self) -> Self:
         if (self.status == "rejected") != (self.reason is not None):
             raise ValueError("a rejected reply has a reason, an ok reply has none")
+        if (self.status == "confirm_required") != (self.token is not None):
+            raise ValueError("a confirm_required reply has a token, other replies have none")
         return self
 
 

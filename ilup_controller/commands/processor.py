@@ -8,19 +8,23 @@ Identity (docs/security.md). Commands arrive on ``<prefix>/<cart_id>/cmd/<user>/
 broker authenticates every client (password or certificate) and its ACL
 ``pattern write <prefix>/+/cmd/%u/+`` lets a client publish commands under its own username
 only; monitors are denied even that. The daemon takes ``sender`` from that topic level and never
-from the payload. Anyone the broker lets publish a command is an operator; commands that name
-the daemon's own user (``mqtt.username``), or a user that is not a plain topic level, are
-rejected ``unauthorized``.
+from the payload. What a sender may do is its role in the cart file's ``operators``
+(config/operators.py, commands/policy.py): a user not listed, a ``monitor``, a role without the
+command's duty, the daemon's own user (``mqtt.username``) or a user that is not a plain topic
+level is rejected ``unauthorized``.
 
 Order of the checks in ``parse``, cheapest first, so that a flood costs little:
 
-1. sender (``unauthorized``);
+1. sender (``unauthorized``: not a username, the daemon's own user);
 2. rate limit per sender, a token bucket that every message draws from, valid or not
-   (``rate_limited``);
+   (``rate_limited``), except ``phase safe_stop`` and ``alarm pause_audio`` from a user
+   allowed to command: they are never rate-limited and never expire (commands/policy.py);
+   then the allow-list (``unauthorized``: not listed, or a role that may send nothing);
 3. command name (``unknown_command``), then the payload (commands/payload.py): empty or over
    ``MAX_PAYLOAD_BYTES`` (``invalid``, the payload is not parsed), UTF-8, JSON without
    NaN/Infinity or repeated keys, at most ``MAX_JSON_DEPTH`` deep; the strict model
-   (``invalid``, or ``out_of_range`` when only bounds were broken);
+   (``invalid``, or ``out_of_range`` when only bounds were broken); the sender's role may
+   send this command (``unauthorized``);
 4. ``(sender, command_id)`` seen before: the same command again gets the FIRST reply and is
    never applied twice; a different command under a used id is rejected ``duplicate``;
 5. sender clock more than ``MAX_CLOCK_AHEAD_S`` ahead (``invalid``; not kept for repeats, so
@@ -36,6 +40,14 @@ procedure (``not_allowed_in_phase``, ``interlock_active``), alarm actions throug
 engine (``refused``). A rejected command changes nothing. Every outcome is a ``CommandEvent``
 for the record; collect them with ``drain_events``.
 
+Two-step confirmation (commands/confirm.py). A safety-relevant change (commands/policy.py
+``needs_confirmation``) that passes its checks is not applied: the reply says
+``confirm_required`` with a token and what will change. The same sender's ``confirm`` with that
+token within ``commands.confirm.window_s`` of core time applies it (checked again against the
+cart as it is then). Any other command from that sender, a wrong token, another sender's
+confirm naming the token, or the window passing (``expire``, called every tick) cancels it;
+every step is a ``CommandEvent``.
+
 Wiring in the daemon: subscribe to ``command_filter(prefix, cart_id)`` at QoS 1; for each
 message take ``(sender, name)`` from ``split_command_topic`` (ignore other topics), call
 ``parse(name, payload, datetime.now(UTC), sender, response_topic=<v5 ResponseTopic>)``; call
@@ -48,13 +60,16 @@ retained, with the command's CorrelationData copied.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, Literal, NoReturn, cast
 
 from pydantic import ValidationError
 
+from ilup_controller.commands.confirm import Confirmations, Ending, Pending, new_token
 from ilup_controller.commands.models import (
     COMMAND_MODELS,
     USERNAME_RE,
@@ -62,6 +77,7 @@ from ilup_controller.commands.models import (
     AnyCommand,
     Command,
     CommandName,
+    ConfirmCommand,
     MarkerCommand,
     ModeCommand,
     PhaseCommand,
@@ -79,7 +95,15 @@ from ilup_controller.commands.payload import (
     peek_command_id,
     safe_text,
 )
+from ilup_controller.commands.policy import (
+    duty_of,
+    exempt,
+    exempt_payload,
+    may,
+    needs_confirmation,
+)
 from ilup_controller.config.models import CartConfig
+from ilup_controller.config.operators import ROLE_DUTIES, role_of
 from ilup_controller.core.cart import CartCore
 from ilup_controller.core.procedure import Phase, PhaseEvent, Refusal
 
@@ -87,12 +111,6 @@ log = logging.getLogger(__name__)
 
 # A command issued further ahead than this by the sender's clock is a clock fault, not a command.
 MAX_CLOCK_AHEAD_S: Final = 2.0
-
-# Slew limits: the largest change of a target that one command may make, so that a typing slip
-# (5000 for 500) cannot become a step on the lung. Defaults until they move into the config.
-FLOW_SLEW_ML_MIN: Final = 200.0
-PRESSURE_SLEW_MMHG: Final = 5.0
-TEMPERATURE_SLEW_C: Final = 1.0
 
 # Bounds derived from the configuration (setpoint_bounds): the floor of the pressure limit and
 # of the temperature target, and the distance kept from the interlocks above them.
@@ -136,7 +154,7 @@ class CommandEvent:
     sender: str
     command: str
     command_id: str | None
-    status: str  # ok | rejected
+    status: str  # ok | rejected | confirm_required; cancelled | expired for a pending change
     reason: str | None
     detail: str
     repeated: bool = False  # a repeated delivery, answered with the first reply, not applied
@@ -206,13 +224,19 @@ class CommandProcessor:
         cfg: CartConfig,
         *,
         cache_size: int = 1024,
-        rate_per_s: float = 5.0,
-        burst: int = 10,
+        rate_per_s: float | None = None,
+        burst: int | None = None,
+        token_factory: Callable[[], str] = new_token,
     ) -> None:
+        """``rate_per_s`` and ``burst`` default to the cart's ``commands`` section."""
+        limits = cfg.commands
+        rate_per_s = limits.rate_per_s if rate_per_s is None else rate_per_s
+        burst = limits.burst if burst is None else burst
         if cache_size < 1 or not rate_per_s > 0.0 or burst < 1:
             raise ValueError("cache_size and burst must be >= 1 and rate_per_s > 0")
         self._cfg = cfg
         self.bounds = setpoint_bounds(cfg)
+        self.confirmations = Confirmations(limits.confirm.window_s, token_factory)
         self._cache_size = cache_size
         self._rate_per_s = rate_per_s
         self._burst = float(burst)
@@ -270,7 +294,10 @@ class CommandProcessor:
             if entry is not None and entry.reply is not None:
                 self._emit(entry.reply, cmd.sender, now, repeated=True)
                 return entry.reply
-            reason, detail = self._decide(cmd, core, t_s, operator)
+            note = ""
+            if not isinstance(cmd.command, ConfirmCommand):
+                note = self._cancel_pending(cmd.sender, f"{cmd.name} {cmd.command.command_id}", now)
+            outcome = self._decide(cmd, core, t_s, operator, now=now)
         except Exception:  # the core refused in a way we did not foresee: nothing was changed
             log.exception(
                 "command apply failed: sender=%r name=%s id=%s",
@@ -278,8 +305,20 @@ class CommandProcessor:
                 cmd.name,
                 cmd.command.command_id,
             )
-            reason, detail = "refused", "internal error while applying the command"
-        reply = _reply(cmd.command.command_id, cmd.name, now, reason, detail)
+            outcome, note = ("refused", "internal error while applying the command"), ""
+        if isinstance(outcome, Pending):
+            reply = _reply(
+                cmd.command.command_id,
+                cmd.name,
+                now,
+                None,
+                f"confirm within {self.confirmations.window_s:g} s: {outcome.change}{note}",
+                token=outcome.token,
+                confirm_within_s=self.confirmations.window_s,
+            )
+        else:
+            reason, detail = outcome
+            reply = _reply(cmd.command.command_id, cmd.name, now, reason, detail + note)
         self._record(key, cmd.name, cmd.command, reply, now)
         self._emit(reply, cmd.sender, now, arguments=_arguments(cmd.command))
         self._log(reply, cmd.sender)
@@ -301,6 +340,7 @@ class CommandProcessor:
         if entry is not None and entry.reply is not None:
             self._emit(entry.reply, cmd.sender, now, repeated=True)
             return entry.reply
+        detail += self._cancel_pending(cmd.sender, f"{cmd.name} {cmd.command.command_id}", now)
         reply = _reply(cmd.command.command_id, cmd.name, now, reason, detail)
         self._record(key, cmd.name, cmd.command, reply, now)
         self._emit(reply, cmd.sender, now, arguments=_arguments(cmd.command))
@@ -317,6 +357,13 @@ class CommandProcessor:
         ):
             return response_topic
         return default_reply_topic(prefix, cart_id, sender, name)
+
+    def expire(self, t_s: float, now_utc: datetime) -> None:
+        """End every pending change whose confirmation window has passed at core time ``t_s``
+        (call it every tick: the record then shows the expiry when it happens)."""
+        now = _as_utc(now_utc)
+        for ended in self.confirmations.expire(t_s):
+            self._emit_ending(ended.pending, "expired", ended.why, now)
 
     def drain_events(self) -> list[CommandEvent]:
         """Command events since the last call, oldest first: one for every message ``parse``
@@ -341,7 +388,10 @@ class CommandProcessor:
             )
         if not isinstance(payload, bytes | bytearray):
             return self._answer(None, name, sender, now, "invalid", "payload is not bytes")
-        if not self._take_token(sender, now):
+        role = role_of(self._cfg.operators, sender)
+        allowed = role is not None and bool(ROLE_DUTIES.get(role))
+        urgent = allowed and exempt_payload(name, payload)
+        if not urgent and not self._take_token(sender, now):
             return self._answer(
                 peek_command_id(payload),
                 name,
@@ -350,6 +400,15 @@ class CommandProcessor:
                 "rate_limited",
                 f"more than {self._rate_per_s:g} commands/s (burst {self._burst:g}) from {sender}",
             )
+        if not allowed:
+            why = (
+                "the cart file lists no operators: no command is accepted"
+                if self._cfg.operators is None
+                else f"user {sender} is not on this cart's operator list"
+                if role is None
+                else f"user {sender} has role {role}, which sends no commands"
+            )
+            return self._answer(peek_command_id(payload), name, sender, now, "unauthorized", why)
         model = COMMAND_MODELS.get(name)
         if model is None:
             return self._answer(
@@ -372,6 +431,18 @@ class CommandProcessor:
         except ValidationError as exc:
             reason, detail = _describe(name, exc)
             return self._answer(peeked, name, sender, now, reason, detail)
+        duty = duty_of(cmd)
+        if not may(role, duty):
+            return self._answer(
+                cmd.command_id,
+                name,
+                sender,
+                now,
+                "unauthorized",
+                f"user {sender} has role {role}, which may not send {_what(name, cmd)} "
+                f"(it changes therapy)",
+            )
+        urgent = exempt(name, cmd)
 
         key = (sender, cmd.command_id)
         entry = self._cache.get(key)
@@ -398,7 +469,7 @@ class CommandProcessor:
                 f"command_id {cmd.command_id!r} was already used for a different command",
             )
 
-        age_s = (now - cmd.issued_at).total_seconds()
+        age_s = 0.0 if urgent else (now - cmd.issued_at).total_seconds()  # urgent: no expiry
         if age_s < -MAX_CLOCK_AHEAD_S:
             # Not kept for its repeats (they are refused the same way): dated years ahead, it
             # would hold a cache slot for years, and a few such entries refuse every command.
@@ -430,6 +501,8 @@ class CommandProcessor:
             self._record(key, name, cmd, reply, now)
             return reply
         if not self._make_room(now):
+            if urgent:  # never limited: applied without a duplicate-cache entry
+                return ParsedCommand(cname, sender, cmd, now)
             return self._answer(
                 cmd.command_id,
                 name,
@@ -438,7 +511,9 @@ class CommandProcessor:
                 "rate_limited",
                 f"{len(self._cache)} commands are still within their validity window",
             )
-        self._cache[key] = _Entry(name, cmd, _valid_until(cmd))
+        # An urgent command is kept for its repeats from its arrival on, whatever its date.
+        until = now + timedelta(seconds=cmd.expires_in_s) if urgent else _valid_until(cmd)
+        self._cache[key] = _Entry(name, cmd, until)
         return ParsedCommand(cname, sender, cmd, now)
 
     def _take_token(self, sender: str, now: datetime) -> bool:
@@ -492,6 +567,8 @@ class CommandProcessor:
         entry = self._cache.get(key)
         if entry is None:
             if not self._make_room(now):
+                if exempt(name, cast(AnyCommand, command)):
+                    return  # never evicts a valid entry; a repeat is harmless (safe_stop)
                 self._cache.popitem(last=False)  # apply() outside parse(): best effort
             entry = self._cache[key] = _Entry(name, command, _valid_until(command))
         if entry.reply is None:
@@ -501,12 +578,39 @@ class CommandProcessor:
     # ------------------------------------------------------------------ apply
 
     def _decide(
-        self, cmd: ParsedCommand, core: CartCore, t_s: float, operator: str
-    ) -> tuple[ReasonCode | None, str]:
+        self,
+        cmd: ParsedCommand,
+        core: CartCore,
+        t_s: float,
+        operator: str,
+        *,
+        now: datetime,
+        confirmed: bool = False,
+    ) -> tuple[ReasonCode | None, str] | Pending:
+        """The outcome of one command: applied or rejected ``(reason, detail)``, or a change
+        that waits for its confirmation (``confirmed``: it has it)."""
         c = cmd.command
         why = f"operator command {c.command_id}"
+
+        def ask(changes: list[tuple[str, float, float]] | None = None) -> Pending | None:
+            if confirmed:
+                return None
+            change = needs_confirmation(c, core, self._cfg, changes or [])
+            if change is None:
+                return None
+            return self.confirmations.request(cmd.sender, cmd.name, c, change, t_s)
+
         if isinstance(c, SetpointCommand):
-            return self._setpoint(c, core)
+            checked = self._check_setpoint(c, core)
+            if isinstance(checked, tuple):
+                return checked
+            pending = ask([(n, old, new) for n, _, old, new in checked])
+            if pending is not None:
+                return pending
+            # All checked first: a command is applied whole or not at all.
+            for _, attr, _, value in checked:
+                setattr(core.controller, attr, value)
+            return None, "; ".join(f"{n} {old:g} -> {new:g}" for n, _, old, new in checked)
         if isinstance(c, ModeCommand):
             ctl = core.controller
             if (
@@ -518,10 +622,16 @@ class CommandProcessor:
                     f"mode.pump_speed_rpm: {c.pump_speed_rpm:g} outside 0.."
                     f"{self._cfg.control.flow.speed_max_rpm:g} rpm"
                 )
+            pending = ask()
+            if pending is not None:
+                return pending
             ctl.set_mode(c.control, c.output_mode, c.pump_speed_rpm)
             manual = f" at {ctl.manual_speed_rpm:g} rpm" if c.output_mode == "manual" else ""
             return None, f"mode now constant-{c.control}, {c.output_mode} output{manual}"
         if isinstance(c, PhaseCommand):
+            pending = ask()
+            if pending is not None:
+                return pending
             before = core.procedure.phase
             result: PhaseEvent | Refusal = (
                 core.resume(t_s, operator)
@@ -549,30 +659,121 @@ class CommandProcessor:
             return None, f"alarm {c.action}: {target}"
         if isinstance(c, MarkerCommand):
             return None, f"marker recorded: {c.text}"
+        if isinstance(c, ConfirmCommand):
+            return self._settle(cmd, c, core, t_s, operator, now)
         _unreachable(c)
 
-    def _setpoint(self, c: SetpointCommand, core: CartCore) -> tuple[ReasonCode | None, str]:
+    def _settle(
+        self,
+        cmd: ParsedCommand,
+        c: ConfirmCommand,
+        core: CartCore,
+        t_s: float,
+        operator: str,
+        now: datetime,
+    ) -> tuple[ReasonCode | None, str]:
+        """A confirm (or cancel) against the pending change of its sender."""
+        sender, confirms = cmd.sender, self.confirmations
+        by = f"confirm {c.command_id}"
+        mine = confirms.pending(sender)
+        owner = confirms.owner_of(c.token)
+        if owner is not None and owner.sender != sender:
+            self._end(owner.sender, "cancelled", f"{sender} sent a confirm naming its token", now)
+            note = self._cancel_pending(sender, by, now)
+            return "unauthorized", (
+                f"that token belongs to {owner.label} of {owner.sender}: only {owner.sender} "
+                f"may confirm it; it is cancelled ({owner.change} not applied){note}"
+            )
+        if mine is None:
+            ended = confirms.last_ended(sender, c.token)
+            if ended is None:
+                return "not_confirmed", f"no change of {sender} waits for this token"
+            p = ended.pending
+            if ended.how == "expired":
+                return "expired", (
+                    f"{p.label} was {ended.why}; nothing was changed ({p.change}): send it again"
+                )
+            if ended.how == "confirmed":
+                return "not_confirmed", f"{p.label} was confirmed already ({ended.why})"
+            return "not_confirmed", f"{p.label} was {ended.why}; nothing was changed"
+        if not secrets.compare_digest(mine.token, c.token):
+            self._end(sender, "cancelled", f"cancelled: wrong token in {by}", now)
+            return "not_confirmed", (
+                f"wrong token: your pending {mine.label} is cancelled ({mine.change} not applied)"
+            )
+        if t_s > mine.deadline_s + 1e-9:
+            window = confirms.window_s
+            self._end(sender, "expired", f"not confirmed within {window:g} s", now)
+            return "expired", (
+                f"{mine.label} was not confirmed within {window:g} s; nothing was changed "
+                f"({mine.change}): send it again"
+            )
+        if c.action == "cancel":
+            self._end(sender, "cancelled", f"cancelled by the operator ({by})", now)
+            return None, f"{mine.label} cancelled: {mine.change} not applied"
+        confirms.end(sender, "confirmed", by)  # this confirm's own event records it
+        held = ParsedCommand(mine.name, sender, mine.command, cmd.received_at)
+        outcome = self._decide(held, core, t_s, operator, now=now, confirmed=True)
+        assert not isinstance(outcome, Pending)
+        reason, detail = outcome
+        if reason is None:
+            return None, f"{mine.label} confirmed: {detail}"
+        return reason, f"{mine.label} confirmed but refused now: {detail}"
+
+    def _cancel_pending(self, sender: str, by: str, now: datetime) -> str:
+        """Any command but the matching confirm ends the sender's pending change: the text to
+        add to that command's reply ("" when nothing was pending)."""
+        p = self.confirmations.pending(sender)
+        if p is None:
+            return ""
+        self._end(sender, "cancelled", f"cancelled by {by}", now)
+        return f"; your pending {p.label} is cancelled ({p.change} not applied)"
+
+    def _end(self, sender: str, how: Ending, why: str, now: datetime) -> None:
+        ended = self.confirmations.end(sender, how, why)
+        if ended is not None:
+            self._emit_ending(ended.pending, how, why, now)
+
+    def _emit_ending(self, p: Pending, how: str, why: str, now: datetime) -> None:
+        self._push(
+            CommandEvent(
+                t=now,
+                sender=p.sender,
+                command=p.name,
+                command_id=p.command.command_id,
+                status=how,
+                reason=None,
+                detail=f"{why}; not applied: {p.change}",
+            )
+        )
+        log.info("pending %s of %s %s: %s", p.label, p.sender, how, why)
+
+    def _check_setpoint(
+        self, c: SetpointCommand, core: CartCore
+    ) -> tuple[ReasonCode, str] | list[tuple[str, str, float, float]]:
+        """The changes ``(field, attribute, old, new)`` of a setpoint, or why it is refused."""
         ctl = core.controller
         b = self.bounds
+        slew = self._cfg.commands.slew
         checks = (
-            ("flow_ml_min", "flow_target_ml_min", c.flow_ml_min, b.flow_ml_min, FLOW_SLEW_ML_MIN),
+            ("flow_ml_min", "flow_target_ml_min", c.flow_ml_min, b.flow_ml_min, slew.flow_ml_min),
             (
                 "pressure_limit_mmhg",
                 "pressure_limit_mmhg",
                 c.pressure_limit_mmhg,
                 b.pressure_limit_mmhg,
-                PRESSURE_SLEW_MMHG,
+                slew.pressure_limit_mmhg,
             ),
             (
                 "temperature_c",
                 "temperature_target_c",
                 c.temperature_c,
                 b.temperature_c,
-                TEMPERATURE_SLEW_C,
+                slew.temperature_c,
             ),
         )
         changes: list[tuple[str, str, float, float]] = []
-        for name, attr, value, (low, high), slew in checks:
+        for name, attr, value, (low, high), limit in checks:
             if value is None:
                 continue
             current = float(getattr(ctl, attr))
@@ -580,16 +781,13 @@ class CommandProcessor:
                 return "out_of_range", (
                     f"setpoint.{name}: {value:g} is outside the allowed {low:g}..{high:g}"
                 )
-            if abs(value - current) > slew + 1e-9:
+            if abs(value - current) > limit + 1e-9:
                 return "out_of_range", (
                     f"setpoint.{name}: the step {current:g} -> {value:g} is larger than the "
-                    f"slew limit of {slew:g} per command"
+                    f"slew limit of {limit:g} per command (commands.slew.{name})"
                 )
             changes.append((name, attr, current, value))
-        # All checked first: a command is applied whole or not at all.
-        for _, attr, _, value in changes:
-            setattr(ctl, attr, value)
-        return None, "; ".join(f"{n} {old:g} -> {new:g}" for n, _, old, new in changes)
+        return changes
 
     # ------------------------------------------------------------------ replies and events
 
@@ -602,6 +800,8 @@ class CommandProcessor:
         reason: ReasonCode,
         detail: str,
     ) -> Reply:
+        if reason != "duplicate":  # a repeated delivery is not another command
+            detail += self._cancel_pending(sender, f"{safe_text(name)} {command_id or '?'}", now)
         reply = _reply(command_id, name, now, reason, detail)
         self._emit(reply, sender, now)
         self._log(reply, sender)
@@ -616,10 +816,7 @@ class CommandProcessor:
         repeated: bool = False,
         arguments: dict[str, Any] | None = None,
     ) -> None:
-        if len(self._events) >= MAX_EVENTS:
-            self._events.popleft()
-            self.events_dropped += 1
-        self._events.append(
+        self._push(
             CommandEvent(
                 t=t,
                 sender=sender,
@@ -632,6 +829,12 @@ class CommandProcessor:
                 arguments=arguments or {},
             )
         )
+
+    def _push(self, event: CommandEvent) -> None:
+        if len(self._events) >= MAX_EVENTS:
+            self._events.popleft()
+            self.events_dropped += 1
+        self._events.append(event)
 
     @staticmethod
     def _log(reply: Reply, sender: str) -> None:
@@ -668,21 +871,39 @@ def _valid_until(cmd: Command) -> datetime:
 
 
 def _reply(
-    command_id: str | None, name: str, now: datetime, reason: ReasonCode | None, detail: str
+    command_id: str | None,
+    name: str,
+    now: datetime,
+    reason: ReasonCode | None,
+    detail: str,
+    *,
+    token: str | None = None,
+    confirm_within_s: float | None = None,
 ) -> Reply:
     detail = detail if len(detail) <= MAX_DETAIL_CHARS else detail[: MAX_DETAIL_CHARS - 3] + "..."
+    status: Literal["ok", "rejected", "confirm_required"] = (
+        "rejected" if reason is not None else "confirm_required" if token else "ok"
+    )
     return Reply(
         command_id=command_id,
         command=safe_text(name, 60),
-        status="ok" if reason is None else "rejected",
+        status=status,
         reason=reason,
         detail=detail,
         t=now,
+        token=token,
+        confirm_within_s=confirm_within_s,
     )
 
 
 def _arguments(cmd: Command) -> dict[str, Any]:
-    return cmd.model_dump(mode="json", exclude=set(_ENVELOPE), exclude_none=True)
+    # A confirm's token is not kept: the command id and the events tie the two steps together.
+    return cmd.model_dump(mode="json", exclude=set(_ENVELOPE) | {"token"}, exclude_none=True)
+
+
+def _what(name: str, cmd: AnyCommand) -> str:
+    action = getattr(cmd, "action", None)
+    return f"{name} {action}" if isinstance(action, str) else name
 
 
 def _describe(name: str, exc: ValidationError) -> tuple[ReasonCode, str]:

@@ -15,6 +15,8 @@ documented in docs/security.md ("While the record cannot be written").
 | alarm acknowledge, pause_audio | applied: they change nothing the patient receives |
 | alarm reset | rejected ``recorder_failed``: it can lift an interlock and restart the pump |
 | marker | attempted: answered ok, the reply says it was not recorded |
+| confirm (of a pending change) | rejected ``recorder_failed``; the pending change is cancelled |
+| confirm with action cancel | applied |
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Final
 from ilup_controller.commands.models import (
     AlarmCommand,
     AnyCommand,
+    ConfirmCommand,
     MarkerCommand,
     PhaseCommand,
 )
@@ -39,6 +42,8 @@ def needs_record(cmd: AnyCommand) -> bool:
         return cmd.action != "safe_stop"
     if isinstance(cmd, AlarmCommand):
         return cmd.action == "reset"
+    if isinstance(cmd, ConfirmCommand):
+        return cmd.action == "confirm"
     return not isinstance(cmd, MarkerCommand)
 
 

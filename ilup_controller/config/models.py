@@ -20,6 +20,13 @@ from pydantic import (
     model_validator,
 )
 
+from ilup_controller.config.operators import (
+    WILDCARD,
+    CommandLimits,
+    OperatorRole,
+    UserName,
+)
+
 
 class Strict(BaseModel):
     """Base for all config models: unknown keys are errors and loaded config is immutable."""
@@ -283,7 +290,26 @@ class TemperatureLoop(Strict):
     )
     water_cap_c: Finite = Field(42.0, le=42.0, description="Heater water never above this.")
     max_gradient_c: Pos = Field(
-        4.0, le=10.0, description="Water setpoint at most this far above the perfusate."
+        3.6,
+        le=10.0,
+        description="Water setpoint at most this far above the perfusate; below "
+        "alarms.gradient_c, so the water's own overshoot and noise stay under the alarm.",
+    )
+    ramp_integral_per_s: NonNeg = Field(
+        0.003,
+        le=0.1,
+        description="Second integral of the rewarming rate loop, per s: while the ramp runs, "
+        "the rate loop's integral is itself integrated at this rate, which learns a loss that "
+        "grows as the perfusate warms (tubing to the room, lung to the body) so the warming "
+        "rate holds the ramp instead of trailing it. 0: off.",
+    )
+    gradient_slew_c_per_s: Pos = Field(
+        0.02,
+        le=10.0,
+        description="The asked water-to-perfusate gradient rises at most this fast, degC/s: "
+        "at the start of rewarming the feed-forward and the proportional kick do not land at "
+        "once (an exchanger stronger than exchanger_time_constant_s says would overshoot "
+        "the guideline rate).",
     )
     gradient_pid: PidGains = Field(
         PidGains(kp=1.0, ki=0.05),
@@ -634,6 +660,13 @@ class CartConfig(Strict):
     mqtt: Mqtt = Mqtt()
     record: Record = Record()
     simulator: Simulator | None = None
+    operators: dict[UserName, OperatorRole] | None = Field(
+        None,
+        description="Broker user -> role (monitor, assistant, operator); config/operators.py. "
+        "Absent: no command is accepted. '*': the role of every user not named (simulated "
+        "carts only).",
+    )
+    commands: CommandLimits = CommandLimits()
     guard: Guard | None = Field(None, description="The independent safety layer, `ilup guard`.")
 
     @field_validator("signals")
@@ -697,13 +730,36 @@ class CartConfig(Strict):
                     f"devices.{dev_name}.watchdog.signal: {wd.signal!r} must be a "
                     f"writable signal of device {dev_name!r}"
                 )
+        if c.temperature.max_gradient_c >= self.alarms.gradient_c:
+            errors.append(
+                f"control.temperature.max_gradient_c: {c.temperature.max_gradient_c:g} degC must "
+                f"be below alarms.gradient_c ({self.alarms.gradient_c:g} degC), or the "
+                "controller's own gradient raises the alarm"
+            )
         errors.extend(_overlaps(self.signals))
         errors.extend(_serial_lines(self.devices, self.simulator))
         errors.extend(_line_budgets(self))
+        errors.extend(_operator_list(self))
         errors.extend(_guard_checks(self))
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+
+def _operator_list(cfg: CartConfig) -> list[str]:
+    ops = cfg.operators or {}
+    errors: list[str] = []
+    if WILDCARD in ops and not cfg.simulated:
+        errors.append(
+            f"operators.{WILDCARD}: a wildcard is only allowed on a simulated cart; name each "
+            "broker user with its role"
+        )
+    daemon = cfg.mqtt.username
+    if daemon and daemon in ops:
+        errors.append(
+            f"operators.{daemon}: the daemon's own user (mqtt.username) sends no commands"
+        )
+    return errors
 
 
 def _overlaps(signals: dict[str, Signal]) -> list[str]:

@@ -210,7 +210,10 @@ class Controller:
         blocked = self._heater_block(m, phase, action, reason)
         if blocked is not None or temp_c is None or water_c is None:
             self._heater_pct = 0.0
-            self._inner_pid.track(0.0)
+            # Restarted from nothing when heating resumes: tracking 0 against the last P would
+            # leave the integral at -P, and a flow flickering at min_flow_ml_min would wind it
+            # down further on every flicker.
+            self._inner_pid.reset(0.0)
             self._heating = False
             if temp_c is not None:
                 self._temp_sp = min(temp_c, self.temperature_target_c)

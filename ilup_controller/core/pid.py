@@ -43,12 +43,24 @@ class Pid:
     def update(self, setpoint: float, measured: float, dt_s: float) -> float:
         """One step; the output is within the limits. ``dt_s`` must be > 0."""
         self._pid.setpoint = setpoint
+        _, integral_before, _ = self._pid.components
         out = self._pid(measured, dt=dt_s)
         if out is None or not math.isfinite(out):  # defensive: never hand on a NaN
             raise ArithmeticError(f"PID produced {out!r}")
-        self._output = float(out)
-        clamped = min(max(self._output, self._min), self._max)
-        self.track(clamped)
+        clamped = min(max(float(out), self._min), self._max)
+        if clamped != out:
+            # At its own limit the integral neither grows further into the limit nor is pushed
+            # past it: back-calculating it to (limit - P) would wind it the other way whenever
+            # P alone exceeds the limit, and the output would then sag far below the limit
+            # as the error shrinks (a heater at 10 % with its water 0.6 degC short).
+            p, integral, d = self._pid.components
+            if out > self._max:
+                integral = min(integral, max(integral_before, self._max - p - d))
+            else:
+                integral = max(integral, min(integral_before, self._min - p - d))
+            self._pid.set_auto_mode(False)
+            self._pid.set_auto_mode(True, last_output=integral)
+        self._output = clamped
         return clamped
 
     def track(self, applied: float) -> None:

@@ -47,6 +47,7 @@ _COMMAND_SUMMARY = {
     "phase": "Start priming, perfusion or washout; complete; safe-stop; resume from safe-stop.",
     "alarm": "Acknowledge or reset one alarm, or pause the audio.",
     "marker": "A free-text event for the procedure record ('drug in', 'clamp off').",
+    "confirm": "Confirm or cancel this operator's change that was answered confirm_required.",
 }
 
 
@@ -190,8 +191,11 @@ def build() -> Doc:
             "description": (
                 "Each command is answered once per command_id: a repeat gets the first reply "
                 "and is not applied again; a command older than expires_in_s (at most "
-                f"{MAX_EXPIRES_IN_S:g} s) is rejected 'expired'. A rejected command changes "
-                "nothing. Every command and its outcome is also an event on the events topic."
+                f"{MAX_EXPIRES_IN_S:g} s) is rejected 'expired' (phase safe_stop and alarm "
+                "pause_audio never expire and are never rate-limited). A safety-relevant change "
+                "is answered 'confirm_required' and applied only by the same user's confirm "
+                "command. A rejected command changes nothing. Every command and its outcome is "
+                "also an event on the events topic."
             ),
             "channel": {"$ref": f"#/channels/{cmd_channel}"},
             "messages": [{"$ref": f"#/channels/{cmd_channel}/messages/{model.__name__}"}],

@@ -1,6 +1,7 @@
-"""Arguments of `ilup report` and `ilup export`, kept apart from report.py so that building the
-`ilup` parser (for every subcommand, the daemon too) does not import matplotlib and numpy: a
-larger heap makes the daemon's garbage collections, and so its ticks, slower."""
+"""Arguments of `ilup report`, `ilup export` and `ilup verify`, kept apart from report.py so
+that building the `ilup` parser (for every subcommand, the daemon too) does not import
+matplotlib and numpy: a larger heap makes the daemon's garbage collections, and so its ticks,
+slower."""
 
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ def add_export_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser
     return ap
 
 
+def add_verify_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("record", type=Path, nargs="+", help="record file(s) (.sqlite)")
+    ap.add_argument("--json", action="store_true", help="the result as JSON")
+    ap.set_defaults(func=run_verify)
+    return ap
+
+
 def run_report(args: argparse.Namespace) -> int:
     from ilup_controller.record.report import run_report as run
 
@@ -34,5 +42,11 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from ilup_controller.record.export import run_export as run
+
+    return run(args)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from ilup_controller.record.verify import run_verify as run
 
     return run(args)

@@ -9,6 +9,8 @@ queue, so the control tick never waits for the disk (shared/safety.md 5.2).
   events and gaps are committed at once.
 - A write or fsync error puts the recorder in failed state for good: no retry (after a failed
   fsync the kernel may have dropped the dirty pages, so a retry could "succeed" over lost data).
+- Every row joins the record's hash chain as it is written (record/chain.py), and the chain head
+  goes into the same transaction; a clean ``close()`` seals the record, reopening unseals it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, Final
 
 from ilup_controller.config.models import CartConfig
 from ilup_controller.mqtt.messages import Event, State
+from ilup_controller.record.chain import ChainWriter
 from ilup_controller.record.store import (
     INSERT_EVENT,
     INSERT_GAP,
@@ -162,6 +165,7 @@ class Recorder:
         self._failed: str | None = None
         self._closed = False
         self._ready = threading.Event()
+        self._chain: ChainWriter | None = None  # the writer thread's (None: a format-1 record)
         self._thread = threading.Thread(target=self._run, name=f"recorder:{path.name}", daemon=True)
 
     # ------------------------------------------------------------------ opening
@@ -387,7 +391,12 @@ class Recorder:
             }
             # The WAL file now exists: make its directory entry durable too.
             _fsync_dir(self.path.parent)
-        except (OSError, sqlite3.Error, RecordError) as e:
+            self._chain = ChainWriter.load(conn)
+            if self._chain is not None:  # appended to again (a resumed procedure): not sealed
+                conn.execute("BEGIN")
+                self._chain.unseal(conn)
+                conn.execute("COMMIT")
+        except (OSError, sqlite3.Error, RecordError, ValueError, TypeError) as e:
             self._fail(f"cannot open {self.path}: {e}")
         self._ready.set()
         try:
@@ -411,13 +420,17 @@ class Recorder:
             try:
                 if item is None:
                     if batch and time.monotonic() >= deadline:
-                        conn.execute("COMMIT")
+                        self._commit(conn)
                         batch = 0
                     continue
                 if isinstance(item, _Stop):
-                    if batch:
+                    if self._chain is not None:  # the last batch and the seal, together
+                        if not conn.in_transaction:
+                            conn.execute("BEGIN")
+                        self._chain.seal(conn)
+                    if conn.in_transaction:
                         conn.execute("COMMIT")
-                        batch = 0
+                    batch = 0
                     return
                 if (
                     isinstance(item, _Event)
@@ -433,16 +446,21 @@ class Recorder:
                     batch += 1  # counted first: lost with the transaction if this fails
                     if batch == 1:
                         deadline = time.monotonic() + BATCH_S
-                    conn.execute(INSERT_SAMPLE, item.row)
+                    if self._chain is None:
+                        conn.execute(INSERT_SAMPLE, item.row)
+                    else:
+                        self._chain.sample(conn, item.row)
                     if batch >= BATCH_ROWS:
-                        conn.execute("COMMIT")
+                        self._commit(conn)
                         batch = 0
                     continue
                 if isinstance(item, _Event):
-                    conn.execute(INSERT_EVENT, item.row)
-                else:
+                    _insert_event(conn, self._chain, item.row)
+                elif self._chain is None:
                     conn.execute(INSERT_GAP, (item.from_seq, item.to_seq, item.reason))
-                conn.execute("COMMIT")
+                else:
+                    self._chain.gap(conn, item.from_seq, item.to_seq, item.reason)
+                self._commit(conn)
                 batch = 0
                 if isinstance(item, _Event) and item.done is not None:
                     item.done.set_result(None)
@@ -456,6 +474,12 @@ class Recorder:
                 with contextlib.suppress(sqlite3.Error):
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
+
+    def _commit(self, conn: sqlite3.Connection) -> None:
+        """COMMIT, with the chain head of the rows written in this transaction."""
+        if self._chain is not None:
+            self._chain.flush_head(conn)
+        conn.execute("COMMIT")
 
     def _discard(self, item: _Item | None) -> None:
         """After a failure: nothing more is written; commit() waiters get the error."""
@@ -508,12 +532,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _insert_event(conn: sqlite3.Connection, chain: ChainWriter | None, row: EventRow) -> None:
+    if chain is None:
+        conn.execute(INSERT_EVENT, row)
+    else:
+        chain.event(conn, row)
+
+
 def _record_config_change(conn: sqlite3.Connection, old_sha: str, config_json: str) -> None:
     new_sha = config_sha256(config_json)
     payload = json.dumps({"config_sha256": new_sha, "config_json": config_json})
+    chain = ChainWriter.load(conn)
     conn.execute("BEGIN")
-    conn.execute(
-        INSERT_EVENT,
+    _insert_event(
+        conn,
+        chain,
         (
             datetime.now(UTC).isoformat(),
             "config",
@@ -528,4 +561,6 @@ def _record_config_change(conn: sqlite3.Connection, old_sha: str, config_json: s
             payload,
         ),
     )
+    if chain is not None:
+        chain.flush_head(conn)
     conn.execute("COMMIT")

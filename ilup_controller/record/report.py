@@ -25,6 +25,7 @@ from matplotlib.patches import Patch
 
 from ilup_controller.config.resolution import DERIVED_DECIMALS, recorded_decimals
 from ilup_controller.exitcodes import ExitCode
+from ilup_controller.record.chain import verify_record
 from ilup_controller.record.commands import add_report_arguments
 from ilup_controller.record.store import RecordData, RecordError, open_record
 
@@ -479,6 +480,7 @@ def render_report(
 ) -> Path:
     """Write the report of ``record_path`` to ``out_html`` (and each figure to ``png_dir``)."""
     data = open_record(record_path)
+    chain = verify_record(record_path)  # `ilup verify`: intact, unsealed or tampered
     sm = summarize(data)
     axis = _Axis(data, sm.start_utc) if sm.start_utc is not None else None
     figures: list[tuple[_Plot, bytes]] = []
@@ -502,6 +504,10 @@ def render_report(
         f"<h1>ILuP procedure report: cart {_e(cart)}</h1>",
     ]
     parts += [f'<p class="warn">{_e(w)}</p>' for w in data.warnings]
+    if chain.status in ("tampered", "unreadable"):
+        parts.append(
+            f'<p class="warn" id="chain-warning">Record integrity: {_e(chain.summary())}</p>'
+        )
     if sm.gap_samples:
         parts.append(
             f'<p class="warn">{sm.gap_samples} samples are missing from this record (see Gaps).</p>'
@@ -517,6 +523,7 @@ def render_report(
                 ("configuration sha256", meta.get("config_sha256")),
                 ("schema version", meta.get("schema_version")),
                 ("integrity check", data.integrity),
+                ("hash chain (ilup verify)", chain.summary()),
             ],
         )
     )

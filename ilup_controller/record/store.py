@@ -3,19 +3,31 @@
 One file per procedure. WAL with ``synchronous=FULL`` so every commit survives power loss when
 the storage honours flushes (shared/safety.md 5.2). Rows are only ever inserted: a correction is
 a new event, never an UPDATE. NULL means the reading was missing, never 0.
+
+Format 2 hash-chains every row (samples, events, gaps) in the order it was written: each row
+carries ``chain_n`` (its position) and ``chain_hash`` = SHA-256(previous row's hash || the row's
+canonical bytes, ``canonical_row``); the first row links to ``chain_genesis``, a hash over the
+meta rows written at creation. The meta rows ``chain_head`` (rows and last hash, updated in
+the transaction that adds rows) and ``chain_sealed`` (written when the writer closes cleanly)
+are the only values ever rewritten (record/chain.py, docs/security.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import sqlite3
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ilup_controller.mqtt.messages import Event, State
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: hash chain (record/chain.py); 1: no chain
+READABLE_VERSIONS: tuple[str, ...] = ("1", "2")  # open_record, report, export, recovery
+CHAIN_FORMAT = "sha256-json-1"
 
 # Column order of the samples table (also the CSV header). ``seq`` is the record's own sample
 # number: it runs on across daemon restarts and counts dropped samples too, so every hole in it
@@ -83,7 +95,9 @@ CREATE TABLE samples (
     pump_speed_rpm REAL NOT NULL,
     heater_pct REAL NOT NULL,
     drug_elapsed_s REAL NOT NULL,
-    active_alarms TEXT NOT NULL
+    active_alarms TEXT NOT NULL,
+    chain_n INTEGER NOT NULL,
+    chain_hash TEXT NOT NULL
 );
 CREATE TABLE events (
     id INTEGER PRIMARY KEY,
@@ -97,13 +111,17 @@ CREATE TABLE events (
     operator TEXT NULL,
     value REAL NULL,
     limit_value REAL NULL,
-    payload_json TEXT NOT NULL
+    payload_json TEXT NOT NULL,
+    chain_n INTEGER NOT NULL,
+    chain_hash TEXT NOT NULL
 );
 CREATE TABLE gaps (
     id INTEGER PRIMARY KEY,
     from_seq INTEGER NULL,
     to_seq INTEGER NULL,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    chain_n INTEGER NOT NULL,
+    chain_hash TEXT NOT NULL
 );
 """
 
@@ -116,6 +134,61 @@ INSERT_EVENT = (
     f"VALUES ({', '.join('?' for _ in EVENT_COLUMNS[1:])})"
 )
 INSERT_GAP = "INSERT INTO gaps (from_seq, to_seq, reason) VALUES (?, ?, ?)"
+GAP_COLUMNS: tuple[str, ...] = ("id", "from_seq", "to_seq", "reason")
+
+# Format 2: the chain columns of every row table, after the table's own columns.
+CHAIN_COLUMNS: tuple[str, ...] = ("chain_n", "chain_hash")
+CHAINED_TABLES: dict[str, tuple[str, ...]] = {
+    "samples": SAMPLE_COLUMNS,
+    "events": EVENT_COLUMNS,
+    "gaps": GAP_COLUMNS,
+}
+# Meta rows that change after creation (everything else is bound by the genesis hash).
+MUTABLE_META: frozenset[str] = frozenset({"chain_genesis", "chain_head", "chain_sealed"})
+
+
+def chained_insert(table: str) -> str:
+    """INSERT of a whole format-2 row: the table's columns (with its id), then the chain's."""
+    columns = CHAINED_TABLES[table] + CHAIN_COLUMNS
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+def canonical_row(
+    table: str, columns: Sequence[str], values: Sequence[Any], real: Set[str]
+) -> bytes:
+    """The bytes a row's hash covers: JSON ``{"row": {column: value}, "table": name}`` with
+    sorted keys, no spaces, ASCII only, floats as Python's shortest round-trip repr. Values are
+    taken as SQLite stores them: an integer in a REAL column is a float, a NaN is NULL."""
+    row: dict[str, Any] = {}
+    for c, v in zip(columns, values, strict=True):
+        if isinstance(v, float) and math.isnan(v):
+            v = None
+        elif c in real and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        row[c] = v
+    return json.dumps(
+        {"row": row, "table": table}, sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    ).encode("ascii")
+
+
+def link(prev_hash: str, data: bytes) -> str:
+    """One link of the chain: SHA-256 over the previous hash's 32 bytes and the row's bytes."""
+    return hashlib.sha256(bytes.fromhex(prev_hash) + data).hexdigest()
+
+
+def genesis_hash(meta: Mapping[str, str]) -> str:
+    """What the first row links to: a hash over the record's fixed meta rows (cart, creation
+    time, configuration, format), so that changing any of them breaks the chain."""
+    fixed = {k: v for k, v in meta.items() if k not in MUTABLE_META}
+    data = json.dumps(fixed, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(b"ilup record chain genesis\n" + data.encode("ascii")).hexdigest()
+
+
+def real_columns(conn: sqlite3.Connection, table: str) -> frozenset[str]:
+    """The REAL columns of ``table`` as the file declares them."""
+    return frozenset(
+        str(r[1]) for r in conn.execute(f"PRAGMA table_info({table})") if str(r[2]) == "REAL"
+    )
 
 
 class RecordError(Exception):
@@ -179,6 +252,11 @@ def apply_pragmas(conn: sqlite3.Connection) -> None:
         raise RecordError(f"record needs journal_mode=wal, synchronous=2; got {mode}, {sync}")
 
 
+def head_json(rows: int, last_hash: str) -> str:
+    """The ``chain_head`` meta value: rows in the chain and the last row's hash."""
+    return json.dumps({"hash": last_hash, "rows": rows}, sort_keys=True)
+
+
 def create_schema(conn: sqlite3.Connection, meta: dict[str, str]) -> None:
     """Tables and meta rows of a new record, in one transaction (``conn`` in autocommit mode,
     ``isolation_level=None``, so BEGIN/COMMIT are ours)."""
@@ -187,10 +265,11 @@ def create_schema(conn: sqlite3.Connection, meta: dict[str, str]) -> None:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
-        conn.executemany(
-            "INSERT INTO meta (key, value) VALUES (?, ?)",
-            [("schema_version", SCHEMA_VERSION), *sorted(meta.items())],
-        )
+        rows = {**meta, "schema_version": SCHEMA_VERSION, "chain_format": CHAIN_FORMAT}
+        genesis = genesis_hash(rows)
+        rows["chain_genesis"] = genesis
+        rows["chain_head"] = head_json(0, genesis)
+        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", sorted(rows.items()))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -252,9 +331,10 @@ def open_record(path: str | Path, *, allow_damaged: bool = False) -> RecordData:
             raise RecordError(f"{p}: not a procedure record: {e}") from e
     finally:
         conn.close()
-    if meta.get("schema_version") != SCHEMA_VERSION:
+    if meta.get("schema_version") not in READABLE_VERSIONS:
         raise RecordError(
-            f"{p}: schema_version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION!r}"
+            f"{p}: schema_version {meta.get('schema_version')!r}, expected one of "
+            f"{', '.join(READABLE_VERSIONS)}"
         )
     columns: dict[str, list[Any]] = {c: [] for c in SAMPLE_COLUMNS}
     for row in rows:

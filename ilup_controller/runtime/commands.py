@@ -5,7 +5,9 @@ message arrives, so a flood is answered with rejections without touching the con
 Accepted commands wait in a bounded queue and are applied by the control loop at the start of
 a tick, so the core stays single-threaded and deterministic. While the procedure record cannot
 be written, commands that change therapy are rejected ``recorder_failed`` instead
-(commands/record_gate.py).
+(commands/record_gate.py). ``phase safe_stop`` and ``alarm pause_audio`` wait in a queue of their
+own, applied first and whole every tick: the queue of other commands being full never holds
+them back (commands/policy.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from ilup_controller.commands.models import Reply, split_command_topic
+from ilup_controller.commands.policy import exempt
 from ilup_controller.commands.processor import CommandEvent, CommandProcessor, ParsedCommand
 from ilup_controller.commands.record_gate import needs_record, refusal_detail
 from ilup_controller.config.models import CartConfig
@@ -26,6 +29,9 @@ log = logging.getLogger("ilup.commands")
 
 MAX_PENDING = 64  # accepted commands waiting for a tick (the rate limit keeps this small)
 MAX_PER_TICK = 16
+# safe_stop / pause_audio waiting for a tick: not rate limited, so bounded only for memory
+# (a hundred ticks' worth at the broker's pace); every waiting one is applied at the next tick.
+MAX_URGENT = 1024
 
 PendingReply = tuple[str, Reply, bytes | None]  # (reply topic, reply, correlation data)
 
@@ -40,6 +46,7 @@ class CommandIntake:
         self.processor = CommandProcessor(cfg)
         self._send_reply = send_reply
         self._pending: deque[tuple[ParsedCommand, str, bytes | None]] = deque()
+        self._urgent: deque[tuple[ParsedCommand, str, bytes | None]] = deque()
         # Repeats of a command still waiting for its tick: they get its reply when it is applied.
         self._repeats: dict[tuple[str, str], list[tuple[str, bytes | None]]] = {}
 
@@ -66,11 +73,13 @@ class CommandIntake:
             else:
                 self._send_reply(reply_topic, parsed, msg.correlation_data)
             return
-        if len(self._pending) >= MAX_PENDING:
+        urgent = exempt(parsed.name, parsed.command)
+        queue, bound = (self._urgent, MAX_URGENT) if urgent else (self._pending, MAX_PENDING)
+        if len(queue) >= bound:
             reply = self.processor.reject(parsed, "rate_limited", "command queue full")
             self._send_reply(reply_topic, reply, msg.correlation_data)
             return
-        self._pending.append((parsed, reply_topic, msg.correlation_data))
+        queue.append((parsed, reply_topic, msg.correlation_data))
         self._repeats[(sender, parsed.command.command_id)] = []
 
     def apply_pending(
@@ -81,8 +90,11 @@ class CommandIntake:
         (rejections from the intake included), for the events topic and the record.
         ``record_problem``: why the record cannot be written now ("" while it can)."""
         replies: list[PendingReply] = []
-        for _ in range(min(MAX_PER_TICK, len(self._pending))):
-            parsed, topic, correlation = self._pending.popleft()
+        self.processor.expire(t_s, datetime.now(UTC))  # pending confirmations past their window
+        batch = list(self._urgent)
+        self._urgent.clear()
+        batch += [self._pending.popleft() for _ in range(min(MAX_PER_TICK, len(self._pending)))]
+        for parsed, topic, correlation in batch:
             if record_problem and needs_record(parsed.command):
                 detail = refusal_detail(parsed.name, record_problem)
                 reply = self.processor.reject(parsed, "recorder_failed", detail)

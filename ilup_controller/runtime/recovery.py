@@ -18,6 +18,7 @@ from ilup_controller.config.models import CartConfig
 from ilup_controller.core.cart import Restored
 from ilup_controller.core.catalogue import CATALOGUE
 from ilup_controller.core.procedure import Phase
+from ilup_controller.record.chain import verify_record
 from ilup_controller.record.recorder import Recorder, config_json_of
 from ilup_controller.record.store import RecordData, RecordError, open_record
 
@@ -90,6 +91,9 @@ def open_procedure(cfg: CartConfig) -> Opening:
             return Opening(Recorder.from_config(cfg), unreadable=(str(path), str(e)))
         if snapshot is None:
             continue
+        chain = verify_record(path)  # continued either way; the log says it was not intact
+        if chain.status == "tampered":
+            log.critical("record %s being continued does not verify: %s", path, chain.summary())
         log.warning(
             "continuing unfinished procedure record=%s phase=%s outage=%.1fs",
             path,
