@@ -73,7 +73,7 @@ async def _run_sim(args: argparse.Namespace) -> int:
     from sim.faults import load_scenario
     from sim.runner import SimulatedCart
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, args.overlay)
     if args.variant:
         from sim.family import apply, by_name, write_config
 
@@ -128,6 +128,48 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from ilup_controller.tuning.cli import run_tune
 
     return run_tune(args, _load(args.config, args.overlay))
+
+
+def _cmd_guard(args: argparse.Namespace) -> int:
+    from ilup_controller.config.secrets import with_mqtt_password
+    from ilup_controller.guard.runner import run_guard
+
+    cfg, _ = with_mqtt_password(_load(args.config, args.overlay), source=args.config)
+    if cfg.guard is None:
+        print(f"ilup guard: {args.config}: no 'guard' section", file=sys.stderr)
+        return EXIT_CONFIG
+    if cfg.guard.mqtt_username is not None:  # its own broker identity, not the daemon's
+        mqtt = cfg.mqtt.model_copy(update={"username": cfg.guard.mqtt_username})
+        cfg = cfg.model_copy(update={"mqtt": mqtt})
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await run_guard(cfg, stop)
+        return EXIT_OK
+
+    return asyncio.run(main())
+
+
+def _cmd_guard_reset(args: argparse.Namespace) -> int:
+    from ilup_controller.client import connection_failure, send_guard_reset, settings_from
+
+    settings = settings_from(args)
+    try:
+        reply = asyncio.run(send_guard_reset(settings, timeout_s=args.timeout))
+    except Exception as e:
+        text, code = connection_failure(e, settings)
+        print(f"ilup guard-reset: {text}", file=sys.stderr)
+        return code
+    if reply is None:
+        print("ilup guard-reset: no reply from the guard in time", file=sys.stderr)
+        return ExitCode.FAILURE
+    ok = reply.result == "ok"
+    print(
+        f"guard reset {reply.result}{': ' + reply.detail if reply.detail else ''}",
+        file=sys.stdout if ok else sys.stderr,
+    )
+    return ExitCode.OK if ok else ExitCode.REJECTED
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -227,7 +269,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ilup_controller.demo import run_demo
 
-    return run_demo(args.config, speed=args.speed)
+    return run_demo(args.config, speed=args.speed, guard=not args.no_guard)
 
 
 def _overlay_flag(p: argparse.ArgumentParser) -> None:
@@ -267,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sim", help="run the plant simulator behind Modbus TCP")
     _packaged_sim_config_flag(s)
+    _overlay_flag(s)
     s.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
     s.add_argument(
         "--scenario",
@@ -292,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="test aid: this simulated device ignores its watchdog register",
     )
     s.set_defaults(func=_cmd_sim)
+
+    gd = sub.add_parser("guard", help="run the independent safety guard (docs/security.md)")
+    gd.add_argument("-c", "--config", required=True)
+    _overlay_flag(gd)
+    gd.set_defaults(func=_cmd_guard)
 
     w = sub.add_parser("watch", help="live terminal view of a cart over MQTT")
     w.add_argument("-c", "--config", required=True)
@@ -341,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="confirm a change that needs confirmation without asking (still two steps)",
         )
         o.set_defaults(func=_cmd_operator)
+    gr = sub.add_parser("guard-reset", help="release the guard's latches once the cause is gone")
+    add_connection_flags(gr)
+    gr.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    gr.set_defaults(func=_cmd_guard_reset)
 
     from ilup_controller.record.commands import (
         add_export_arguments,
@@ -357,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="simulator + daemon + broker + live view")
     _packaged_sim_config_flag(d)
     d.add_argument("--speed", type=float, default=1.0)
+    d.add_argument("--no-guard", action="store_true", help="without the independent safety guard")
     d.set_defaults(func=_cmd_demo)
 
     i = sub.add_parser("init", help="write a commented cart file to start from")

@@ -27,6 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from ilup_controller.commands.models import Reply, default_reply_topic
 from ilup_controller.config.loader import ConfigError, load_config, read_yaml_file
 from ilup_controller.exitcodes import ExitCode
+from ilup_controller.mqtt.messages import GuardReply, GuardReset
 
 REPLY_TIMEOUT_S = 5.0
 # A daemon's status is retained: the broker sends it right after the subscription. No status
@@ -304,7 +305,30 @@ async def _read_line(prompt: str, timeout_s: float, out: TextIO) -> str | None:
         return None
 
 
+async def send_guard_reset(
+    s: ClientSettings, timeout_s: float = REPLY_TIMEOUT_S
+) -> GuardReply | None:
+    """Ask the cart's guard to release its latches; its reply, or None when none came."""
+    command_id = uuid.uuid4().hex
+    base = f"{s.prefix}/{s.cart_id}/guard/cmd/{s.username}/reset"
+    payload = GuardReset(command_id=command_id, issued_at=datetime.now(UTC))
+    async with s.client(f"ilup-cli-{command_id[:8]}") as client:
+        await client.subscribe(f"{base}/reply", qos=1)
+        await client.publish(base, payload.model_dump_json(), qos=1)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for message in client.messages:
+                    if isinstance(message.payload, bytes):
+                        reply = GuardReply.model_validate_json(message.payload)
+                        if reply.command_id == command_id:
+                            return reply
+        except TimeoutError:
+            return None
+    return None
+
+
 SNAPSHOT_TOPICS = ("status", "state", "alarms")
+GUARD_GRACE_S = 0.2  # after the three above, how long a guard status may still come
 
 
 async def snapshot(s: ClientSettings, timeout_s: float = 3.0) -> dict[str, Any]:
@@ -314,15 +338,20 @@ async def snapshot(s: ClientSettings, timeout_s: float = 3.0) -> dict[str, Any]:
     base = f"{s.prefix}/{s.cart_id}"
     got: dict[str, Any] = {}
     async with s.client(f"ilup-status-{uuid.uuid4().hex[:8]}") as client:
-        for name in SNAPSHOT_TOPICS:
+        for name in (*SNAPSHOT_TOPICS, "guard"):
             await client.subscribe(f"{base}/{name}", qos=1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(timeout_s) as scope:
                 async for message in client.messages:
                     if isinstance(message.payload, bytes):
                         got[message.topic.value.rsplit("/", 1)[1]] = json.loads(message.payload)
-                    if set(SNAPSHOT_TOPICS) <= got.keys():
+                    if "guard" in got and set(SNAPSHOT_TOPICS) <= got.keys():
                         break
+                    if set(SNAPSHOT_TOPICS) <= got.keys():  # a cart may have no guard
+                        deadline = min(deadline, loop.time() + GUARD_GRACE_S)
+                        scope.reschedule(deadline)
         except TimeoutError:
             pass
     return got
@@ -385,4 +414,17 @@ def print_snapshot(got: dict[str, Any]) -> int:
             print(f"ALARM {alarm_id} (details: no alarms message received)")
         if not ids:
             print("alarms: none listed in the state (no alarms message received)")
+    guard = got.get("guard")
+    if guard is not None:
+        print(guard_line(guard))
     return ExitCode.OK if online else ExitCode.OFFLINE
+
+
+def guard_line(guard: dict[str, Any]) -> str:
+    """One line on the independent safety guard, from its retained status."""
+    if not guard.get("online"):
+        return "guard: OFFLINE (the second safety layer is not running)"
+    forms = ", ".join(f"{a} by {f}" for a, f in sorted(guard.get("form", {}).items()))
+    latched = guard.get("latched") or {}
+    held = "; ".join(f"{a} HELD OFF: {why}" for a, why in sorted(latched.items()))
+    return f"guard: online ({forms}){'  ' + held if held else ', nothing held off'}"

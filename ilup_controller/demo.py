@@ -1,7 +1,10 @@
-"""`ilup demo`: broker + simulator + daemon as real processes, and the live view in front.
+"""`ilup demo`: broker + simulator + guard + daemon as real processes, and the live view in front.
 
-Ctrl-C stops the daemon first (it drives the pump to zero and the heater off and says so on
-MQTT), then the simulator, then any broker the demo started itself.
+A cart file without a ``guard`` section gets the packaged guard overlay (config/guard.yaml,
+its safety I/O module on a free port), so the demo runs the independent safety layer too
+(``--no-guard`` leaves it out). Ctrl-C stops the daemon first (it drives the pump to zero and
+the heater off and says so on MQTT), then the guard, then the simulator, then any broker the
+demo started itself.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from ilup_controller.broker import BrokerHandle, ensure_broker
+from ilup_controller import examples
+from ilup_controller.broker import BrokerHandle, ensure_broker, free_port
 from ilup_controller.config import CartConfig, load_config
 from ilup_controller.view import watch
 
@@ -27,10 +31,20 @@ STOP_TIMEOUT_S = 10.0
 SIM_START_TIMEOUT_S = 10.0
 
 
-def write_config(source: str | Path, dest: Path, **mqtt: Any) -> Path:
-    """A copy of ``source`` with the given ``mqtt`` keys replaced, recording next to it."""
+def write_config(source: str | Path, dest: Path, *, guard: Path | None = None, **mqtt: Any) -> Path:
+    """A copy of ``source`` with the given ``mqtt`` keys replaced, recording next to it, and
+    the ``guard`` overlay merged in when the cart has no guard of its own."""
     yaml = YAML(typ="safe", pure=True)
     data = yaml.load(Path(source).read_text(encoding="utf-8"))
+    if guard is not None and "guard" not in data:
+        overlay = yaml.load(guard.read_text(encoding="utf-8"))
+        for name, device in overlay.get("devices", {}).items():
+            device["port"] = free_port()  # beside whatever the cart's own devices use
+            data["devices"][name] = device
+        data["signals"].update(overlay.get("signals", {}))
+        data["guard"] = overlay["guard"]
+        bindings = overlay.get("simulator", {}).get("bindings", {})
+        data.setdefault("simulator", {}).setdefault("bindings", {}).update(bindings)
     data.setdefault("mqtt", {}).update(mqtt)
     data["record"] = {"directory": str(dest.parent / "records")}
     with dest.open("w", encoding="utf-8") as f:
@@ -87,7 +101,7 @@ def _wait_listening(sim: subprocess.Popen[bytes], cfg: CartConfig, log: Path) ->
         time.sleep(0.05)
 
 
-def run_demo(config_path: str, *, speed: float = 1.0) -> int:
+def run_demo(config_path: str, *, speed: float = 1.0, guard: bool = True) -> int:
     cfg = load_config(config_path)  # fail early, with key paths, before starting anything
     busy = [
         f"{d.host}:{d.port}"
@@ -107,16 +121,21 @@ def run_demo(config_path: str, *, speed: float = 1.0) -> int:
         signal.signal(sig, _interrupt)
     host, port, broker, protocol = ensure_broker(cfg.mqtt.host, cfg.mqtt.port)
     workdir = Path(tempfile.mkdtemp(prefix="ilup-demo-"))
+    overlay = examples.example("guard.yaml") if guard else None
     demo_cfg = write_config(
-        config_path, workdir / "cart.yaml", host=host, port=port, protocol=protocol
+        config_path, workdir / "cart.yaml", guard=overlay, host=host, port=port, protocol=protocol
     )
+    cfg = load_config(demo_cfg)
     origin = "started by the demo" if broker is not None else "already running"
     print(f"broker {host}:{port} (MQTT {protocol}, {origin}); logs in {workdir}")
     sim = _spawn(["sim", "-c", str(demo_cfg), "--speed", str(speed)], workdir / "sim.log")
     daemon: subprocess.Popen[bytes] | None = None
+    guardian: subprocess.Popen[bytes] | None = None
     rc = 0
     try:
         _wait_listening(sim, cfg, workdir / "sim.log")
+        if cfg.guard is not None:
+            guardian = _spawn(["guard", "-c", str(demo_cfg)], workdir / "guard.log")
         daemon = _spawn(["run", "-c", str(demo_cfg)], workdir / "daemon.log")
         with contextlib.suppress(KeyboardInterrupt):
             rc = asyncio.run(
@@ -128,9 +147,11 @@ def run_demo(config_path: str, *, speed: float = 1.0) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        print("stopping: daemon first (pump to zero, heater off), then simulator")
+        print("stopping: daemon first (pump to zero, heater off), then guard and simulator")
         if daemon is not None:
             _stop(daemon, "daemon")
+        if guardian is not None:
+            _stop(guardian, "guard")
         _stop(sim, "simulator")
         _stop_broker(broker)
     return rc

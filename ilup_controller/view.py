@@ -25,8 +25,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ilup_controller.mqtt.messages import State, Status
-from ilup_controller.mqtt.topics import Topics
+from ilup_controller.mqtt.messages import GuardStatus, State, Status
+from ilup_controller.mqtt.topics import GUARD, Topics
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,17 @@ def _status_line(status: Status | None) -> Text:
     if status.simulated:
         parts.append("(simulated)")
     return Text(" ".join(parts), style="green")
+
+
+def _guard_line(guard: GuardStatus) -> Text:
+    """The independent safety guard: online, how it stops each actuator, what it holds off."""
+    if not guard.online:
+        return Text("guard: OFFLINE (second safety layer not running)", style="bold red")
+    forms = ", ".join(f"{a} by {f}" for a, f in sorted(guard.form.items()))
+    if guard.latched:
+        held = "; ".join(f"{a} HELD OFF: {why}" for a, why in sorted(guard.latched.items()))
+        return Text(f"guard: {held}", style="bold white on red")
+    return Text(f"guard: watching ({forms})", style="green")
 
 
 def _broker_line(broker_ok: bool) -> Text:
@@ -187,6 +198,7 @@ def render_state(
     *,
     detail: str | None = None,
     trend: dict[str, str] | None = None,
+    guard: GuardStatus | None = None,
 ) -> RenderableType:
     """One frame of the view. ``now_s`` and ``received_at_s`` are on the same monotonic clock.
 
@@ -241,6 +253,9 @@ def render_state(
         )
         alarm = stale or bool(state.active_alarms) or not broker_ok
         alarm = alarm or (status is not None and not status.online)
+    if guard is not None:
+        lines.append(_guard_line(guard))
+        alarm = alarm or not guard.online or bool(guard.latched)
     if detail:
         lines.append(Text(detail, style="yellow"))
     border = "red" if alarm else ("yellow" if state is None else "green")
@@ -261,6 +276,7 @@ class _Latest:
 
     state: State | None = None
     status: Status | None = None
+    guard: GuardStatus | None = None
     received_at_s: float | None = None
     broker_ok: bool = False
     detail: str | None = None
@@ -284,6 +300,8 @@ class _Latest:
                 self.state = state
             elif topic == topics.status:
                 self.status = Status.model_validate_json(payload)
+            elif topic == topics.name(GUARD):
+                self.guard = GuardStatus.model_validate_json(payload)
         except ValidationError as exc:
             # Keep the last good message (it turns STALE), and say why nothing newer is shown.
             self.detail = f"ignored a bad payload on {topic}: {exc.error_count()} error(s)"
@@ -315,7 +333,9 @@ async def _follow(
                 timeout=3,
             )
             async with client:
-                await client.subscribe([(topics.state, 0), (topics.status, 1)])
+                await client.subscribe(
+                    [(topics.state, 0), (topics.status, 1), (topics.name(GUARD), 1)]
+                )
                 latest.broker_ok = True
                 latest.detail = None
                 delay_s = _RECONNECT_MIN_S
@@ -338,6 +358,7 @@ def _frame(latest: _Latest) -> RenderableType:
         latest.broker_ok,
         detail=latest.detail,
         trend=trend_of(latest.history),
+        guard=latest.guard,
     )
 
 

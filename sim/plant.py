@@ -320,6 +320,10 @@ class Plant:
         self.heater_stuck_on = False
         self.heater_thermostat_failed = False
         self.heater_failed = False
+        # Enable channels the guard drives (ilup guard): a pump drive whose run-enable (safe
+        # torque off) is off does not turn, a heater whose contactor is open gives 0 W.
+        self.pump_enabled = True
+        self.heater_enabled = True
 
         # Commands as received by the devices.
         self.pump_speed_command_rpm = 0.0
@@ -396,7 +400,8 @@ class Plant:
         log_debug = logger.isEnabledFor(logging.DEBUG)
 
         # Pump: the target and the slew limits are fixed for the call.
-        target_rpm = 0.0 if self.pump_stalled else self.pump_speed_command_rpm
+        stopped = self.pump_stalled or not self.pump_enabled
+        target_rpm = 0.0 if stopped else self.pump_speed_command_rpm
         max_rise = p.pump_slew_rpm_per_s * h
         max_fall = p.pump_brake_rpm_per_s * h
         stroke_ml = p.stroke_volume_ml_per_rev
@@ -432,7 +437,7 @@ class Plant:
         # Thermal.
         water_cap_c = p.water_cap_c
         cut_out = self.heater_cut_out
-        if self.heater_failed:
+        if self.heater_failed or not self.heater_enabled:
             heater_on_w = 0.0
         else:
             pct = 100.0 if self.heater_stuck_on else self.heater_command_pct
@@ -647,7 +652,7 @@ class Plant:
 
     @property
     def heater_delivered_w(self) -> float:
-        if self.heater_failed:
+        if self.heater_failed or not self.heater_enabled:
             return 0.0
         if self.heater_cut_out and not self.heater_thermostat_failed:
             return 0.0

@@ -24,7 +24,7 @@ from sim.faults import FaultInjector, Scenario
 from sim.plant import Plant
 from sim.server import SimModbusServers
 from sim.watchdog import DeviceWatchdogs
-from sim.wiring import apply_command, sensor_values
+from sim.wiring import apply_command, enable_signals, sensor_values
 
 log = logging.getLogger("ilup.sim")
 
@@ -53,8 +53,14 @@ class SimulatedCart:
             self.injector.load(scenario)
         self.watchdogs = DeviceWatchdogs(cfg, self.plant, ignored=watchdog_ignored)
         self._now_s = 0.0
+        self._enables = enable_signals(cfg)
 
     def _on_write(self, signal: str, value: float | bool) -> None:
+        if signal in self._enables:
+            # Hard-wired to the drive's STO input and the heater contactor: no device watchdog
+            # sees it, so the guard's writes never feed the controller's dead-man.
+            apply_command(self.cfg, self.plant, signal, float(value))
+            return
         if not self.watchdogs.on_write(signal, float(value), self._now_s):
             wd = self.cfg.signals[signal]
             # The device ignores the write: its register keeps reading 0 (watchdog off).
@@ -70,6 +76,7 @@ class SimulatedCart:
         self, stop: asyncio.Event, *, speed: float = 1.0, publish_period_s: float = 0.02
     ) -> None:
         await self.servers.start()
+        await self.servers.set_inputs(self._enables)  # enables closed at power-up
         log.info(
             "simulator serving %s at speed x%g",
             ", ".join(f"{d}={w}" for d, w in self.servers.where().items()),

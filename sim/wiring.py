@@ -112,6 +112,13 @@ def sensor_bindings(cfg: CartConfig) -> dict[SensorChannel, str]:
     return {channel: name for channel, name in bound.items() if name is not None}
 
 
+def enable_signals(cfg: CartConfig) -> dict[str, bool]:
+    """The enable coils (the guard's channels) and their state at power-up: closed (True)."""
+    assert cfg.simulator is not None
+    b = cfg.simulator.bindings
+    return {name: True for name in (b.pump_enable, b.heater_enable) if name is not None}
+
+
 def apply_command(cfg: CartConfig, plant: Plant, signal: str, value: float) -> bool:
     """Pass a command written to ``signal`` to the model; False if it drives nothing."""
     assert cfg.simulator is not None
@@ -120,6 +127,10 @@ def apply_command(cfg: CartConfig, plant: Plant, signal: str, value: float) -> b
         plant.set_pump_speed_command(value)
     elif signal == b.heater_power_command:
         plant.set_heater_power_command(value)
+    elif signal == b.pump_enable:
+        plant.pump_enabled = bool(value)
+    elif signal == b.heater_enable:
+        plant.heater_enabled = bool(value)
     else:
         return False
     return True

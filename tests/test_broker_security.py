@@ -137,7 +137,13 @@ def test_committed_acl_gives_the_roles() -> None:
             blocks[current].append(ln[1:])
     assert blocks[DAEMON] == [["readwrite", "ilup/#"]]
     assert blocks[OPERATOR] == [["read", "ilup/#"]]
-    assert blocks[MONITOR] == [["read", "ilup/#"], ["deny", "ilup/+/cmd/+/+"]]
+    assert blocks[MONITOR] == [
+        ["read", "ilup/#"],
+        ["deny", "ilup/+/cmd/+/+"],
+        ["deny", "ilup/+/guard/cmd/+/+"],
+    ]
+    assert ["pattern", "write", "ilup/+/guard/cmd/%u/reset"] in acl
+    assert blocks["ilup-guard"] == [["readwrite", "ilup/+/guard/#"], ["read", "ilup/+/state"]]
 
 
 # --------------------------------------------------------------------------- real broker

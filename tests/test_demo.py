@@ -51,8 +51,10 @@ def demo_in_a_terminal(args: list[str], cwd: Path, timeout_s: float = 10.0) -> N
     seen = bytearray()
     try:
         took = _read_until(master, b"Flow", timeout_s, seen)
-        _read_until(master, b"state age", timeout_s - took, seen)
+        took += _read_until(master, b"state age", timeout_s - took, seen)
         assert b"STALE" not in seen.split(b"state age")[-1][:400]
+        # The demo runs the independent safety guard, and the view shows it watching.
+        _read_until(master, b"guard: watching", max(timeout_s - took, 3.0), seen)
         # Ctrl-C: the terminal sends SIGINT to its foreground process group, which holds the
         # demo only (its children run in their own sessions, so they are stopped in order).
         demo.send_signal(signal.SIGINT)
@@ -60,6 +62,7 @@ def demo_in_a_terminal(args: list[str], cwd: Path, timeout_s: float = 10.0) -> N
         assert demo.wait(10) == 0
         text = seen.decode(errors="replace")
         assert text.index("daemon stopped (exit 0)") < text.index("simulator stopped")
+        assert text.index("daemon stopped (exit 0)") < text.index("guard stopped (exit 0)")
     finally:
         if demo.poll() is None:
             demo.kill()

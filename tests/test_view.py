@@ -181,3 +181,29 @@ def test_trend_column_shows_the_recent_values() -> None:
     assert trend["flow"] == "▁▃▅▇█"
     text = _text(render_state(history[-1], ONLINE, 10.0, 9.5, True, trend=trend))
     assert "▁▃▅▇█" in _row(text, "Flow")[-1]
+
+
+def test_the_guard_is_shown_watching_holding_off_or_offline() -> None:
+    from ilup_controller.client import guard_line
+    from ilup_controller.mqtt.messages import GuardStatus
+
+    state = sample_state(1, CART)
+    form = {"pump": "enable", "heater": "command"}
+    watching = GuardStatus(online=True, cart_id=CART, form=form)
+    text = _text(render_state(state, ONLINE, 1.0, 0.9, True, guard=watching))
+    assert "guard: watching (heater by command, pump by enable)" in text
+    held = GuardStatus(
+        online=True, cart_id=CART, form=form, latched={"pump": "PA pressure 31.0 >= 30 mmHg"}
+    )
+    text = _text(render_state(state, ONLINE, 1.0, 0.9, True, guard=held))
+    assert "guard: pump HELD OFF: PA pressure 31.0 >= 30 mmHg" in text
+    gone = GuardStatus(online=False, cart_id=CART)
+    assert "guard: OFFLINE" in _text(render_state(state, ONLINE, 1.0, 0.9, True, guard=gone))
+    # `ilup status` prints the same from the retained status.
+    assert guard_line(held.model_dump(mode="json")).endswith(
+        "pump HELD OFF: PA pressure 31.0 >= 30 mmHg"
+    )
+    assert guard_line(watching.model_dump(mode="json")) == (
+        "guard: online (heater by command, pump by enable), nothing held off"
+    )
+    assert guard_line(gone.model_dump(mode="json")).startswith("guard: OFFLINE")

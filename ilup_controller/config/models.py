@@ -562,6 +562,12 @@ class SimBindings(Strict):
     pump_speed: Name | None = None
     reservoir_volume: Name | None = None
     air_detected: Name | None = Field(None, description="Bubble detector on the inflow line.")
+    pump_enable: Name | None = Field(
+        None, description="Coil: the pump drive's run-enable (off: the pump does not turn)."
+    )
+    heater_enable: Name | None = Field(
+        None, description="Coil: the heater contactor (off: the heater gives 0 W)."
+    )
 
 
 class Simulator(Strict):
@@ -572,6 +578,71 @@ class Simulator(Strict):
         default_factory=dict,
         description="RTU devices: the port the simulator serves for each serial.port the "
         "controller opens (the other end of a pty or null-modem pair).",
+    )
+
+
+# --------------------------------------------------------------------------- guard
+
+
+class Guard(Strict):
+    """The independent safety layer, ``ilup guard`` (docs/security.md): a second process that
+    re-reads the safety sensors over its own Modbus connections and stops an actuator the
+    controller leaves on against a hazard. Limits left unset take the control limit; a set
+    one must be equal to it or looser (checked at load), so the two layers never fight."""
+
+    cycle_s: Pos = Field(0.05, le=0.1, description="Guard cycle (at least 10 Hz).")
+    budget_s: Pos | None = Field(
+        None,
+        le=5.0,
+        description="How long a hazard may persist with its actuator still on before the "
+        "guard acts; default one control tick + 0.1 s (the controller acts first).",
+    )
+    pressure_stop_mmhg: Pos | None = Field(
+        None, le=150.0, description="PA pressure hazard; default control.pressure.stop_mmhg."
+    )
+    perfusate_max_c: Finite | None = Field(
+        None, le=45.0, description="Perfusate hazard; default control.temperature.max_c."
+    )
+    water_max_c: Finite | None = Field(
+        None, le=45.0, description="Heater water hazard; default control.temperature.water_cap_c."
+    )
+    reservoir_low_ml: NonNeg | None = Field(
+        None, description="Reservoir hazard (at or below); default alarms.reservoir_low_ml."
+    )
+    unreadable_s: Pos = Field(
+        1.5, le=10.0, description="A safety sensor unreadable this long is a hazard."
+    )
+    heartbeat: Literal["modbus", "mqtt"] = Field(
+        "modbus",
+        description="Controller heartbeat: the counter the daemon writes each tick to "
+        "heartbeat_signal (modbus), or the seq of its MQTT state (mqtt).",
+    )
+    heartbeat_signal: Name | None = Field(
+        None, description="Writable uint16 register (scale 1) the daemon counts in each tick."
+    )
+    heartbeat_s: Pos = Field(
+        1.0, le=10.0, description="Heartbeat unchanged this long with an actuator on: a hazard."
+    )
+    pump_enable: Name | None = Field(
+        None,
+        description="Output the guard alone writes: the pump drive's run-enable (safe torque "
+        "off) input, true = may run. None: the guard writes speed 0 itself (weaker form).",
+    )
+    heater_enable: Name | None = Field(
+        None,
+        description="Output the guard alone writes: the heater contactor or enable, true = may "
+        "heat. None: the guard writes heater 0 itself (weaker form).",
+    )
+    status_timeout_s: Pos = Field(
+        3.0,
+        le=60.0,
+        description="The daemon raises guard_absent when the guard's status is older than this.",
+    )
+    log_file: str | None = Field(None, description="The guard's own log (default: stderr only).")
+    mqtt_username: str | None = Field(
+        None,
+        description="The guard's own broker user (ACL role ilup-guard); default mqtt.username. "
+        "Its password comes from the guard's own service credential (deploy/ilup-guard@.service).",
     )
 
 
@@ -596,6 +667,7 @@ class CartConfig(Strict):
         "carts only).",
     )
     commands: CommandLimits = CommandLimits()
+    guard: Guard | None = Field(None, description="The independent safety layer, `ilup guard`.")
 
     @field_validator("signals")
     @classmethod
@@ -668,6 +740,7 @@ class CartConfig(Strict):
         errors.extend(_serial_lines(self.devices, self.simulator))
         errors.extend(_line_budgets(self))
         errors.extend(_operator_list(self))
+        errors.extend(_guard_checks(self))
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -777,5 +850,100 @@ def _line_budgets(cfg: CartConfig) -> list[str]:
                 f"devices.{first}.serial.baudrate: line {port} at {baud} baud would be busy "
                 f"{load * 100:.0f}% of the time ({parts}); raise the baud rate or the "
                 "devices' poll_period_s"
+            )
+    return errors
+
+
+def _guard_checks(cfg: CartConfig) -> list[str]:
+    """The guard's limits are the control limits or looser (never a fight with control), its
+    outputs are its own, and it needs connections of its own (TCP: an RS-485 line has one
+    master, the controller)."""
+    g = cfg.guard
+    if g is None:
+        return []
+    c, errors = cfg.control, []
+    looser: list[tuple[str, float | None, float, str, bool]] = [
+        (
+            "pressure_stop_mmhg",
+            g.pressure_stop_mmhg,
+            c.pressure.stop_mmhg,
+            "control.pressure.stop_mmhg",
+            True,
+        ),
+        (
+            "perfusate_max_c",
+            g.perfusate_max_c,
+            c.temperature.max_c,
+            "control.temperature.max_c",
+            True,
+        ),
+        (
+            "water_max_c",
+            g.water_max_c,
+            c.temperature.water_cap_c,
+            "control.temperature.water_cap_c",
+            True,
+        ),
+        (
+            "reservoir_low_ml",
+            g.reservoir_low_ml,
+            cfg.alarms.reservoir_low_ml,
+            "alarms.reservoir_low_ml",
+            False,
+        ),
+    ]
+    for key, mine, theirs, where, above in looser:
+        if mine is not None and (mine < theirs if above else mine > theirs):
+            side = "below" if above else "above"
+            errors.append(
+                f"guard.{key}: {mine:g} is {side} {where} ({theirs:g}): the guard's limit must "
+                "equal the control limit or be looser, or the two layers fight"
+            )
+    if g.budget_s is not None and g.budget_s < c.tick_period_s:
+        errors.append(
+            f"guard.budget_s: {g.budget_s:g} s is shorter than control.tick_period_s "
+            f"({c.tick_period_s:g} s): the controller must get one tick to act first"
+        )
+    if g.heartbeat == "modbus" and g.heartbeat_signal is None:
+        errors.append("guard.heartbeat_signal: required when guard.heartbeat is modbus")
+    commands = {c.flow.command, c.temperature.command}
+    outputs = [("pump_enable", g.pump_enable), ("heater_enable", g.heater_enable)]
+    for key, name in [*outputs, ("heartbeat_signal", g.heartbeat_signal)]:
+        sig = cfg.signals.get(name) if name is not None else None
+        if name is None:
+            continue
+        if sig is None:
+            errors.append(f"guard.{key}: no signal named {name!r}")
+        elif not sig.writable:
+            errors.append(f"guard.{key}: signal {name!r} is not writable")
+        elif name in commands:
+            errors.append(f"guard.{key}: {name!r} is a control command; the guard needs its own")
+        elif key == "heartbeat_signal" and (
+            sig.data_type is not DataType.uint16 or sig.scale != 1.0 or sig.offset != 0.0
+        ):
+            errors.append(f"guard.{key}: {name!r} must be uint16 with scale 1 and offset 0")
+    if g.pump_enable is not None and g.pump_enable == g.heater_enable:
+        errors.append("guard.heater_enable: the pump and the heater need separate enables")
+    used = {
+        cfg.signals[n].device
+        for n in (
+            c.pressure.measured,
+            c.temperature.measured,
+            c.temperature.water_measured,
+            c.flow.command,
+            c.temperature.command,
+            c.reservoir_measured,
+            c.air_measured,
+            g.pump_enable,
+            g.heater_enable,
+            g.heartbeat_signal,
+        )
+        if n is not None and n in cfg.signals
+    }
+    for dev in sorted(used):
+        if dev in cfg.devices and cfg.devices[dev].transport != "tcp":
+            errors.append(
+                f"guard: device {dev!r} is on an RS-485 line, whose one master is the "
+                "controller; the guard needs its own connection (a TCP device or gateway)"
             )
     return errors

@@ -150,6 +150,7 @@ class CartCore:
         recorder_problem: str = "",
         last_write_ok_s: Mapping[str, float | None] | None = None,
         identity_clash: str = "",
+        guard_problem: str = "",
     ) -> TickResult:
         """``last_write_ok_s``: per device, when its last write was acknowledged (the device
         links' view; None when there are none): an actuator that stopped hearing us is latched
@@ -181,6 +182,7 @@ class CartCore:
             remote_ok=remote_ok,
             recorder_problem=recorder_problem,
             identity_clash=identity_clash,
+            guard_problem=guard_problem,
         )
         m, sensor_conditions = self.monitor.sense(t_s, readings, ctx)
         conditions = {

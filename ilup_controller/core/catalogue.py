@@ -432,6 +432,22 @@ _ENTRIES = [
         message="Two clients use one cart_id on the broker: {detail}. Remote commands and "
         "state may belong to the other cart; stop the other client or fix its cart_id",
     ),
+    # Medium: control and its own interlocks go on, but a second failure (a control fault that
+    # keeps the pump or heater on against a hazard) would go unchecked. No safe action: stopping
+    # the perfusion because a watcher is gone would trade a possible hazard for a certain one.
+    # Raised only on a cart whose file has a guard section.
+    AlarmDef(
+        id="guard_absent",
+        title="Independent safety guard absent",
+        priority=_M,
+        technical=True,
+        latching=False,
+        delay_s=0.0,
+        hazard="H1 overpressure / H3 overheating / H8 loss of control (second layer gone)",
+        message="the independent safety guard (ilup guard) is not watching this cart: "
+        "{detail}. Control goes on; restart the guard (`ilup guard -c CART`) or watch the "
+        "pressure and temperatures closely",
+    ),
 ]
 
 CATALOGUE: dict[str, AlarmDef] = {d.id: d for d in _ENTRIES}

@@ -59,6 +59,7 @@ class Context:
     remote_ok: bool = True
     recorder_problem: str = ""  # why the procedure record is not being written ("" = fine)
     identity_clash: str = ""  # another client uses this cart_id on the broker ("" = none seen)
+    guard_problem: str = ""  # why the configured `ilup guard` is not watching ("" = it is)
 
 
 class _Trend:
@@ -362,6 +363,7 @@ class Monitor:
         out["remote_link"] = Condition(not ctx.remote_ok)
         out["recorder"] = Condition(bool(ctx.recorder_problem), detail=ctx.recorder_problem)
         out["duplicate_cart_id"] = Condition(bool(ctx.identity_clash), detail=ctx.identity_clash)
+        out["guard_absent"] = Condition(bool(ctx.guard_problem), detail=ctx.guard_problem)
         return out
 
     def _pvr(self, p: float | None, q: float | None, ramped: bool, ctx: Context) -> Condition:

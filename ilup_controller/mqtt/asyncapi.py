@@ -114,14 +114,16 @@ def build() -> Doc:
 
     for spec in TOPIC_SPECS:
         payload = spec.payload.__name__
-        channels[spec.name] = _topic_channel(spec)
+        key = spec.name.replace("/", "_")  # a channel id, usable in a $ref
+        publisher = spec.direction.split(" ")[0]
+        channels[key] = _topic_channel(spec)
         messages[payload] = _message(spec.payload, _first_line(spec.payload.__doc__))
         operations[f"send{spec.name.capitalize()}"] = {
             "action": "send",
             "title": f"Publish {spec.name}",
-            "summary": f"The daemon publishes on {spec.name} ({spec.direction}).",
-            "channel": {"$ref": f"#/channels/{spec.name}"},
-            "messages": [{"$ref": f"#/channels/{spec.name}/messages/{payload}"}],
+            "summary": f"The {publisher} publishes on {spec.name} ({spec.direction}).",
+            "channel": {"$ref": f"#/channels/{key}"},
+            "messages": [{"$ref": f"#/channels/{key}/messages/{payload}"}],
             "bindings": _mqtt_op(spec.qos, spec.retained),
         }
 

@@ -111,7 +111,7 @@ class MqttLink:
         *,
         simulated: bool,
         version: str,
-        subscribe: str | None = None,
+        subscribe: str | tuple[str, ...] | None = None,
         on_message: IncomingHandler | None = None,
     ) -> None:
         self._cfg = cfg
@@ -385,8 +385,9 @@ class MqttLink:
     async def _receive(self, client: aiomqtt.Client) -> None:
         # Also notices a dropped connection at once: iterating raises MqttError on disconnect,
         # whereas a publisher would only notice at its next publish.
-        if self._subscribe is not None:
-            await client.subscribe(self._subscribe, qos=1, timeout=PUBLISH_TIMEOUT_S)
+        filters = (self._subscribe,) if isinstance(self._subscribe, str) else self._subscribe or ()
+        for f in filters:
+            await client.subscribe(f, qos=1, timeout=PUBLISH_TIMEOUT_S)
         async for message in client.messages:
             if message.topic.value == self.topics.status:
                 self._on_own_status(message.payload, bool(message.retain))

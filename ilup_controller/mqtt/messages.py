@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 
 def quantity(units: str, description: str, default: Any = ...) -> Any:
@@ -145,3 +145,57 @@ class Event(Message):
         None, description="Alarm events: the value, in the units of the alarm's signal."
     )
     limit: float | None = Field(None, description="Alarm events: the limit, in the same units.")
+
+
+class GuardStatus(Message):
+    """Retained on ``<prefix>/<cart_id>/guard``: the independent safety layer (``ilup guard``);
+    its last will sets ``online`` to false."""
+
+    online: bool
+    cart_id: str
+    t: datetime | None = Field(None, description="UTC time of the guard cycle described.")
+    instance: str | None = Field(None, description="Random id of the guard process.")
+    since: datetime | None = Field(None, description="UTC time the guard came online.")
+    form: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per actuator, how the guard stops it: 'enable' (a channel the controller "
+        "does not drive) or 'command' (it writes the safe value itself: the weaker form).",
+    )
+    enabled: dict[str, bool] = Field(
+        default_factory=dict, description="Per actuator: false while the guard holds it off."
+    )
+    latched: dict[str, str] = Field(
+        default_factory=dict, description="Per actuator held off: why (until an operator resets)."
+    )
+    hazards: dict[str, str] = Field(default_factory=dict, description="Hazards present now.")
+    cycle_ms: float | None = quantity(
+        "ms", "Duration of the last guard cycle (reads + acts).", None
+    )
+
+
+class GuardEvent(Message):
+    """On ``<prefix>/<cart_id>/guard/events`` (not retained): the guard started or stopped,
+    latched an actuator off, or was reset (or refused a reset)."""
+
+    t: datetime
+    seq: int = Field(ge=0, description="Event number since the guard started.")
+    cart_id: str
+    kind: str = Field(description="started, stopped, latched, reset, refused.")
+    message: str
+    operator: str | None = None
+
+
+class GuardReset(Message):
+    """On ``<prefix>/<cart_id>/guard/cmd/<user>/reset``: release the guard's latches. The
+    broker ACL proves ``<user>``; the reply goes to ``.../reset/reply``."""
+
+    command_id: str = Field(min_length=1, max_length=64)
+    issued_at: AwareDatetime = Field(
+        description="With its UTC offset; a reset older than 10 s is refused."
+    )
+
+
+class GuardReply(Message):
+    command_id: str
+    result: str = Field(description="ok or rejected.")
+    detail: str = ""

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from ilup_controller.mqtt.messages import Alarms, Event, State, Status
+from ilup_controller.mqtt.messages import Alarms, Event, GuardEvent, GuardStatus, State, Status
 
 STATUS = "status"
 STATE = "state"
@@ -77,7 +77,7 @@ class TopicSpec:
     payload: type[BaseModel]
     qos: Literal[0, 1, 2]
     retained: bool
-    direction: Literal["daemon -> clients", "clients -> daemon"]
+    direction: Literal["daemon -> clients", "clients -> daemon", "guard -> clients"]
     when: str
 
 
@@ -143,4 +143,37 @@ EVENTS_SPEC = TopicSpec(
     ),
 )
 
-TOPIC_SPECS: tuple[TopicSpec, ...] = (STATUS_SPEC, STATE_SPEC, ALARMS_SPEC, EVENTS_SPEC)
+GUARD = "guard"  # the independent safety layer, `ilup guard`
+GUARD_EVENTS = "guard/events"
+
+GUARD_SPEC = TopicSpec(
+    name=GUARD,
+    payload=GuardStatus,
+    qos=1,
+    retained=True,
+    direction="guard -> clients",
+    when=(
+        "By `ilup guard`: every 0.5 s and at once when a latch or hazard changes. Its last "
+        "will sets `online: false`. The daemon raises `guard_absent` when a configured guard's "
+        "status is missing, older than `guard.status_timeout_s` or offline. Reset commands go "
+        "to `guard/cmd/<user>/reset` (`GuardReset`), replies to `guard/cmd/<user>/reset/reply`."
+    ),
+)
+
+GUARD_EVENTS_SPEC = TopicSpec(
+    name=GUARD_EVENTS,
+    payload=GuardEvent,
+    qos=1,
+    retained=False,
+    direction="guard -> clients",
+    when="By `ilup guard`: on start and stop, each latch, and each reset or refused reset.",
+)
+
+TOPIC_SPECS: tuple[TopicSpec, ...] = (
+    STATUS_SPEC,
+    STATE_SPEC,
+    ALARMS_SPEC,
+    EVENTS_SPEC,
+    GUARD_SPEC,
+    GUARD_EVENTS_SPEC,
+)

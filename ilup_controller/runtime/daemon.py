@@ -24,11 +24,12 @@ from ilup_controller.core.cart import CartCore, Restored, TickResult
 from ilup_controller.core.monitor import silent_devices
 from ilup_controller.core.types import Reading
 from ilup_controller.modbus.link import DeviceLink, LinkHealth, build_links
-from ilup_controller.mqtt.link import MqttLink
+from ilup_controller.mqtt.link import Incoming, MqttLink
 from ilup_controller.mqtt.messages import Event
-from ilup_controller.mqtt.topics import ALARMS, EVENTS
+from ilup_controller.mqtt.topics import ALARMS, EVENTS, GUARD, Topics
 from ilup_controller.record.recorder import Recorder, RecorderError
 from ilup_controller.runtime.commands import CommandIntake, PendingReply
+from ilup_controller.runtime.guardwatch import GuardWatch
 from ilup_controller.runtime.notify import Notifier
 from ilup_controller.runtime.recovery import open_procedure
 from ilup_controller.runtime.safe import drive_safe, safe_outputs
@@ -60,6 +61,10 @@ class Daemon:
         self.alarm_onsets = 0  # for benchmarks and soak checks: a healthy run has none
         self._alarm_signature: tuple[object, ...] | None = None
         self.notify = Notifier()  # systemd Type=notify; a no-op without $NOTIFY_SOCKET
+        self._guard_topic = Topics(cfg.mqtt.topic_prefix, cfg.cart_id).name(GUARD)
+        self.guard = GuardWatch(cfg.guard, 0.0)  # started again in run(), on the loop clock
+        g = cfg.guard
+        self._heartbeat = g.heartbeat_signal if g is not None and g.heartbeat == "modbus" else None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; raises if a task crashed (after the safe shutdown)."""
@@ -67,13 +72,15 @@ class Daemon:
         cfg = self.cfg
         self.links = build_links(cfg, self.store, loop.time)  # RTU lines: one shared bus each
         self.intake = CommandIntake(cfg, self._send_reply)
+        self.guard = GuardWatch(cfg.guard, loop.time())
         self.mqtt = MqttLink(
             cfg.mqtt,
             cfg.cart_id,
             simulated=cfg.simulated,
             version=__version__,
-            subscribe=command_filter(cfg.mqtt.topic_prefix, cfg.cart_id),
-            on_message=self.intake.on_message,
+            subscribe=(command_filter(cfg.mqtt.topic_prefix, cfg.cart_id),)
+            + ((self._guard_topic,) if cfg.guard is not None else ()),
+            on_message=self._on_message,
         )
         # Commands start safe in every mailbox, so the very first cycle writes zeros.
         for sig, value in safe_outputs(cfg).items():
@@ -174,6 +181,12 @@ class Daemon:
             self.ticker.stats.overruns,
         )
 
+    def _on_message(self, message: Incoming) -> None:
+        if message.topic == self._guard_topic:
+            self.guard.on_status(message.payload, message.retain, asyncio.get_running_loop().time())
+        else:
+            self.intake.on_message(message)
+
     def _send_reply(self, topic: str, reply: Reply, correlation: bytes | None) -> None:
         assert self.mqtt is not None
         self.mqtt.publish_to(topic, reply, correlation_data=correlation)
@@ -224,9 +237,12 @@ class Daemon:
                 recorder_problem=self._recorder_problem(),
                 last_write_ok_s={n: h.last_write_ok_t for n, h in health.items()},
                 identity_clash=mqtt.identity_clash,
+                guard_problem=self.guard.problem(t_s),
             )
             for sig, value in r.outputs.items():
                 self._link_of(sig).set_output(sig, value)
+            if self._heartbeat is not None:  # `ilup guard` watches this counter move
+                self._link_of(self._heartbeat).set_output(self._heartbeat, seq % 65536)
             for link in self.links.values():
                 link.request_cycle()
             state = build_state(cfg, r, seq=seq, utc_of=utc_of, stats=self.ticker.stats)
