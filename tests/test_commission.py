@@ -1,0 +1,249 @@
+"""`ilup commission` end to end with real processes: the simulator (and plant variants, and
+faults a new cart really has), the commissioning file, the gate on priming and the calibration
+the daemon applies. Durations are cut to seconds (--zero-s, --settle-s, --measure-s)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import wait_until
+from procs import Proc, Subscriber, session, write_cart_config
+from ruamel.yaml import YAML
+
+from ilup_controller.broker import MosquittoProcess, free_port
+from ilup_controller.config import load_config
+from ilup_controller.exitcodes import ExitCode
+from sim.family import apply, by_name, write_config
+
+pytestmark = pytest.mark.integration
+
+FAST = ["--zero-s", "2", "--settle-s", "1.5", "--measure-s", "1.5", "--heater-pct", "100"]
+YAML_ = YAML(typ="safe", pure=True)
+
+
+def _edit(path: Path, change: dict[str, Any]) -> None:
+    data = YAML_.load(path.read_text())
+
+    def merge(into: dict[str, Any], ch: dict[str, Any]) -> None:
+        for k, v in ch.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v)
+            else:
+                into[k] = v
+
+    merge(data, change)
+    with path.open("w") as f:
+        YAML_.dump(data, f)
+
+
+def commission(cfg: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ilup_controller",
+            "--log-level",
+            "warning",
+            "commission",
+            "-c",
+            str(cfg),
+            "--yes",
+            "--json",
+            "--operator",
+            "alice",
+            *FAST,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    try:
+        out = json.loads(r.stdout)
+    except ValueError:
+        out = {}
+    return r.returncode, out, r.stdout + r.stderr
+
+
+def ilup(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ilup_controller", *args, "-c", str(cfg), "--username", "op1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def _step(run: dict[str, Any], step_id: str) -> dict[str, Any]:
+    return next(s for s in run["steps"] if s["id"] == step_id)
+
+
+def _variant_cart(
+    tmp: Path, broker_port: int, variant: str | None, change: dict[str, Any] | None = None
+) -> Path:
+    """A cart file for ``variant`` (with its own register map) on free ports."""
+    base, cfg = write_cart_config(
+        tmp, broker_port, overrides={"control": {"autostart": False}}, ramp_s=3.0
+    )
+    path = base
+    if variant is not None:
+        path = tmp / f"{variant}.yaml"
+        write_config(apply(by_name(variant), cfg), path)
+    if change:
+        _edit(path, change)
+    return path
+
+
+async def _sim(procs: list[Proc], cfg: Path, tmp: Path, *flags: str) -> None:
+    procs.append(Proc(["sim", "-c", str(cfg), *flags], tmp / "sim.log"))
+    await asyncio.sleep(1.5)  # the servers listen
+
+
+@pytest.mark.parametrize("variant", ["reference", "stroke_plus10", "pressure_offset_minus2"])
+async def test_commission_passes_and_measures_the_variant(tmp_path: Path, variant: str) -> None:
+    cfg = _variant_cart(tmp_path, free_port(), None if variant == "reference" else variant)
+    sim = load_config(cfg).simulator
+    assert sim is not None
+    true_sv = sim.plant.stroke_volume_ml_per_rev
+    true_offset = sim.plant.pressure_offset_mmhg
+    async with session() as procs:
+        await _sim(procs, cfg, tmp_path)
+        rc, run, text = await asyncio.to_thread(commission, cfg)
+    assert rc == 0, text
+    assert run["passed"] is True
+    sv = run["stroke_volume_measured_ml_per_rev"]
+    assert abs(sv / true_sv - 1.0) < 0.02, (sv, true_sv)
+    assert abs(run["pressure_zero_mmhg"] - true_offset) < 0.2, (
+        run["pressure_zero_mmhg"],
+        true_offset,
+    )
+    off = abs(true_sv / 33.0 - 1.0) > 0.05  # the measured value is offered (and, --yes, taken)
+    assert run["stroke_volume_ml_per_rev"] == pytest.approx(sv if off else 33.0)
+    assert _step(run, "stroke_volume")["status"] == ("warn" if off else "pass")
+    saved = json.loads((tmp_path / f"{cfg.stem}.commissioning.json").read_text())
+    assert saved["config_sha256"] == run["config_sha256"]
+    assert saved["operator"] == "alice"
+    assert _step(saved, "operator")["confirmed_by"] == "alice"
+
+
+@pytest.mark.parametrize(
+    ("flags", "step", "fix"),
+    [
+        (["--watchdog-off", "pump"], "watchdog", "enable its communication watchdog"),
+        (["--watchdog-no-trip", "pump"], "watchdog", "enable the device's communication watchdog"),
+        (["--swap-words", "flow"], "signals", "word_order: little"),
+        (["--disconnect", "pa_pressure"], "signals", "broken loop"),
+    ],
+)
+async def test_commission_fails_at_the_right_step(
+    tmp_path: Path, flags: list[str], step: str, fix: str
+) -> None:
+    cfg = _variant_cart(tmp_path, free_port(), None)
+    async with session() as procs:
+        await _sim(procs, cfg, tmp_path, *flags)
+        rc, run, text = await asyncio.to_thread(commission, cfg)
+    assert rc == ExitCode.FAILURE, text
+    assert run["passed"] is False
+    failed = [s["id"] for s in run["steps"] if s["status"] == "fail"]
+    assert failed[0] == step, failed
+    assert fix in _step(run, step)["fix"], _step(run, step)
+    # A failed safety step stops every step that drives an actuator.
+    assert _step(run, "stroke_volume")["status"] == "skipped"
+
+
+async def _states(sub: Subscriber, since: float, seconds: float) -> list[dict[str, Any]]:
+    await asyncio.sleep(seconds)
+    return [m.payload for m in sub.of("/state", since)]
+
+
+async def test_daemon_applies_the_calibration(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    """Stroke volume 10 % low and the transducer 2 mmHg high: after commissioning the daemon's
+    feed-forward flow (speed x stroke volume) matches the measured flow, and the pressure at
+    rest reads the true rest pressure (3 mmHg)."""
+    cfg = _variant_cart(
+        tmp_path,
+        mosquitto.port,
+        "stroke_minus10",
+        {"simulator": {"plant": {"pressure_offset_mmhg": 2.0}}},
+    )
+    prefix = "ilup/sim_cart_1"
+    sub = Subscriber(mosquitto.port, f"{prefix}/#")
+    figures: dict[str, tuple[float, float]] = {}
+    async with session(sub) as procs:
+        await _sim(procs, cfg, tmp_path)
+        for label in ("before", "after"):
+            if label == "after":
+                rc, _, text = await asyncio.to_thread(commission, cfg)
+                assert rc == 0, text
+            daemon = Proc(["run", "-c", str(cfg)], tmp_path / f"daemon-{label}.log")
+            procs.append(daemon)
+            t0 = asyncio.get_running_loop().time()
+            await wait_until(lambda t0=t0: bool(sub.of("/state", t0)), 20, what="daemon up")
+            rest = await _states(sub, asyncio.get_running_loop().time(), 2.0)
+            pressure = statistics.fmean(s["measured"]["pressure_mmhg"] for s in rest)
+            r = await asyncio.to_thread(ilup, cfg, "phase", "priming")
+            assert r.returncode == 0, r.stdout + r.stderr
+            await asyncio.sleep(5.0)  # ramp 150 mL/min in 1 s, then steady
+            run_states = await _states(sub, asyncio.get_running_loop().time(), 3.0)
+            ff = [
+                s["outputs"]["pump_speed_rpm"] * s["calibration"]["stroke_volume_ml_per_rev"]
+                - s["measured"]["flow_ml_min"]
+                for s in run_states
+            ]
+            figures[label] = (pressure - 3.0, statistics.fmean(ff))
+            status = await asyncio.to_thread(ilup, cfg, "status")
+            assert "calibration: pressure zero" in status.stdout
+            assert "commissioning: WAIVED" in status.stdout
+            daemon.signal(signal.SIGTERM)
+            await asyncio.to_thread(daemon.wait, 15)
+    print("pressure error / feed-forward flow error, before and after:", figures)
+    (p0, f0), (p1, f1) = figures["before"], figures["after"]
+    assert 1.8 < p0 < 2.6, figures
+    assert abs(p1) < 0.25, figures
+    assert abs(f0) > 12.0, figures
+    assert abs(f1) < 4.0, figures  # 150 mL/min: 10 % = 15 mL/min
+
+
+async def test_priming_is_gated_on_commissioning(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = _variant_cart(
+        tmp_path, mosquitto.port, None, {"simulated": False, "commissioning": {"waive": False}}
+    )
+    sub = Subscriber(mosquitto.port, "ilup/sim_cart_1/#")
+
+    async def priming(label: str) -> subprocess.CompletedProcess[str]:
+        daemon = Proc(["run", "-c", str(cfg)], tmp_path / f"daemon-{label}.log")
+        procs.append(daemon)
+        t0 = asyncio.get_running_loop().time()
+        await wait_until(lambda: bool(sub.of("/state", t0)), 20, what="daemon up")
+        r = await asyncio.to_thread(ilup, cfg, "phase", "priming")
+        daemon.signal(signal.SIGTERM)
+        await asyncio.to_thread(daemon.wait, 15)
+        return r
+
+    async with session(sub) as procs:
+        await _sim(procs, cfg, tmp_path)
+        r = await priming("none")
+        assert r.returncode == ExitCode.REJECTED, r
+        assert "not_commissioned" in r.stderr
+        assert "no commissioning file" in r.stderr
+        rc, _, text = await asyncio.to_thread(commission, cfg)
+        assert rc == 0, text
+        r = await priming("commissioned")
+        assert r.returncode == 0, r.stdout + r.stderr
+        _edit(cfg, {"procedure": {"priming_flow_ml_min": 140}})
+        r = await priming("changed")
+        assert r.returncode == ExitCode.REJECTED, r
+        assert "not_commissioned" in r.stderr
+        assert "another configuration" in r.stderr
