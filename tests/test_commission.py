@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -161,6 +163,27 @@ async def test_commission_fails_at_the_right_step(
     assert _step(run, "stroke_volume")["status"] == "skipped"
 
 
+async def _stop(daemon: Proc, cfg: Path, tmp: Path) -> list[str]:
+    """Safe-stop (the retained state must not show a running procedure to commission), stop
+    the daemon, and drop its record so the next daemon starts idle, not resuming it."""
+    r = await asyncio.to_thread(ilup, cfg, "phase", "safe-stop")
+    assert r.returncode == 0, r.stdout + r.stderr
+    await asyncio.sleep(1.5)  # the retained state shows safe_stop (published every 0.5 s)
+    daemon.signal(signal.SIGTERM)
+    await asyncio.to_thread(daemon.wait, 15)
+    notes: list[str] = []
+    for record in (tmp / "records").glob("*.sqlite"):
+        with sqlite3.connect(record) as db:
+            notes += [
+                m
+                for (m,) in db.execute(
+                    "SELECT message FROM events WHERE kind = ?", ("commissioning",)
+                )
+            ]
+    shutil.rmtree(tmp / "records", ignore_errors=True)
+    return notes
+
+
 async def _states(sub: Subscriber, since: float, seconds: float) -> list[dict[str, Any]]:
     await asyncio.sleep(seconds)
     return [m.payload for m in sub.of("/state", since)]
@@ -168,8 +191,8 @@ async def _states(sub: Subscriber, since: float, seconds: float) -> list[dict[st
 
 async def test_daemon_applies_the_calibration(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
     """Stroke volume 10 % low and the transducer 2 mmHg high: after commissioning the daemon's
-    feed-forward flow (speed x stroke volume) matches the measured flow, and the pressure at
-    rest reads the true rest pressure (3 mmHg)."""
+    feed-forward flow (speed x stroke volume, at 500 mL/min) matches the measured flow, and the
+    pressure at rest reads the true rest pressure (3 mmHg)."""
     cfg = _variant_cart(
         tmp_path,
         mosquitto.port,
@@ -179,6 +202,7 @@ async def test_daemon_applies_the_calibration(tmp_path: Path, mosquitto: Mosquit
     prefix = "ilup/sim_cart_1"
     sub = Subscriber(mosquitto.port, f"{prefix}/#")
     figures: dict[str, tuple[float, float]] = {}
+    notes: dict[str, list[str]] = {}
     async with session(sub) as procs:
         await _sim(procs, cfg, tmp_path)
         for label in ("before", "after"):
@@ -193,25 +217,29 @@ async def test_daemon_applies_the_calibration(tmp_path: Path, mosquitto: Mosquit
             pressure = statistics.fmean(s["measured"]["pressure_mmhg"] for s in rest)
             r = await asyncio.to_thread(ilup, cfg, "phase", "priming")
             assert r.returncode == 0, r.stdout + r.stderr
-            await asyncio.sleep(5.0)  # ramp 150 mL/min in 1 s, then steady
+            await asyncio.sleep(5.0)  # priming 1 s, then perfusion: 500 mL/min ramped in 3 s
             run_states = await _states(sub, asyncio.get_running_loop().time(), 3.0)
-            ff = [
+            ff = [  # feed-forward flow error, share of the measured flow
                 s["outputs"]["pump_speed_rpm"] * s["calibration"]["stroke_volume_ml_per_rev"]
-                - s["measured"]["flow_ml_min"]
+                / s["measured"]["flow_ml_min"]
+                - 1.0
                 for s in run_states
             ]
             figures[label] = (pressure - 3.0, statistics.fmean(ff))
             status = await asyncio.to_thread(ilup, cfg, "status")
             assert "calibration: pressure zero" in status.stdout
             assert "commissioning: WAIVED" in status.stdout
-            daemon.signal(signal.SIGTERM)
-            await asyncio.to_thread(daemon.wait, 15)
+            notes[label] = await _stop(daemon, cfg, tmp_path)
     print("pressure error / feed-forward flow error, before and after:", figures)
+    # The next procedure's record holds the run and the calibration applied.
+    assert any("calibration applied: pressure zero +2.0" in n for n in notes["after"]), notes
+    assert any("stroke_volume warn" in n for n in notes["after"]), notes
+    assert any("(configuration)" in n for n in notes["before"]), notes
     (p0, f0), (p1, f1) = figures["before"], figures["after"]
     assert 1.8 < p0 < 2.6, figures
     assert abs(p1) < 0.25, figures
-    assert abs(f0) > 12.0, figures
-    assert abs(f1) < 4.0, figures  # 150 mL/min: 10 % = 15 mL/min
+    assert abs(f0) > 0.08, figures  # the configured stroke volume is 10 % off
+    assert abs(f1) < 0.02, figures  # 150 mL/min: 10 % = 15 mL/min
 
 
 async def test_priming_is_gated_on_commissioning(
@@ -222,14 +250,26 @@ async def test_priming_is_gated_on_commissioning(
     )
     sub = Subscriber(mosquitto.port, "ilup/sim_cart_1/#")
 
-    async def priming(label: str) -> subprocess.CompletedProcess[str]:
+    async def priming(label: str, calibrate: bool = False) -> subprocess.CompletedProcess[str]:
         daemon = Proc(["run", "-c", str(cfg)], tmp_path / f"daemon-{label}.log")
         procs.append(daemon)
         t0 = asyncio.get_running_loop().time()
         await wait_until(lambda: bool(sub.of("/state", t0)), 20, what="daemon up")
+        if calibrate:  # operator calibration over MQTT: idle, pump stopped, 5 s of readings
+            await asyncio.sleep(5.5)
+            z = await asyncio.to_thread(ilup, cfg, "zero", "pressure")
+            assert z.returncode == 0, z.stdout + z.stderr
+            assert "pressure zero +0.29 ->" in z.stdout or "pressure zero" in z.stdout
+            sv = await asyncio.to_thread(ilup, cfg, "stroke-volume", "32.5")
+            assert sv.returncode == 0, sv.stdout + sv.stderr
+            state = sub.of("/state")[-1].payload
+            assert state["calibration"]["source"] == "operator op1"
         r = await asyncio.to_thread(ilup, cfg, "phase", "priming")
-        daemon.signal(signal.SIGTERM)
-        await asyncio.to_thread(daemon.wait, 15)
+        if calibrate:
+            late = await asyncio.to_thread(ilup, cfg, "zero", "pressure")
+            assert late.returncode == ExitCode.REJECTED, late
+            assert "not_allowed_in_phase" in late.stderr
+        await _stop(daemon, cfg, tmp_path)
         return r
 
     async with session(sub) as procs:
@@ -240,7 +280,7 @@ async def test_priming_is_gated_on_commissioning(
         assert "no commissioning file" in r.stderr
         rc, _, text = await asyncio.to_thread(commission, cfg)
         assert rc == 0, text
-        r = await priming("commissioned")
+        r = await priming("commissioned", calibrate=True)
         assert r.returncode == 0, r.stdout + r.stderr
         _edit(cfg, {"procedure": {"priming_flow_ml_min": 140}})
         r = await priming("changed")
