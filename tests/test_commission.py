@@ -111,56 +111,75 @@ async def _sim(procs: list[Proc], cfg: Path, tmp: Path, *flags: str) -> None:
     await asyncio.sleep(1.5)  # the servers listen
 
 
-@pytest.mark.parametrize("variant", ["reference", "stroke_plus10", "pressure_offset_minus2"])
-async def test_commission_passes_and_measures_the_variant(tmp_path: Path, variant: str) -> None:
-    cfg = _variant_cart(tmp_path, free_port(), None if variant == "reference" else variant)
-    sim = load_config(cfg).simulator
-    assert sim is not None
-    true_sv = sim.plant.stroke_volume_ml_per_rev
-    true_offset = sim.plant.pressure_offset_mmhg
+def _prepare(tmp: Path, variant: str | None, *flags: str) -> Path:
+    """The cart file of one case, with its own cart_id, so several run at once (each
+    commission takes its cart's lock)."""
+    tmp.mkdir()
+    name = "_".join([variant or "reference", *(f.strip("-").replace("-", "_") for f in flags)])
+    return _variant_cart(tmp, free_port(), variant, {"cart_id": name[:60]})
+
+
+async def _commission_against(cfg: Path, *flags: str) -> tuple[int, dict[str, Any], str]:
+    """A simulator (with test-aid ``flags``) and one `ilup commission` against it."""
     async with session() as procs:
-        await _sim(procs, cfg, tmp_path)
-        rc, run, text = await asyncio.to_thread(commission, cfg)
-    assert rc == 0, text
-    assert run["passed"] is True
-    sv = run["stroke_volume_measured_ml_per_rev"]
-    assert abs(sv / true_sv - 1.0) < 0.02, (sv, true_sv)
-    assert abs(run["pressure_zero_mmhg"] - true_offset) < 0.2, (
-        run["pressure_zero_mmhg"],
-        true_offset,
-    )
-    off = abs(true_sv / 33.0 - 1.0) > 0.05  # the measured value is offered (and, --yes, taken)
-    assert run["stroke_volume_ml_per_rev"] == pytest.approx(sv if off else 33.0)
-    assert _step(run, "stroke_volume")["status"] == ("warn" if off else "pass")
-    saved = json.loads((tmp_path / f"{cfg.stem}.commissioning.json").read_text())
-    assert saved["config_sha256"] == run["config_sha256"]
-    assert saved["operator"] == "alice"
-    assert _step(saved, "operator")["confirmed_by"] == "alice"
+        await _sim(procs, cfg, cfg.parent, *flags)
+        return await asyncio.to_thread(commission, cfg)
 
 
-@pytest.mark.parametrize(
-    ("flags", "step", "fix"),
-    [
-        (["--watchdog-off", "pump"], "watchdog", "enable its communication watchdog"),
-        (["--watchdog-no-trip", "pump"], "watchdog", "enable the device's communication watchdog"),
-        (["--swap-words", "flow"], "signals", "word_order: little"),
-        (["--disconnect", "pa_pressure"], "signals", "broken loop"),
-    ],
+VARIANTS = ("reference", "stroke_plus10", "pressure_offset_minus2")
+
+
+async def test_commission_passes_and_measures_each_variant(tmp_path: Path) -> None:
+    """The reference and three plant variants at once (stroke_minus10 with a +2 mmHg offset:
+    test_daemon_applies_the_calibration): stroke volume within 2 %, zero within 0.2 mmHg."""
+    cfgs = [_prepare(tmp_path / v, None if v == "reference" else v) for v in VARIANTS]
+    runs = await asyncio.gather(*(_commission_against(cfg) for cfg in cfgs))
+    for variant, cfg, (rc, run, text) in zip(VARIANTS, cfgs, runs, strict=True):
+        assert rc == 0, text
+        assert run["passed"] is True
+        sim = load_config(cfg).simulator
+        assert sim is not None
+        true_sv = sim.plant.stroke_volume_ml_per_rev
+        true_offset = sim.plant.pressure_offset_mmhg
+        sv = run["stroke_volume_measured_ml_per_rev"]
+        print(
+            f"{variant}: stroke volume {sv:.3f} (true {true_sv:g}), zero "
+            f"{run['pressure_zero_mmhg']:+.3f} (true {true_offset:+g})"
+        )
+        assert abs(sv / true_sv - 1.0) < 0.02, (variant, sv, true_sv)
+        assert abs(run["pressure_zero_mmhg"] - true_offset) < 0.2, (variant, run)
+        off = abs(true_sv / 33.0 - 1.0) > 0.05  # the measured value is offered (--yes: taken)
+        assert run["stroke_volume_ml_per_rev"] == pytest.approx(sv if off else 33.0)
+        assert _step(run, "stroke_volume")["status"] == ("warn" if off else "pass")
+        saved = json.loads(cfg.with_name(f"{cfg.stem}.commissioning.json").read_text())
+        assert saved["config_sha256"] == run["config_sha256"]
+        assert saved["operator"] == "alice"
+        assert _step(saved, "operator")["confirmed_by"] == "alice"
+
+
+FAULTS = (
+    (("--watchdog-off", "pump"), "watchdog", "enable its communication watchdog"),
+    (("--watchdog-no-trip", "pump"), "watchdog", "enable the device's communication watchdog"),
+    (("--swap-words", "flow"), "signals", "word_order: little"),
+    (("--disconnect", "pa_pressure"), "signals", "broken loop"),
 )
-async def test_commission_fails_at_the_right_step(
-    tmp_path: Path, flags: list[str], step: str, fix: str
-) -> None:
-    cfg = _variant_cart(tmp_path, free_port(), None)
-    async with session() as procs:
-        await _sim(procs, cfg, tmp_path, *flags)
-        rc, run, text = await asyncio.to_thread(commission, cfg)
-    assert rc == ExitCode.FAILURE, text
-    assert run["passed"] is False
-    failed = [s["id"] for s in run["steps"] if s["status"] == "fail"]
-    assert failed[0] == step, failed
-    assert fix in _step(run, step)["fix"], _step(run, step)
-    # A failed safety step stops every step that drives an actuator.
-    assert _step(run, "stroke_volume")["status"] == "skipped"
+
+
+async def test_commission_fails_at_the_right_step(tmp_path: Path) -> None:
+    """A watchdog that is off, one that does not trip, a wrong word order and an unplugged
+    sensor, at once: each fails at its step and names the fix."""
+    cfgs = [_prepare(tmp_path / str(i), None, *f) for i, (f, _, _) in enumerate(FAULTS)]
+    runs = await asyncio.gather(
+        *(_commission_against(cfg, *f) for cfg, (f, _, _) in zip(cfgs, FAULTS, strict=True))
+    )
+    for (flags, step, fix), (rc, run, text) in zip(FAULTS, runs, strict=True):
+        assert rc == ExitCode.FAILURE, text
+        assert run["passed"] is False
+        failed = [s["id"] for s in run["steps"] if s["status"] == "fail"]
+        assert failed[0] == step, (flags, failed)
+        assert fix in _step(run, step)["fix"], (flags, _step(run, step))
+        # A failed safety step stops every step that drives an actuator.
+        assert _step(run, "stroke_volume")["status"] == "skipped"
 
 
 async def _stop(daemon: Proc, cfg: Path, tmp: Path) -> list[str]:
@@ -220,7 +239,8 @@ async def test_daemon_applies_the_calibration(tmp_path: Path, mosquitto: Mosquit
             await asyncio.sleep(5.0)  # priming 1 s, then perfusion: 500 mL/min ramped in 3 s
             run_states = await _states(sub, asyncio.get_running_loop().time(), 3.0)
             ff = [  # feed-forward flow error, share of the measured flow
-                s["outputs"]["pump_speed_rpm"] * s["calibration"]["stroke_volume_ml_per_rev"]
+                s["outputs"]["pump_speed_rpm"]
+                * s["calibration"]["stroke_volume_ml_per_rev"]
                 / s["measured"]["flow_ml_min"]
                 - 1.0
                 for s in run_states
