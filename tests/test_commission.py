@@ -268,6 +268,10 @@ async def test_priming_is_gated_on_commissioning(
     cfg = _variant_cart(
         tmp_path, mosquitto.port, None, {"simulated": False, "commissioning": {"waive": False}}
     )
+    data = YAML_.load(cfg.read_text())
+    data["operators"] = {"op1": "operator"}  # a real cart names its operators ('*' refused)
+    with cfg.open("w") as f:
+        YAML_.dump(data, f)
     sub = Subscriber(mosquitto.port, "ilup/sim_cart_1/#")
 
     async def priming(label: str, calibrate: bool = False) -> subprocess.CompletedProcess[str]:
@@ -298,7 +302,8 @@ async def test_priming_is_gated_on_commissioning(
         assert r.returncode == ExitCode.REJECTED, r
         assert "not_commissioned" in r.stderr
         assert "no commissioning file" in r.stderr
-        rc, _, text = await asyncio.to_thread(commission, cfg)
+        quick = ("--zero-s", "1", "--settle-s", "1", "--measure-s", "0.7")  # figures not checked
+        rc, _, text = await asyncio.to_thread(commission, cfg, *quick)
         assert rc == 0, text
         r = await priming("commissioned", calibrate=True)
         assert r.returncode == 0, r.stdout + r.stderr
