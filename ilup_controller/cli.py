@@ -42,7 +42,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def _run_daemon(cfg: CartConfig) -> int:
+async def _run_daemon(cfg: CartConfig, cart_file: str | None = None) -> int:
     from ilup_controller.runtime.lock import CartLockError, cart_lock
 
     stop = asyncio.Event()
@@ -51,18 +51,18 @@ async def _run_daemon(cfg: CartConfig) -> int:
         # One daemon per cart: locked before any device, broker or record is touched (and
         # before the heavy imports, so a second start is refused at once).
         with cart_lock(cfg.cart_id, cfg.record.directory):
-            return await _run_locked(cfg, stop)
+            return await _run_locked(cfg, stop, cart_file)
     except CartLockError as e:
         print(f"ilup run: refusing to start: {e}", file=sys.stderr)
         return EXIT_REFUSED
 
 
-async def _run_locked(cfg: CartConfig, stop: asyncio.Event) -> int:
+async def _run_locked(cfg: CartConfig, stop: asyncio.Event, cart_file: str | None = None) -> int:
     from ilup_controller.runtime.daemon import Daemon
     from ilup_controller.runtime.watchdog import StartRefused
 
     try:
-        await Daemon(cfg).run(stop)
+        await Daemon(cfg, cart_file=cart_file).run(stop)
     except StartRefused as e:
         print(f"ilup run: refusing to start: {e}", file=sys.stderr)
         return EXIT_REFUSED
@@ -92,7 +92,18 @@ async def _run_sim(args: argparse.Namespace) -> int:
     scenario = load_scenario(examples.resolve_scenario(args.scenario)) if args.scenario else None
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    cart = SimulatedCart(cfg, scenario=scenario, watchdog_ignored=frozenset(args.watchdog_off))
+    try:
+        cart = SimulatedCart(
+            cfg,
+            scenario=scenario,
+            watchdog_ignored=frozenset(args.watchdog_off),
+            watchdog_no_trip=frozenset(args.watchdog_no_trip),
+            swap_words=frozenset(args.swap_words),
+            disconnected=frozenset(args.disconnect),
+        )
+    except ValueError as e:
+        print(f"ilup sim: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         await cart.run(stop, speed=args.speed)
     except OSError as e:  # a device port taken or not available: a configuration problem
@@ -117,7 +128,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg, where = with_mqtt_password(_load(args.config, args.overlay), source=args.config)
     if cfg.mqtt.password is not None:  # the source, never the value
         logging.getLogger("ilup.cli").info("MQTT password: %s", where)
-    return asyncio.run(_run_daemon(cfg))
+    return asyncio.run(_run_daemon(cfg, args.config))
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
@@ -172,6 +183,12 @@ def _cmd_guard_reset(args: argparse.Namespace) -> int:
     return ExitCode.OK if ok else ExitCode.REJECTED
 
 
+def _cmd_commission(args: argparse.Namespace) -> int:
+    from ilup_controller.commissioning.cli import run_commission
+
+    return run_commission(args, _load(args.config, args.overlay))
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
     from ilup_controller.view import watch
 
@@ -222,6 +239,10 @@ def _operator_body(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
             return "alarm", {"action": "pause_audio"}
         case "marker":
             return "marker", {"text": args.text}
+        case "zero":
+            return "calibrate", {"action": "zero_pressure"}
+        case "stroke-volume":
+            return "calibrate", {"action": "stroke_volume", "stroke_volume_ml_per_rev": args.value}
     raise AssertionError(args.command)
 
 
@@ -307,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _overlay_flag(add_tune_parser(sub, _cmd_tune))
 
+    from ilup_controller.commissioning.cli import add_commission_parser
+
+    _overlay_flag(add_commission_parser(sub, _cmd_commission))
+
     s = sub.add_parser("sim", help="run the plant simulator behind Modbus TCP")
     _packaged_sim_config_flag(s)
     _overlay_flag(s)
@@ -333,6 +358,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DEVICE",
         help="test aid: this simulated device ignores its watchdog register",
+    )
+    s.add_argument(
+        "--watchdog-no-trip",
+        action="append",
+        default=[],
+        metavar="DEVICE",
+        help="test aid: this device's watchdog reads back its timeout but never trips",
+    )
+    s.add_argument(
+        "--swap-words",
+        action="append",
+        default=[],
+        metavar="SIGNAL",
+        help="test aid: serve this 32-bit signal in the other word order (a wrong word_order)",
+    )
+    s.add_argument(
+        "--disconnect",
+        action="append",
+        default=[],
+        metavar="SIGNAL",
+        help="test aid: this analogue input reads as a broken 4-20 mA loop",
     )
     s.set_defaults(func=_cmd_sim)
 
@@ -379,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     ops.append(sub.add_parser("pause-audio", help="pause alarm audio (max 120 s)"))
     o = sub.add_parser("marker", help="free-text event in the record, e.g. 'drug in'")
     o.add_argument("text")
+    ops.append(o)
+    o = sub.add_parser("zero", help="zero a sensor: pump stopped, idle, transducer open to air")
+    o.add_argument("sensor", choices=["pressure"])
+    ops.append(o)
+    o = sub.add_parser("stroke-volume", help="set the pump's stroke volume from a measurement")
+    o.add_argument("value", type=float, help="mL/rev, e.g. from ilup commission")
     ops.append(o)
     for o in ops:
         add_connection_flags(o)

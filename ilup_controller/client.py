@@ -401,6 +401,15 @@ def print_snapshot(got: dict[str, Any]) -> int:
         f"{m['temperature_c']} degC (target {t['temperature_c']})"
     )
     print(f"pump {o['pump_speed_rpm']:.2f} rpm, heater {o['heater_pct']:.1f} %")
+    cal, gate = state.get("calibration"), state.get("commissioning")
+    if cal:
+        print(
+            f"calibration: pressure zero {cal['pressure_zero_mmhg']:+.2f} mmHg, stroke volume "
+            f"{cal['stroke_volume_ml_per_rev']:.2f} mL/rev ({cal['source']})"
+        )
+    if gate:
+        label = {"not_commissioned": "NOT COMMISSIONED", "waived": "WAIVED"}
+        print(f"commissioning: {label.get(gate['status'], gate['status'])}: {gate['detail']}")
     if "alarms" in got:
         alarms = got["alarms"].get("alarms", [])
         for a in alarms:

@@ -24,7 +24,7 @@ from sim.faults import FaultInjector, Scenario
 from sim.plant import Plant
 from sim.server import SimModbusServers
 from sim.watchdog import DeviceWatchdogs
-from sim.wiring import apply_command, enable_signals, sensor_values
+from sim.wiring import apply_command, enable_signals, saturate, sensor_values
 
 log = logging.getLogger("ilup.sim")
 
@@ -41,17 +41,29 @@ class SimulatedCart:
         port_override: Mapping[str, int] | None = None,
         scenario: Scenario | None = None,
         watchdog_ignored: frozenset[str] = frozenset(),
+        watchdog_no_trip: frozenset[str] = frozenset(),
+        swap_words: frozenset[str] = frozenset(),
+        disconnected: frozenset[str] = frozenset(),
     ) -> None:
+        """Test aids (commissioning): ``swap_words`` serves these 32-bit signals in the other
+        word order than the cart file says; ``disconnected`` serves these analogue inputs as a
+        broken 4-20 mA loop does (-25 % of the range); ``watchdog_no_trip``: these devices hold
+        their watchdog timeout but never trip."""
         if cfg.simulator is None:
             raise ValueError("the configuration has no 'simulator' section")
         self.cfg = cfg
         self.sim = cfg.simulator
         self.plant = Plant(self.sim.plant, step_s=self.sim.step_s)
-        self.servers = SimModbusServers(cfg, self._on_write, port_override=port_override)
+        self.servers = SimModbusServers(
+            _swapped(cfg, swap_words), self._on_write, port_override=port_override
+        )
+        self._disconnected = {s: _broken_loop_value(cfg, s) for s in disconnected}
         self.injector = FaultInjector(self.plant, self.servers, devices=cfg.devices)
         if scenario is not None:
             self.injector.load(scenario)
-        self.watchdogs = DeviceWatchdogs(cfg, self.plant, ignored=watchdog_ignored)
+        self.watchdogs = DeviceWatchdogs(
+            cfg, self.plant, ignored=watchdog_ignored, no_trip=watchdog_no_trip
+        )
         self._now_s = 0.0
         self._enables = enable_signals(cfg)
 
@@ -99,7 +111,9 @@ class SimulatedCart:
                 self._now_s = loop.time() - t0
                 self.watchdogs.check(self._now_s)
                 self.injector.step_plant_to(self._now_s * speed)
-                await self.servers.set_inputs(sensor_values(self.cfg, self.plant))
+                await self.servers.set_inputs(
+                    {**sensor_values(self.cfg, self.plant), **self._disconnected}
+                )
         finally:
             faults.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -145,3 +159,28 @@ class SimulatedCart:
                         "fault topic unavailable on %s:%d (%s); retrying", m.host, m.port, e
                     )
                 await asyncio.sleep(2.0)
+
+
+def _swapped(cfg: CartConfig, names: frozenset[str]) -> CartConfig:
+    """``cfg`` with the word order of ``names`` flipped: what a device wired the other way
+    serves."""
+    if not names:
+        return cfg
+    unknown = sorted(names - set(cfg.signals))
+    if unknown:
+        raise ValueError(f"--swap-words: no signal named {unknown}")
+    signals = dict(cfg.signals)
+    for n in names:
+        s = signals[n]
+        flipped = "little" if s.word_order == "big" else "big"
+        signals[n] = s.model_copy(update={"word_order": flipped})
+    return cfg.model_copy(update={"signals": signals})
+
+
+def _broken_loop_value(cfg: CartConfig, name: str) -> float:
+    """A 4-20 mA input at 0 mA: 25 % of the span below the range (saturated by the register)."""
+    sig = cfg.signals.get(name)
+    if sig is None or sig.range is None:
+        raise ValueError(f"--disconnect: {name!r} is not a signal with a range")
+    lo, hi = sig.range
+    return float(saturate(sig, lo - 0.25 * (hi - lo)))

@@ -16,11 +16,19 @@ log = logging.getLogger("ilup.sim")
 class DeviceWatchdogs:
     """Device-side dead-man of every device that has a watchdog register."""
 
-    def __init__(self, cfg: CartConfig, plant: Plant, *, ignored: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        cfg: CartConfig,
+        plant: Plant,
+        *,
+        ignored: frozenset[str] = frozenset(),
+        no_trip: frozenset[str] = frozenset(),
+    ):
         self._cfg = cfg
         self._plant = plant
         self._signal_of = {d.watchdog.signal: n for n, d in cfg.devices.items() if d.watchdog}
         self.ignored = ignored  # devices whose watchdog register ignores writes (reads 0)
+        self.no_trip = no_trip  # devices whose watchdog holds its timeout but never trips
         self.timeout_s: dict[str, float] = {}
         self.last_write_s: dict[str, float] = {}
         self.tripped: set[str] = set()
@@ -42,7 +50,7 @@ class DeviceWatchdogs:
         assert self._cfg.simulator is not None
         b = self._cfg.simulator.bindings
         for device, timeout in self.timeout_s.items():
-            if timeout <= 0 or device in self.tripped:
+            if timeout <= 0 or device in self.tripped or device in self.no_trip:
                 continue
             if now_s - self.last_write_s.get(device, now_s) > timeout:
                 self.tripped.add(device)

@@ -55,10 +55,11 @@ ReasonCode = Literal[
     "recorder_failed",
     "refused",
     "not_confirmed",
+    "not_commissioned",
 ]
 REASON_CODES: Final[tuple[str, ...]] = ReasonCode.__args__  # type: ignore[attr-defined]
 
-CommandName = Literal["setpoint", "mode", "phase", "alarm", "marker", "confirm"]
+CommandName = Literal["setpoint", "mode", "phase", "alarm", "marker", "confirm", "calibrate"]
 
 MAX_EXPIRES_IN_S: Final = 60.0
 
@@ -185,8 +186,36 @@ class ConfirmCommand(Command):
     )
 
 
+class CalibrateCommand(Command):
+    """Calibration, in idle with the pump stopped only: ``zero_pressure`` takes the mean PA
+    pressure of the last 5 s as the transducer's zero (pump stopped, line open to atmosphere);
+    ``stroke_volume`` sets the pump's stroke volume from a measurement (ilup commission)."""
+
+    action: Literal["zero_pressure", "stroke_volume"]
+    stroke_volume_ml_per_rev: float | None = Field(
+        None,
+        gt=0.0,
+        le=500.0,
+        allow_inf_nan=False,
+        description="Measured stroke volume, mL/rev: required with stroke_volume, absent with "
+        "zero_pressure; within 25 % of the configured one.",
+    )
+
+    @model_validator(mode="after")
+    def _value_when_needed(self) -> Self:
+        if (self.action == "stroke_volume") != (self.stroke_volume_ml_per_rev is not None):
+            raise ValueError("stroke_volume_ml_per_rev is required with (only with) stroke_volume")
+        return self
+
+
 AnyCommand = (
-    SetpointCommand | ModeCommand | PhaseCommand | AlarmCommand | MarkerCommand | ConfirmCommand
+    SetpointCommand
+    | ModeCommand
+    | PhaseCommand
+    | AlarmCommand
+    | MarkerCommand
+    | ConfirmCommand
+    | CalibrateCommand
 )
 
 COMMAND_MODELS: Final[dict[str, type[Command]]] = {
@@ -196,6 +225,7 @@ COMMAND_MODELS: Final[dict[str, type[Command]]] = {
     "alarm": AlarmCommand,
     "marker": MarkerCommand,
     "confirm": ConfirmCommand,
+    "calibrate": CalibrateCommand,
 }
 
 

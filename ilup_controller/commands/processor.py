@@ -69,12 +69,14 @@ from typing import Any, Final, Literal, NoReturn, cast
 
 from pydantic import ValidationError
 
+from ilup_controller.commands.calibration import calibrate
 from ilup_controller.commands.confirm import Confirmations, Ending, Pending, new_token
 from ilup_controller.commands.models import (
     COMMAND_MODELS,
     USERNAME_RE,
     AlarmCommand,
     AnyCommand,
+    CalibrateCommand,
     Command,
     CommandName,
     ConfirmCommand,
@@ -642,6 +644,8 @@ class CommandProcessor:
                 reason: ReasonCode = (
                     "interlock_active" if "interlock" in result.reason else "not_allowed_in_phase"
                 )
+                if result.reason.startswith("not_commissioned"):
+                    reason = "not_commissioned"
                 return reason, f"phase {c.action} in {before}: {result.reason}"
             return None, f"phase {result.from_phase} -> {result.to_phase}"
         if isinstance(c, AlarmCommand):
@@ -661,6 +665,8 @@ class CommandProcessor:
             return None, f"marker recorded: {c.text}"
         if isinstance(c, ConfirmCommand):
             return self._settle(cmd, c, core, t_s, operator, now)
+        if isinstance(c, CalibrateCommand):
+            return calibrate(c, core, t_s, operator)
         _unreachable(c)
 
     def _settle(

@@ -645,6 +645,34 @@ class Guard(Strict):
         "Its password comes from the guard's own service credential (deploy/ilup-guard@.service).",
     )
 
+# --------------------------------------------------------------------------- commissioning
+
+
+class Commissioning(Strict):
+    """The gate: ``phase priming`` is refused (``not_commissioned``) unless ``ilup commission``
+    passed for this exact configuration (SHA-256) within ``max_age_h``. Only a simulated cart
+    may waive it, and the waiver is shown in ``ilup status`` and the state."""
+
+    max_age_h: Pos = Field(24.0, le=24.0 * 365, description="A passing run is valid this long.")
+    waive: bool = Field(False, description="Simulated carts only: no commissioning needed.")
+    reason: str = Field("", max_length=200, description="Why the gate is waived (required).")
+    file: str | None = Field(
+        None,
+        description="Commissioning file; default <cart file without .yaml>.commissioning.json "
+        "next to the cart file.",
+    )
+    heater_power_measured: Name | None = Field(
+        None,
+        description="Signal: the heater's own power readback, %, when it has one; the heater "
+        "watchdog test needs it to see the heater fall to 0.",
+    )
+
+    @model_validator(mode="after")
+    def _reasoned(self) -> Self:
+        if self.waive and not self.reason.strip():
+            raise ValueError("waive: true needs a reason (shown in ilup status and the state)")
+        return self
+
 
 # --------------------------------------------------------------------------- the cart
 
@@ -668,6 +696,7 @@ class CartConfig(Strict):
     )
     commands: CommandLimits = CommandLimits()
     guard: Guard | None = Field(None, description="The independent safety layer, `ilup guard`.")
+    commissioning: Commissioning = Commissioning()
 
     @field_validator("signals")
     @classmethod
@@ -736,6 +765,14 @@ class CartConfig(Strict):
                 f"be below alarms.gradient_c ({self.alarms.gradient_c:g} degC), or the "
                 "controller's own gradient raises the alarm"
             )
+        if self.commissioning.waive and not self.simulated:
+            errors.append(
+                "commissioning.waive: only a simulated cart (simulated: true) may waive "
+                "commissioning; run ilup commission on a real cart"
+            )
+        hp = self.commissioning.heater_power_measured
+        if hp is not None and hp not in self.signals:
+            errors.append(f"commissioning.heater_power_measured: no signal named {hp!r}")
         errors.extend(_overlaps(self.signals))
         errors.extend(_serial_lines(self.devices, self.simulator))
         errors.extend(_line_budgets(self))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.alarms import ActiveAlarm, AlarmEngine, AlarmEvent, Verdict
+from ilup_controller.core.calibration import Calibration, PressureZeroing, zeroed
 from ilup_controller.core.catalogue import CATALOGUE, PumpAction
 from ilup_controller.core.continuity import Continuity
 from ilup_controller.core.control import Controller, LoopOutput
@@ -61,6 +62,38 @@ class CartCore:
         self._last_t_s = t0_s
         self._last: LoopOutput | None = None
         self._pending: list[AlarmEvent | PhaseEvent] = []
+        self.calibration = Calibration(
+            0.0, cfg.control.flow.stroke_volume_ml_per_rev, "configuration"
+        )
+        self.zeroing = PressureZeroing()
+        self.last_measured: Measured | None = None
+        # Why priming may not start ("" = it may): set by the daemon from the commissioning
+        # gate (commissioning/gate.py); ``priming_allowed_until_s``: the passing run expires.
+        self.priming_block = ""
+        self.priming_allowed_until_s: float | None = None
+
+    # ------------------------------------------------------------------ calibration
+
+    @property
+    def last_pump_command_rpm(self) -> float:
+        return self._last.pump_speed_rpm if self._last is not None else 0.0
+
+    def set_calibration(self, cal: Calibration) -> None:
+        """Apply a pressure zero and stroke volume from now on (caller checked idle/pump)."""
+        self.calibration = cal
+        self.controller.stroke_volume_ml_per_rev = cal.stroke_volume_ml_per_rev
+
+    def _commissioning_refusal(self, t_s: float) -> Refusal | None:
+        if self.priming_block:
+            return Refusal(f"not_commissioned: {self.priming_block}")
+        until = self.priming_allowed_until_s
+        if until is not None and t_s > until:
+            return Refusal(
+                "not_commissioned: the last passing commissioning run is older than "
+                f"commissioning.max_age_h ({self.cfg.commissioning.max_age_h:g} h): run "
+                "ilup commission again"
+            )
+        return None
 
     # ------------------------------------------------------------------ operator API
 
@@ -75,6 +108,10 @@ class CartCore:
     def request_phase(
         self, to: Phase, t_s: float, reason: str, operator: str | None = None
     ) -> PhaseEvent | Refusal:
+        if to is Phase.priming and self.procedure.phase is Phase.idle:
+            refused = self._commissioning_refusal(t_s)
+            if refused is not None:
+                return refused
         result = self.procedure.request(
             to, t_s, reason, blockers=self.pump_blockers(), operator=operator
         )
@@ -161,6 +198,9 @@ class CartCore:
         self._last_t_s = t_s
         events, self._pending = self._pending, []
         ctl, proc = self.controller, self.procedure
+        pressure_signal = self.cfg.control.pressure.measured
+        self.zeroing.add(readings.get(pressure_signal))
+        readings = zeroed(readings, pressure_signal, self.calibration.pressure_zero_mmhg)
         last = self._last
         ctx = Context(
             phase=proc.phase,
@@ -185,6 +225,7 @@ class CartCore:
             guard_problem=guard_problem,
         )
         m, sensor_conditions = self.monitor.sense(t_s, readings, ctx)
+        self.last_measured = m
         conditions = {
             **sensor_conditions,
             **self.monitor.evaluate(t_s, dt_s, m, ctx),
@@ -206,6 +247,7 @@ class CartCore:
             and proc.phase is Phase.idle
             and _all_present(m)
             and not self.pump_blockers()
+            and self._commissioning_refusal(t_s) is None
         ):
             started = proc.request(Phase.priming, t_s, "autostart: all sensors reading")
             if isinstance(started, PhaseEvent):

@@ -47,6 +47,8 @@ class Controller:
         self.flow_target_ml_min = c.flow.target_ml_min
         self.pressure_limit_mmhg = c.pressure.limit_mmhg
         self.temperature_target_c = c.temperature.target_c
+        # Feed-forward: the configured stroke volume, or a calibrated one (core/calibration.py).
+        self.stroke_volume_ml_per_rev = c.flow.stroke_volume_ml_per_rev
         self._flow_ramp_ml_min_per_s = (
             c.flow.target_ml_min / c.flow.ramp_s if c.flow.ramp_s else math.inf
         )
@@ -140,7 +142,7 @@ class Controller:
         else:
             step = self._flow_ramp_ml_min_per_s * dt_s
             self._flow_sp = approach(self._flow_sp, self.phase_target_ml_min(phase), step, step)
-        ff_rpm = self._flow_sp / fc.stroke_volume_ml_per_rev
+        ff_rpm = self._flow_sp / self.stroke_volume_ml_per_rev
         if m.flow_ml_min is not None:
             trim_rpm = self._flow_pid.update(self._flow_sp, m.flow_ml_min, dt_s)
         else:

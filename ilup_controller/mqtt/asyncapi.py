@@ -48,6 +48,7 @@ _COMMAND_SUMMARY = {
     "alarm": "Acknowledge or reset one alarm, or pause the audio.",
     "marker": "A free-text event for the procedure record ('drug in', 'clamp off').",
     "confirm": "Confirm or cancel this operator's change that was answered confirm_required.",
+    "calibrate": "Zero the pressure transducer or set the stroke volume (idle, pump stopped).",
 }
 
 

@@ -79,6 +79,24 @@ class Timing(Message):
     overruns: int = quantity("count", "Ticks that started late (took longer than the period).")
 
 
+class Calibration(Message):
+    """Calibration the daemon applies (core/calibration.py)."""
+
+    pressure_zero_mmhg: float = quantity(
+        "mmHg", "Transducer zero subtracted from every PA pressure reading."
+    )
+    stroke_volume_ml_per_rev: float = quantity("mL/rev", "Stroke volume of the feed-forward.")
+    source: str = Field(description="configuration, commissioning <when> by <who>, or operator.")
+
+
+class Commissioning(Message):
+    """The gate on priming (docs/commissioning.md)."""
+
+    status: str = Field(description="commissioned, waived (simulated cart) or not_commissioned.")
+    detail: str = Field(description="Who and when, the waiver's reason, or why not.")
+    valid_until: datetime | None = Field(None, description="UTC end of the passing run's validity.")
+
+
 class State(Message):
     """Retained on ``<prefix>/<cart_id>/state`` at least once a second."""
 
@@ -98,6 +116,8 @@ class State(Message):
         default_factory=list, description="Ids of present alarms (details on the alarms topic)."
     )
     timing: Timing
+    calibration: Calibration | None = None
+    commissioning: Commissioning | None = None
 
 
 class Alarm(Message):

@@ -29,6 +29,7 @@ from ilup_controller.mqtt.messages import Event
 from ilup_controller.mqtt.topics import ALARMS, EVENTS, GUARD, Topics
 from ilup_controller.record.recorder import Recorder, RecorderError
 from ilup_controller.runtime.commands import CommandIntake, PendingReply
+from ilup_controller.runtime.commissioning import CommissioningEdge
 from ilup_controller.runtime.guardwatch import GuardWatch
 from ilup_controller.runtime.notify import Notifier
 from ilup_controller.runtime.recovery import open_procedure
@@ -42,10 +43,17 @@ log = logging.getLogger("ilup.daemon")
 
 class Daemon:
     def __init__(
-        self, cfg: CartConfig, *, on_tick: Callable[[float, float, float], None] | None = None
+        self,
+        cfg: CartConfig,
+        *,
+        on_tick: Callable[[float, float, float], None] | None = None,
+        cart_file: str | None = None,
     ) -> None:
-        """``on_tick(deadline_s, started_s, finished_s)`` is for benchmarks (loop clock)."""
+        """``on_tick(deadline_s, started_s, finished_s)`` is for benchmarks (loop clock);
+        ``cart_file``: where the commissioning file is looked for (commissioning/results.py).
+        """
         self.cfg = cfg
+        self.commissioning = CommissioningEdge(cfg, cart_file)
         self._on_tick = on_tick
         self.store: dict[str, Reading] = {}
         self.ticker = Ticker(cfg.control.tick_period_s)
@@ -110,6 +118,8 @@ class Daemon:
             if opening.unreadable is not None:
                 self.core.hold_for_unreadable_record(loop.time(), *opening.unreadable)
             recorder.event(self._daemon_event("daemon started", restored))
+            for text in self.commissioning.start(self.core, loop.time()):
+                recorder.event(self._record_note("commissioning", text))
             control = asyncio.create_task(self._control_loop(), name="control")
             log.info(
                 "daemon started cart_id=%s devices=%s tick=%.3fs",
@@ -245,7 +255,16 @@ class Daemon:
                 self._link_of(self._heartbeat).set_output(self._heartbeat, seq % 65536)
             for link in self.links.values():
                 link.request_cycle()
-            state = build_state(cfg, r, seq=seq, utc_of=utc_of, stats=self.ticker.stats)
+            calibration, gate = self.commissioning.state(core)
+            state = build_state(
+                cfg,
+                r,
+                seq=seq,
+                utc_of=utc_of,
+                stats=self.ticker.stats,
+                calibration=calibration,
+                commissioning=gate,
+            )
             mqtt.offer_state(state)
             assert self.recorder is not None
             self.recorder.sample(state, t_mono_s=t_s)
@@ -365,6 +384,12 @@ class Daemon:
             self._dropped_seen = rec.dropped
             return f"{rec.dropped} rows dropped (queue full: the disk is too slow)"
         return ""
+
+    def _record_note(self, kind: str, message: str) -> Event:
+        seq, self._event_seq = self._event_seq, self._event_seq + 1
+        return Event(
+            t=datetime.now(UTC), seq=seq, cart_id=self.cfg.cart_id, kind=kind, message=message
+        )
 
     def _daemon_event(self, what: str, restored: Restored | None) -> Event:
         message = f"{what}: ilup {__version__}, cart {self.cfg.cart_id}"

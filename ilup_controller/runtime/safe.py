@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from ilup_controller.config.models import CartConfig
 from ilup_controller.modbus.link import DeviceLink
+from ilup_controller.runtime.causes import likely_cause
 
 log = logging.getLogger("ilup.safe")
 
@@ -37,9 +38,19 @@ async def drive_safe(cfg: CartConfig, links: Mapping[str, DeviceLink]) -> dict[s
         if ok is True:
             log.info("safe state written device=%s", device)
         else:
-            log.error(
-                "safe state NOT confirmed device=%s result=%r; relying on the device watchdog",
-                device,
-                ok,
-            )
+            h = links[device].health
+            if h.last_ok_t is None:  # it never answered: nothing was ever driven
+                log.error(
+                    "safe state NOT confirmed device=%s: it never answered (%s): %s",
+                    device,
+                    h.last_error or "no reply",
+                    likely_cause(h.last_error or "", device),
+                )
+            else:
+                log.error(
+                    "safe state NOT confirmed device=%s result=%r; relying on the device "
+                    "watchdog",
+                    device,
+                    ok,
+                )
     return acknowledged

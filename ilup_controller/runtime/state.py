@@ -29,7 +29,14 @@ def _decimals(cfg: CartConfig) -> dict[str, int]:
 
 
 def build_state(
-    cfg: CartConfig, r: TickResult, *, seq: int, utc_of: UtcOf, stats: TickStats
+    cfg: CartConfig,
+    r: TickResult,
+    *,
+    seq: int,
+    utc_of: UtcOf,
+    stats: TickStats,
+    calibration: msg.Calibration | None = None,
+    commissioning: msg.Commissioning | None = None,
 ) -> msg.State:
     m, loop = r.measured, r.loop
     d = _decimals(cfg)  # each value at its signal's resolution: no float noise
@@ -75,6 +82,8 @@ def build_state(
         timing=msg.Timing(
             tick_period_s=cfg.control.tick_period_s, ticks=stats.ticks, overruns=stats.overruns
         ),
+        calibration=calibration,
+        commissioning=commissioning,
     )
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from ilup_controller.config.models import CartConfig
 from ilup_controller.modbus.codec import CodecError, resolution
 from ilup_controller.modbus.link import DeviceLink
+from ilup_controller.runtime.causes import likely_cause
 
 log = logging.getLogger("ilup.watchdog")
 
@@ -94,7 +95,7 @@ async def _arm(cfg: CartConfig, name: str, link: DeviceLink, deadline_s: float) 
             "device manual"
         )
     raise WatchdogError(
-        f"device {name!r} at {dev.where} did not answer within "
-        f"{deadline_s:g} s (last error: {error}); its watchdog could not be armed: check the "
-        f"cabling, host, port and unit_id in devices.{name}"
+        f"device {name!r} at {dev.where} did not answer within {deadline_s:g} s (last error: "
+        f"{error}): likely {likely_cause(error, name)}; its watchdog could not be armed and "
+        f"nothing was driven: check the cabling, host, port and unit_id in devices.{name}"
     )
