@@ -645,6 +645,7 @@ class Guard(Strict):
         "Its password comes from the guard's own service credential (deploy/ilup-guard@.service).",
     )
 
+
 # --------------------------------------------------------------------------- commissioning
 
 

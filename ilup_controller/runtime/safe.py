@@ -48,8 +48,7 @@ async def drive_safe(cfg: CartConfig, links: Mapping[str, DeviceLink]) -> dict[s
                 )
             else:
                 log.error(
-                    "safe state NOT confirmed device=%s result=%r; relying on the device "
-                    "watchdog",
+                    "safe state NOT confirmed device=%s result=%r; relying on the device watchdog",
                     device,
                     ok,
                 )
