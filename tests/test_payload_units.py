@@ -25,7 +25,8 @@ def _numeric_fields(schema: dict[str, Any]) -> list[tuple[str, str, dict[str, An
 
 def test_every_number_in_the_state_has_units_and_a_description() -> None:
     fields = _numeric_fields(State.model_json_schema())
-    assert len(fields) == 19  # measured 6, targets 5, outputs 2, loop 1, drug phase 2, timing 3
+    # measured 6, targets 5, outputs 2, loop 1, drug phase 2, timing 3, calibration 2
+    assert len(fields) == 21
     missing = [(m, n) for m, n, p in fields if not p.get("x-units") or not p.get("description")]
     assert missing == []
     units = {(m, n): p["x-units"] for m, n, p in fields}
@@ -33,6 +34,8 @@ def test_every_number_in_the_state_has_units_and_a_description() -> None:
     assert units[("Measured", "flow_ml_min")] == "mL/min"
     assert units[("Outputs", "heater_pct")] == "%"
     assert units[("DrugPhase", "remaining_s")] == "s"
+    assert units[("Calibration", "pressure_zero_mmhg")] == "mmHg"
+    assert units[("Calibration", "stroke_volume_ml_per_rev")] == "mL/rev"
 
 
 def test_generated_documents_carry_the_units_and_the_licence() -> None:

@@ -69,8 +69,11 @@ def test_recorded_procedure_matches_ground_truth(tmp_path: Path) -> None:
     assert data.n_samples == stats.ticks
     assert s.gap_samples == 0
     assert s.drug_elapsed_s == pytest.approx(cfg.procedure.drug_phase_s, abs=0.2)
-    # Measured (noisy sensors) against true values: the timer agrees to within 1 s.
-    assert abs(truth_at_target_s - s.drug_elapsed_s) <= 1.0, (truth_at_target_s, s)
+    # Measured (noisy sensors) against true values. Priming (heater off below min flow) cools
+    # the warm prime to about the band's lower edge, which the perfusate then recrosses slowly
+    # (~0.15 degC/min): each 0.01 degC of register step or noise there is ~4 s of timer, so the
+    # two timers agree to the probe's resolution, not to the tick.
+    assert abs(truth_at_target_s - s.drug_elapsed_s) <= 3.0, (truth_at_target_s, s)
     # The sensor reads 0.3 mmHg high (zero offset) plus noise.
     assert s.pressure_max_mmhg == pytest.approx(truth_max_pressure + 0.3, abs=1.0)
     assert s.flow_perfusion is not None

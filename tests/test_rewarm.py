@@ -3,6 +3,7 @@ quantised, noisy or delayed probe, and the gradient law's limits."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -53,3 +54,43 @@ def test_gradient_is_capped_and_never_heats_past_the_water_cap() -> None:
     # Above the target the asked rate is negative: the water is asked below the perfusate.
     assert d.rate_target_c_per_min < 0.0
     assert d.water_setpoint_c <= 40.5
+
+
+def _ramp_on_a_lossy_exchanger(ramp_integral_per_s: float) -> tuple[list[float], list[float]]:
+    """The gradient loop on a first-order exchanger (C 3800 J/K, UA 60 W/K) whose losses grow
+    with the perfusate (3 W/K to a 22 degC room, 20 W/K to a 36 degC body through the lung),
+    the water following its setpoint with a 10 s lag. Returns the rise per minute over
+    minutes 2-3, 3-4, 4-5 and 5-6, and the asked gradient of the first ticks."""
+    t = load_config("config/sim.yaml").control.temperature
+    t = t.model_copy(update={"ramp_integral_per_s": ramp_integral_per_s})
+    loop = GradientLoop(t)
+    loop.reset(water_c=34.0, perfusate_c=34.0)
+    temp_c = water_c = 34.0
+    per_s: list[float] = []
+    gradients: list[float] = []
+    for k in range(1, 4201):
+        d = loop.step(0.1, temp_c, water_c, 37.0)
+        gradients.append(d.water_setpoint_c - d.perfusate_c)
+        water_c += (d.water_setpoint_c - water_c) * 0.1 / 10.0
+        loss_w = 3.0 * (temp_c - 22.0) + 20.0 * (temp_c - 36.0)
+        temp_c += (60.0 * (water_c - temp_c) - loss_w) / 3800.0 * 0.1
+        if k % 10 == 0:
+            per_s.append(temp_c)
+    return [per_s[a + 60] - per_s[a] for a in (120, 180, 240, 300)], gradients
+
+
+def test_second_integral_holds_the_ramp_against_a_growing_loss() -> None:
+    """A PI alone trails a loss that ramps with the temperature by a constant rate error
+    (0.417 degC/min for 0.47 asked); the second integral closes half of it within minutes."""
+    without, _ = _ramp_on_a_lossy_exchanger(0.0)
+    with_it, _ = _ramp_on_a_lossy_exchanger(0.003)
+    assert max(without) <= 0.42, without
+    assert min(with_it[1:]) >= 0.435, with_it
+    assert max(with_it) <= 0.47, with_it  # it does not overshoot the asked rate either
+
+
+def test_asked_gradient_rises_no_faster_than_its_slew() -> None:
+    t = load_config("config/sim.yaml").control.temperature
+    _, gradients = _ramp_on_a_lossy_exchanger(t.ramp_integral_per_s)
+    for a, b in itertools.pairwise(gradients):
+        assert b - a <= t.gradient_slew_c_per_s * 0.1 + 1e-9, (a, b)

@@ -154,7 +154,9 @@ class GradientLoop:
         high_c = c.max_gradient_c
         applied_c = min(max(gradient_c, low_c), high_c)
         if self._last_gradient_c is not None:
-            applied_c = min(applied_c, self._last_gradient_c + c.gradient_slew_c_per_s * dt_s)
+            # Only heating is slewed: back from below the perfusate (heater off) to 0 at once.
+            rise_from_c = max(self._last_gradient_c, 0.0)
+            applied_c = min(applied_c, rise_from_c + c.gradient_slew_c_per_s * dt_s)
         self._last_gradient_c = applied_c
         water_sp = min(temp_c + applied_c, c.water_cap_c - 0.5)
         # Integrate only where the water can follow: not past a clamp, and not while the water
