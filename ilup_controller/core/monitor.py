@@ -17,7 +17,7 @@ from ilup_controller.config.models import CartConfig
 from ilup_controller.core.alarms import Condition
 from ilup_controller.core.diagnostics import Inputs, ProcessDiagnostics
 from ilup_controller.core.procedure import RUNNING, Phase
-from ilup_controller.core.sensors import Run, SensorCheck, resolution_of
+from ilup_controller.core.sensors import SensorCheck, resolution_of
 from ilup_controller.core.types import Readings
 
 STARTUP_GRACE_S = 5.0  # a sensor never read is a fault only after this long
@@ -169,6 +169,7 @@ class Monitor:
                 check("reservoir", c.reservoir_measured, "reservoir"),
             ),
         }
+        self._check_of = {k: chk for k, (_, chk) in self._checks.items()}
         self._diagnostics = ProcessDiagnostics(
             c.flow.stroke_volume_ml_per_rev,
             lsb(c.flow.measured),
@@ -253,20 +254,22 @@ class Monitor:
             phase=ctx.phase,
             read_t_s=read_t_s,
         )
-        checks = {k: chk for k, (_, chk) in self._checks.items()}
+        checks = self._check_of
         if self._diagnostics.operating_point_changed(x):
             for k in ("sensor_flow", "sensor_pressure"):  # their noise depends on the flow
                 chk = checks[k]
                 if chk is not None:
                     chk.relearn()
 
-        def run(k: str) -> Run | None:
-            chk = checks[k]
-            return None if chk is None else chk.run
-
-        verdicts = self._diagnostics.assess(
-            x, run("sensor_flow"), run("sensor_pressure"), run("sensor_temperature")
+        flow, pressure, temp = (
+            None if chk is None else chk.run
+            for chk in (
+                checks["sensor_flow"],
+                checks["sensor_pressure"],
+                checks["sensor_temperature"],
+            )
         )
+        verdicts = self._diagnostics.assess(x, flow, pressure, temp)
         for k, why in verdicts.items():
             chk = checks[k]
             if chk is not None:

@@ -62,6 +62,9 @@ class SensorCheck:
         self.label = label
         self.resolution = resolution
         self._limits = limits
+        # A jump is a change beyond max_rate x dt plus what noise and one LSB allow.
+        self._max_rate_per_s = limits.max_rate_per_s
+        self._jump_slack = 3.0 * limits.max_noise + resolution
         self._range = value_range
         self._stale_after_s = stale_after_s
         self._prev: Reading | None = None
@@ -114,10 +117,7 @@ class SensorCheck:
             # Reads can come close together (a link cycle on request right after its own), so
             # the allowance includes the noise a good sensor shows between any two readings.
             # One least significant bit of change is never a jump.
-            allowed = (
-                self._limits.max_rate_per_s * dt + 3.0 * self._limits.max_noise + self.resolution
-            )
-            jump = abs(v - self._prev.value) > allowed
+            jump = abs(v - self._prev.value) > self._max_rate_per_s * dt + self._jump_slack
             if jump:
                 self._violations.append(t_s)
             if self._prev2 is not None:
