@@ -1,57 +1,46 @@
-"""`ilup tune` on three plant variants, and the control figures before/after its gains.
+"""`ilup tune` on four plant variants, and the control figures before/after its gains.
 
-For each variant (reference; long probe delay; weak heater) the simulator runs as `ilup sim
---speed N` and `ilup tune` runs against it over Modbus TCP for the water, perfusate and flow
-loops (a fresh simulator per loop, so each test starts from the same circuit). The three
-overlays are then loaded over the variant's cart file and the 30-minute procedure is run in
-virtual time (sim/virtual.py) with the default gains and with the tuned ones.
+For each variant of sim/family.py (reference; 25 s probe delay; 300 W heater; 20 W/K exchanger)
+the simulator runs as `ilup sim --speed N` and `ilup tune` runs against it over Modbus TCP for
+the water, perfusate and flow loops (a fresh simulator per loop, so each test starts from the
+same circuit). The three overlays are then loaded over the variant's cart file and the 30-minute
+procedure is run in virtual time (sim/metrics.py, the family table's figures) with the default
+gains and with the tuned ones.
 
 Usage: python -m benchmarks.tune   (or python -m benchmarks.run --only tune)
 """
 
 from __future__ import annotations
 
-import itertools
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-from ruamel.yaml import YAML
 
 from ilup_controller.broker import free_port
 from ilup_controller.config import CartConfig, load_config
-from sim.virtual import Sample, VirtualCart
+from sim import family
+from sim.metrics import RunMetrics, run_metrics
 
 SIM_CONFIG = Path("config/sim.yaml")
-# Variants of simulator.plant (until sim/family.py lands): name -> (changes, what it is).
-VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
-    "reference": ({}, "config/sim.yaml as it is"),
-    "long_probe_delay": (
-        {"tubing_volume_ml": 208.0},
-        "25 s transport delay to the arterial probe at 500 mL/min",
-    ),
-    "weak_heater": ({"heater_power_w": 400.0}, "400 W heater instead of 800 W"),
-}
+# Plant variants (sim/family.py): the reference, a long probe delay, a weak heater and a weak
+# exchanger (three times the default exchanger time constant).
+VARIANTS = ("reference", "probe_delay_25s", "heater_300w", "hx_20")
 # Loop -> simulator speed: temperature tests are long (minutes of plant time), the flow test
 # short but fast (0.4 s lag), which a sample every 0.02 s wall must still resolve.
 LOOP_SPEED = {"water": 30.0, "perfusate": 30.0, "flow": 5.0}
 
 
 def _variant_config(tmp: Path, name: str) -> Path:
-    yaml = YAML(typ="safe", pure=True)
-    data = yaml.load(SIM_CONFIG.read_text(encoding="utf-8"))
+    cfg = family.apply(family.by_name(name), load_config(SIM_CONFIG))
+    data = cfg.model_dump(mode="json")
     for dev in data["devices"].values():
         dev["port"] = free_port()
     data["mqtt"]["port"] = free_port()  # no broker: ilup tune is told --assume-no-daemon
     data["record"] = {"directory": str(tmp / "records")}
-    data["simulator"].setdefault("plant", {}).update(VARIANTS[name][0])
     path = tmp / f"{name}.yaml"
-    with path.open("w", encoding="utf-8") as f:
-        yaml.dump(data, f)
+    family.write_config(CartConfig.model_validate(data), path)
     return path
 
 
@@ -92,29 +81,8 @@ def _tune(cfg_path: Path, loop: str, out: Path, log: Path) -> str:
     return r.stdout
 
 
-def _figures(cfg: CartConfig) -> dict[str, float]:
-    samples: list[Sample] = []
-    VirtualCart(cfg).run_for(1800.0, samples.append)
-    tc, fc = cfg.control.temperature, cfg.control.flow
-    start = next(s.decision.t_s for s in samples if s.truth.flow_ml_min >= tc.min_flow_ml_min)
-    temps = [(s.decision.t_s, s.truth.arterial_c) for s in samples]
-    warm = next((t for t, c in temps if c >= tc.target_c - 0.3), float("nan"))
-    flows = [s.truth.flow_ml_min for s in samples if s.decision.t_s >= fc.ramp_s + 30.0]
-    return {
-        "rewarm_s": warm - start,
-        "overshoot_c": max(c for _, c in temps) - tc.target_c,
-        "flow_rms": statistics.fmean([(f - fc.target_ml_min) ** 2 for f in flows]) ** 0.5,
-        "peak_water_c": max(s.truth.water_c for s in samples),
-        "alarm_onsets": float(
-            sum(
-                len(
-                    {x.alarm_id for x in b.decision.alarms}
-                    - {x.alarm_id for x in a.decision.alarms}
-                )
-                for a, b in itertools.pairwise(samples)
-            )
-        ),
-    }
+def _figures(cfg: CartConfig) -> RunMetrics:
+    return run_metrics(cfg, 1800.0)
 
 
 def bench_tune() -> str:
@@ -122,7 +90,8 @@ def bench_tune() -> str:
     models: list[str] = []
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        for name, (_, what) in VARIANTS.items():
+        for name in VARIANTS:
+            what = family.by_name(name).description
             cfg_path = _variant_config(tmp, name)
             overlays: list[Path] = []
             for loop in LOOP_SPEED:
@@ -137,17 +106,21 @@ def bench_tune() -> str:
                     [
                         name,
                         label,
-                        f"{f['rewarm_s']:.0f}",
-                        f"{f['overshoot_c']:+.2f}",
-                        f"{f['flow_rms']:.2f}",
-                        f"{f['peak_water_c']:.2f}",
-                        f"{f['alarm_onsets']:.0f}",
+                        "-" if f.rewarm_s is None else f"{f.rewarm_s:.0f}",
+                        "-" if f.rewarm_ratio is None else f"{f.rewarm_ratio:.2f}",
+                        f"{f.max_rate_c_per_min:.2f}",
+                        f"{f.overshoot_c:.2f}",
+                        "-" if f.flow_rms_ml_min is None else f"{f.flow_rms_ml_min:.2f}",
+                        f"{f.peak_water_c:.2f}",
+                        str(f.onsets),
                     ]
                 )
     headers = [
         "variant",
         "gains",
-        "rewarm 34 -> 36.7 degC (s)",
+        "rewarm to 36.7 degC (s)",
+        "ratio to 1.25 x guideline",
+        "max rate (degC/min over 2 min)",
         "overshoot (degC)",
         "flow RMS (mL/min)",
         "peak water (degC)",
@@ -156,8 +129,8 @@ def bench_tune() -> str:
     table = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     return (
-        "#### `ilup tune` on three plant variants (water, perfusate and flow loops), then the "
-        "30-minute procedure in virtual time\n\n"
+        "#### `ilup tune` over Modbus on four plant variants (water, perfusate and flow loops), "
+        "then the 30-minute procedure in virtual time\n\n"
         + "\n".join(table)
         + "\n\n```\n"
         + "\n\n".join(models)
