@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -328,6 +329,17 @@ def _min(value_s: float | None) -> str:
     return "-" if value_s is None else f"{value_s / 60.0:.1f}"
 
 
+def _fastest(ms: Iterable[RunMetrics], *, heater_only: bool) -> float:
+    """Fastest 2-minute arterial warming; heater_only leaves out the primes colder than 33 degC,
+    which the body warms through the lung faster than the guideline with the heater off (the
+    controller cannot cool: the advisory warming_uncontrolled says so)."""
+    return max(
+        m.max_rate_c_per_min
+        for m in ms
+        if not heater_only or (m.rewarm_start_c is not None and m.rewarm_start_c >= 33.0)
+    )
+
+
 def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1) -> str:
     names = [v.name for v in family.VARIANTS]
     names += [v.name for v in family.random_variants(seed, random_n)]
@@ -406,14 +418,16 @@ def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1)
             str(sum(m.onsets for m in tuned.values())),
         ],
         [
-            "fastest arterial warming over 2 min after `ilup tune`",
-            f"{max(m.max_rate_c_per_min for m in tuned.values()):.2f} degC/min",
+            "fastest arterial warming over 2 min after `ilup tune`, heater-warmed / all",
+            f"{_fastest(tuned.values(), heater_only=True):.2f} / "
+            f"{_fastest(tuned.values(), heater_only=False):.2f} degC/min",
         ],
         ["never rewarmed", str(sum(m.rewarm_s is None for m in ms))],
         ["worst overshoot", f"{max(m.overshoot_c for m in ms):.2f} degC"],
         [
-            "fastest arterial warming over 2 min",
-            f"{max(m.max_rate_c_per_min for m in ms):.2f} degC/min",
+            "fastest arterial warming over 2 min, heater-warmed / all",
+            f"{_fastest(ms, heater_only=True):.2f} / "
+            f"{_fastest(ms, heater_only=False):.2f} degC/min",
         ],
         ["largest water-to-arterial gradient", f"{max(m.max_gradient_c for m in ms):.1f} degC"],
         ["highest peak pressure", f"{max(m.peak_pressure_mmhg for m in ms):.1f} mmHg"],

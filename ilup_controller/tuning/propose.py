@@ -33,7 +33,7 @@ MODEL_UNITS: dict[Loop, str] = {
     "flow": "mL/min per rpm (pump speed -> measured flow)",
     "pressure": "mmHg per rpm (pump speed -> PA pressure)",
     "water": "degC per % (heater power -> water temperature)",
-    "perfusate": "degC per degC (water setpoint -> perfusate temperature)",
+    "perfusate": "degC per degC (measured water -> perfusate temperature)",
 }
 
 
@@ -112,8 +112,7 @@ GRADIENT_RULE = (
     "rate loop (core/rewarm.py), from the exchanger model (measured water -> perfusate, K tau "
     "theta): feed-forward time C/UA = tau/K; kp = C/UA in minutes (a rate error asks the "
     "gradient the feed-forward would), integral time = the loop's dead time theta + "
-    "rate_window_s/2 (tau_c = theta, as SIMC's 'tight'); the defaults are this rule on the "
-    "reference simulator"
+    "rate_window_s/2 (tau_c = theta, as SIMC's 'tight')"
 )
 
 
