@@ -16,12 +16,15 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
+from procs import merge
+from ruamel.yaml import YAML
 
 from ilup_controller.broker import free_port, mosquitto_binary
 
@@ -221,3 +224,33 @@ def run_broker(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def secure_cart(
+    tmp_path: Path, b: SecureBroker, daemon_user: str, extra: Mapping[str, Any] | None = None
+) -> tuple[Path, str]:
+    """config/sim.yaml on free device ports, the daemon logged in to ``b`` as ``daemon_user``
+    over TLS, no autostart, phases advanced by hand, ``extra`` merged in. Returns the cart file
+    and its topic root."""
+    yaml = YAML(typ="safe", pure=True)
+    data = yaml.load(Path("config/sim.yaml").read_text())
+    for dev in data["devices"].values():
+        dev["port"] = free_port()
+    data["mqtt"].update(
+        {
+            "port": b.port,
+            "username": daemon_user,
+            "password": b.pki.passwords[daemon_user],
+            "tls": {"ca_file": str(b.pki.ca_file)},
+            "keepalive_s": 2,
+        }
+    )
+    data["control"]["autostart"] = False
+    data["control"]["flow"]["ramp_s"] = 2.0
+    data["procedure"].update({"auto_advance": False})
+    data["record"] = {"directory": str(tmp_path / "records")}
+    merge(data, extra or {})
+    path = tmp_path / "cart.yaml"
+    with path.open("w") as f:
+        yaml.dump(data, f)
+    return path, f"{data['mqtt'].get('topic_prefix', 'ilup')}/{data['cart_id']}"

@@ -44,17 +44,17 @@ def write_cart_config(
     data["record"] = {"directory": str(tmp / "records")}  # no record shared between tests
     data["procedure"]["priming_s"] = 1.0  # real time: reach the flow target within seconds
     if overrides:
-        _merge(data, overrides)
+        merge(data, overrides)
     path = tmp / "cart.yaml"
     with path.open("w", encoding="utf-8") as f:
         yaml.dump(data, f)
     return path, load_config(path)
 
 
-def _merge(into: dict[str, Any], changes: Mapping[str, Any]) -> None:
+def merge(into: dict[str, Any], changes: Mapping[str, Any]) -> None:
     for key, value in changes.items():
         if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
+            merge(into[key], value)
         else:
             into[key] = value
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import merge
 from ruamel.yaml import YAML
 
 from ilup_controller.config import ConfigError, load_config
@@ -32,19 +33,11 @@ def _ilup(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[st
     )
 
 
-def _merge(into: dict[str, Any], changes: Mapping[str, Any]) -> None:
-    for key, value in changes.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
 def _broken(tmp_path: Path, changes: Mapping[str, Any]) -> Path:
     """config/sim.yaml with ``changes`` merged in (nested mappings key by key)."""
     yaml = YAML(typ="safe", pure=True)
     data = yaml.load(SIM.read_text(encoding="utf-8"))
-    _merge(data, changes)
+    merge(data, changes)
     out = tmp_path / "cart.yaml"
     with out.open("w", encoding="utf-8") as f:
         yaml.dump(data, f)

@@ -22,12 +22,9 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from brokers import SecureBroker, make_pki, run_broker
+from brokers import SecureBroker, make_pki, run_broker, secure_cart
 from helpers import wait_until
 from procs import Proc, processes
-from ruamel.yaml import YAML
-
-from ilup_controller.broker import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -45,28 +42,8 @@ def broker(tmp_path: Path) -> Iterator[SecureBroker]:
 
 
 def _cart(tmp_path: Path, b: SecureBroker) -> tuple[Path, str]:
-    yaml = YAML(typ="safe", pure=True)
-    data = yaml.load(Path("config/sim.yaml").read_text())
-    for dev in data["devices"].values():
-        dev["port"] = free_port()
-    data["mqtt"].update(
-        {
-            "port": b.port,
-            "username": DAEMON,
-            "password": b.pki.passwords[DAEMON],
-            "tls": {"ca_file": str(b.pki.ca_file)},
-            "keepalive_s": 2,
-        }
-    )
-    data["control"]["autostart"] = False
-    data["control"]["flow"]["ramp_s"] = 2.0
-    data["procedure"].update({"auto_advance": False})
-    data["record"] = {"directory": str(tmp_path / "records")}
-    data["operators"] = {OPERATOR: "operator"}  # no wildcard: only the operator may command
-    path = tmp_path / "cart.yaml"
-    with path.open("w") as f:
-        yaml.dump(data, f)
-    return path, f"{data['mqtt'].get('topic_prefix', 'ilup')}/{data['cart_id']}"
+    # No wildcard: only the operator may command.
+    return secure_cart(tmp_path, b, DAEMON, {"operators": {OPERATOR: "operator"}})
 
 
 def _cli(

@@ -15,12 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from brokers import SecureBroker, make_pki, run_broker
+from brokers import SecureBroker, make_pki, run_broker, secure_cart
 from helpers import wait_until
 from procs import Proc, processes
-from ruamel.yaml import YAML
-
-from ilup_controller.broker import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -36,27 +33,7 @@ def broker(tmp_path: Path) -> Iterator[SecureBroker]:
 
 
 def _cart(tmp_path: Path, b: SecureBroker) -> tuple[Path, str]:
-    yaml = YAML(typ="safe", pure=True)
-    data = yaml.load(Path("config/sim.yaml").read_text())
-    for dev in data["devices"].values():
-        dev["port"] = free_port()
-    data["mqtt"].update(
-        {
-            "port": b.port,
-            "username": DAEMON,
-            "password": b.pki.passwords[DAEMON],
-            "tls": {"ca_file": str(b.pki.ca_file)},
-            "keepalive_s": 2,
-        }
-    )
-    data["control"]["autostart"] = False
-    data["control"]["flow"]["ramp_s"] = 2.0
-    data["procedure"].update({"auto_advance": False})
-    data["record"] = {"directory": str(tmp_path / "records")}
-    path = tmp_path / "cart.yaml"
-    with path.open("w") as f:
-        yaml.dump(data, f)
-    return path, f"{data['mqtt'].get('topic_prefix', 'ilup')}/{data['cart_id']}"
+    return secure_cart(tmp_path, b, DAEMON)
 
 
 def _cli(cfg: Path, b: SecureBroker, user: str, *args: str) -> subprocess.CompletedProcess[str]:
