@@ -19,11 +19,9 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
 import pytest
-from procs import merge
 from ruamel.yaml import YAML
 
 from ilup_controller.broker import free_port, mosquitto_binary
@@ -227,11 +225,12 @@ def run_broker(
 
 
 def secure_cart(
-    tmp_path: Path, b: SecureBroker, daemon_user: str, extra: Mapping[str, Any] | None = None
+    tmp_path: Path, b: SecureBroker, daemon_user: str, operators: Mapping[str, str] | None = None
 ) -> tuple[Path, str]:
     """config/sim.yaml on free device ports, the daemon logged in to ``b`` as ``daemon_user``
-    over TLS, no autostart, phases advanced by hand, ``extra`` merged in. Returns the cart file
-    and its topic root."""
+    over TLS, no autostart, phases advanced by hand. ``operators`` replaces the simulator's
+    allow-list (whose "*" would let every user command). Returns the cart file and its topic
+    root."""
     yaml = YAML(typ="safe", pure=True)
     data = yaml.load(Path("config/sim.yaml").read_text())
     for dev in data["devices"].values():
@@ -249,7 +248,8 @@ def secure_cart(
     data["control"]["flow"]["ramp_s"] = 2.0
     data["procedure"].update({"auto_advance": False})
     data["record"] = {"directory": str(tmp_path / "records")}
-    merge(data, extra or {})
+    if operators is not None:
+        data["operators"] = dict(operators)
     path = tmp_path / "cart.yaml"
     with path.open("w") as f:
         yaml.dump(data, f)

@@ -43,7 +43,7 @@ def broker(tmp_path: Path) -> Iterator[SecureBroker]:
 
 def _cart(tmp_path: Path, b: SecureBroker) -> tuple[Path, str]:
     # No wildcard: only the operator may command.
-    return secure_cart(tmp_path, b, DAEMON, {"operators": {OPERATOR: "operator"}})
+    return secure_cart(tmp_path, b, DAEMON, operators={OPERATOR: "operator"})
 
 
 def _cli(
