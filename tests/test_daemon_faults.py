@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from helpers import wait_until
-from procs import Proc, Subscriber, processes, read_signal, session, write_cart_config
+from procs import Proc, Subscriber, read_signal, session, write_cart_config
 
 from ilup_controller.broker import MosquittoProcess
 from ilup_controller.core.cart import CartCore, TickResult
@@ -55,7 +55,8 @@ async def test_a_crash_in_the_control_task_still_drives_safe_and_is_recorded(
     daemon = Daemon(cfg)
     caplog.set_level(logging.INFO, logger="ilup")
     loop = asyncio.get_running_loop()
-    with processes() as procs:
+    sub = Subscriber(mosquitto.port, f"{cfg.mqtt.topic_prefix}/{cfg.cart_id}/events")
+    async with session(sub) as procs:
         procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
         run = asyncio.create_task(daemon.run(asyncio.Event()))
         with pytest.raises(InjectedBug):
@@ -73,14 +74,23 @@ async def test_a_crash_in_the_control_task_still_drives_safe_and_is_recorded(
         await wait_until(stopped, 5, interval_s=0.05, what="pump stopped")
         # Sooner than the watchdog could have done it (the pump coasts down in ~0.1 s).
         assert loop.time() - ended < wd.timeout_s
+        await wait_until(
+            lambda: any(m.payload.get("kind") == "record" for m in sub.messages),
+            5,
+            what="the record's seal published",
+        )
     assert daemon.recorder is not None
     events = open_record(daemon.recorder.path).events
     crashed = [e for e in events if e["kind"] == "daemon" and "crashed" in e["message"]]
     assert len(crashed) == 1, [e["message"] for e in events if e["kind"] == "daemon"]
     assert "InjectedBug" in crashed[0]["message"]
-    # The crash was handled: the record was closed, so its hash chain is sealed.
+    # The crash was handled: the record was closed, so its hash chain is sealed, and the seal's
+    # head went out on the events topic too (a copy outside the record).
     chain = verify_record(daemon.recorder.path)
     assert chain.status == "intact", chain.summary()
+    sealed = [m.payload for m in sub.messages if m.payload.get("kind") == "record"]
+    assert len(sealed) == 1, [m.payload for m in sub.messages][-5:]
+    assert f"{chain.head_rows} rows, chain head {chain.head_hash}" in sealed[0]["message"]
 
 
 async def test_an_unreadable_record_starts_held_in_safe_stop(

@@ -153,7 +153,8 @@ class Event(Message):
         description="Alarms: onset, end, acknowledge, audio_pause, audio_resume, reset, refused; "
         "phase; command (every command and its outcome); marker (operator's free text); "
         "acknowledged (replies sent after the record was on disk); device (link up/down); "
-        "daemon (start, stop)."
+        "daemon (start, stop); record (sealed at a clean stop: its rows and chain head, for "
+        "`ilup verify` to be checked against)."
     )
     alarm_id: str | None = None
     priority: str | None = None

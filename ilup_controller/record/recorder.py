@@ -166,6 +166,7 @@ class Recorder:
         self._closed = False
         self._ready = threading.Event()
         self._chain: ChainWriter | None = None  # the writer thread's (None: a format-1 record)
+        self._sealed: tuple[int, str] | None = None  # (rows, head) once a clean close sealed it
         self._thread = threading.Thread(target=self._run, name=f"recorder:{path.name}", daemon=True)
 
     # ------------------------------------------------------------------ opening
@@ -262,6 +263,13 @@ class Recorder:
             raise RecorderError(f"{self.path}: writer did not start within {START_TIMEOUT_S} s")
         if self._failed is not None:
             raise RecorderError(self._failed)
+
+    @property
+    def sealed_head(self) -> tuple[int, str] | None:
+        """(rows, head hash) of the chain once ``close()`` has sealed the record; None before,
+        after a failed close, or for a format-1 record. Published at shutdown so that a copy of
+        the head exists outside the record (``ilup verify`` compares against the seal)."""
+        return self._sealed
 
     def close(self, timeout_s: float = 10.0) -> bool:
         """Write what is queued, commit and stop. False if the writer did not finish in time
@@ -430,6 +438,8 @@ class Recorder:
                         self._chain.seal(conn)
                     if conn.in_transaction:
                         conn.execute("COMMIT")
+                    if self._chain is not None:
+                        self._sealed = (self._chain.rows, self._chain.head)
                     batch = 0
                     return
                 if (

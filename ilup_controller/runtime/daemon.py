@@ -178,6 +178,23 @@ class Daemon:
                 log.error("could not record %r: %s", stop_note, e)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.recorder.close)
+            sealed = self.recorder.sealed_head
+            if sealed is not None and self.mqtt is not None:
+                # A copy of the chain head outside the record: whoever keeps the events can
+                # tell a record rewritten later, hashes and all, from the one sealed here.
+                rows, head = sealed
+                seq, self._event_seq = self._event_seq, self._event_seq + 1
+                self.mqtt.publish_event(
+                    EVENTS,
+                    Event(
+                        t=datetime.now(UTC),
+                        seq=seq,
+                        cart_id=self.cfg.cart_id,
+                        kind="record",
+                        message=f"record sealed: {self.recorder.path.name}: {rows} rows, "
+                        f"chain head {head}",
+                    ),
+                )
         if self.mqtt is not None:
             with contextlib.suppress(Exception):
                 await self.mqtt.close()
