@@ -12,6 +12,7 @@ from ruamel.yaml import YAML
 
 from ilup_controller.commands.models import COMMAND_MODELS, Reply
 from ilup_controller.mqtt.asyncapi import COMMAND, DOC_PATH, build, main, payload_schema, render
+from ilup_controller.mqtt.messages import GuardReply, GuardReset
 from ilup_controller.mqtt.topics import TOPIC_SPECS
 
 REPO_DOC = Path(__file__).resolve().parents[1] / "docs" / "asyncapi.yaml"
@@ -58,6 +59,9 @@ def test_every_topic_and_command_has_a_channel_with_the_models_schema() -> None:
     for name, model in COMMAND_MODELS.items():
         expected[f"{{prefix}}/{{cart_id}}/cmd/{{user}}/{name}"] = model
         expected[f"{{prefix}}/{{cart_id}}/cmd/{{user}}/{name}/reply"] = Reply
+    # The guard's own command (ilup guard, not the daemon) and its reply.
+    expected["{prefix}/{cart_id}/guard/cmd/{user}/reset"] = GuardReset
+    expected["{prefix}/{cart_id}/guard/cmd/{user}/reset/reply"] = GuardReply
     assert set(by_address) == set(expected)
     for address, model in expected.items():
         (message_ref,) = (m["$ref"] for m in by_address[address]["messages"].values())

@@ -27,7 +27,8 @@ from ilup_controller.commands.models import (
     Reply,
 )
 from ilup_controller.docgen import generated_doc_main
-from ilup_controller.mqtt.topics import TOPIC_SPECS, TopicSpec
+from ilup_controller.mqtt.messages import GuardReply, GuardReset
+from ilup_controller.mqtt.topics import GUARD, TOPIC_SPECS, TopicSpec
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 COMMAND = "python -m ilup_controller.mqtt.asyncapi"
@@ -103,6 +104,44 @@ def _topic_channel(spec: TopicSpec) -> Doc:
         "parameters": _params("prefix", "cart_id"),
         "messages": {
             spec.payload.__name__: {"$ref": f"#/components/messages/{spec.payload.__name__}"}
+        },
+    }
+
+
+def _guard_reset(channels: Doc, operations: Doc, messages: Doc) -> None:
+    """The guard's own command: not the daemon's intake, not its reply model."""
+    messages["GuardReset"] = _message(GuardReset, _first_line(GuardReset.__doc__))
+    messages["GuardReply"] = _message(GuardReply, "The guard's answer: ok, or rejected and why.")
+    channels["guardResetCommand"] = {
+        "address": f"{{prefix}}/{{cart_id}}/{GUARD}/{CMD}/{{user}}/reset",
+        "description": (
+            "Release the guard's latches once their hazard is gone (`ilup guard-reset`). "
+            "Published by operator {user} (broker ACL); read by `ilup guard` only. Never retained."
+        ),
+        "parameters": _params("prefix", "cart_id", "user"),
+        "messages": {"GuardReset": {"$ref": "#/components/messages/GuardReset"}},
+    }
+    channels["guardResetReply"] = {
+        "address": f"{{prefix}}/{{cart_id}}/{GUARD}/{CMD}/{{user}}/reset/{REPLY}",
+        "description": "The guard's reply to {user}'s reset. Written by `ilup guard` only.",
+        "parameters": _params("prefix", "cart_id", "user"),
+        "messages": {"GuardReply": {"$ref": "#/components/messages/GuardReply"}},
+    }
+    operations["receiveGuardReset"] = {
+        "action": "receive",
+        "title": "guard reset",
+        "summary": "Release the guard's latches.",
+        "description": (
+            "Refused while the hazard of a latched actuator persists, when older than 10 s, "
+            "when retained, or without a UTC offset in issued_at; every reset and refusal is "
+            "an event on guard/events."
+        ),
+        "channel": {"$ref": "#/channels/guardResetCommand"},
+        "messages": [{"$ref": "#/channels/guardResetCommand/messages/GuardReset"}],
+        "bindings": _mqtt_op(COMMAND_QOS, False),
+        "reply": {
+            "channel": {"$ref": "#/channels/guardResetReply"},
+            "messages": [{"$ref": "#/channels/guardResetReply/messages/GuardReply"}],
         },
     }
 
@@ -207,8 +246,9 @@ def build() -> Doc:
             },
         }
 
+    _guard_reset(channels, operations, messages)
     models: list[type[BaseModel]] = [s.payload for s in TOPIC_SPECS]
-    models += [*COMMAND_MODELS.values(), Reply]
+    models += [*COMMAND_MODELS.values(), Reply, GuardReset, GuardReply]
     return {
         "asyncapi": ASYNCAPI_VERSION,
         "info": {
