@@ -306,23 +306,8 @@ def _family_tuned_run(name: str, duration_s: float) -> tuple[str, RunMetrics]:
     commissioned = virtual_tune.tuned(
         family.apply(dataclasses.replace(variant, start_c=None), base)
     )
-    t = commissioned.control.temperature
-    tuned_base = base.model_copy(
-        update={
-            "control": base.control.model_copy(
-                update={
-                    "temperature": base.control.temperature.model_copy(
-                        update={
-                            "inner_pid": t.inner_pid,
-                            "gradient_pid": t.gradient_pid,
-                            "exchanger_time_constant_s": t.exchanger_time_constant_s,
-                        }
-                    )
-                }
-            )
-        }
-    )
-    return name, run_metrics(family.apply(variant, tuned_base), duration_s)
+    # The variant again on the tuned cart: the same plant, now from its own start.
+    return name, run_metrics(family.apply(variant, commissioned), duration_s)
 
 
 def _min(value_s: float | None) -> str:

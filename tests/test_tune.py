@@ -258,6 +258,15 @@ async def test_ilup_tune_identifies_the_simulated_plant(
     assert gain == pytest.approx(true_gain, rel=tolerance), (gain, true_gain)
 
 
+def _tune_flow(cfg_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ilup_controller", "tune", "-c", str(cfg_path), "--loop", "flow"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.integration
 async def test_ilup_tune_refuses_while_a_daemon_is_online(
     tmp_path: Path, mosquitto: MosquittoProcess
@@ -267,24 +276,12 @@ async def test_ilup_tune_refuses_while_a_daemon_is_online(
         await client.publish(
             f"ilup/{cfg.cart_id}/status", json.dumps({"online": True}), qos=1, retain=True
         )
-    r = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "ilup_controller", "tune", "-c", str(cfg_path), "--loop", "flow"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = await asyncio.to_thread(_tune_flow, cfg_path)
     assert r.returncode == 3
     assert "is online" in r.stderr
     # Broker unreachable: refused unless the operator confirms.
     mosquitto.stop()
-    r = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "ilup_controller", "tune", "-c", str(cfg_path), "--loop", "flow"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = await asyncio.to_thread(_tune_flow, cfg_path)
     assert r.returncode == 3
     assert "--assume-no-daemon" in r.stderr
 
