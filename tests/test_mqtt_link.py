@@ -232,6 +232,9 @@ async def test_event_queue_overflow_drops_oldest(mosquitto: MosquittoProcess) ->
     assert link.stats.dropped == 12 - queue_size
     async with MqttRecorder(mosquitto.port, [EVENTS_TOPIC]) as rec, _running(link):
         await wait_until(lambda: len(rec.on(EVENTS_TOPIC)) >= queue_size, 3.0, what="events")
+        # Acknowledged and off the queue (the subscriber can see them before the link has its
+        # PUBACKs: an event queued then would still find the queue full).
+        await wait_until(lambda: link.stats.queued == 0, 2.0, what="queue drained")
         # Later events go out too, in order, and the drop count does not move.
         link.publish_event("events", Note(n=100))
         await wait_until(lambda: len(rec.on(EVENTS_TOPIC)) >= queue_size + 1, 2.0, what="event 100")
@@ -246,7 +249,7 @@ def test_publish_event_rejects_a_wildcard_topic() -> None:
     link = MqttLink(_cfg(1883), CART, simulated=True, version="t")
     with pytest.raises(ValueError, match="wildcard"):
         link.publish_event("alarms/#", Note(n=1))
-    assert link.stats == (0, 0, 0, None)
+    assert link.stats == (0, 0, 0, None, 0)
 
 
 async def test_close_is_bounded_when_the_broker_hangs(mosquitto: MosquittoProcess) -> None:

@@ -67,6 +67,7 @@ class LinkStats(NamedTuple):
     dropped: int  # events dropped from the full queue (a replaced state is not a drop)
     reconnects: int  # successful connections after the first one
     last_error: str | None  # why the latest failed attempt or link-down happened (kept after)
+    queued: int = 0  # events waiting, including any being published and not yet acknowledged
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -207,6 +208,7 @@ class MqttLink:
             dropped=self._dropped,
             reconnects=max(0, self._connects - 1),
             last_error=self._last_error,
+            queued=len(self._events),
         )
 
     @property
