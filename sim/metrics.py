@@ -24,6 +24,7 @@ GUIDELINE_ALLOWANCE = 1.25
 REWARM_BAND_C = 0.3  # "rewarmed": true arterial temperature within this of the target
 FLOW_SETTLE_S = 30.0  # after the flow ramp, before flow RMS counts
 RATE_WINDOW_S = 120.0  # "never faster than 0.5 degC/min over any 2-minute window"
+_BOUND_HORIZON_S = 4 * 3600.0  # a physical bound beyond this: the target is out of reach
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class RunMetrics:
     rewarm_start_s: float | None  # first tick the temperature loop drove the heater
     rewarm_start_c: float | None  # true arterial temperature then
     rewarm_start_bulk_c: float | None  # true perfusate (the circuit's bulk) then, for the bound
+    rewarm_start_water_c: float | None  # true heater water then, for the bound
     rewarm_s: float | None  # from rewarm_start_s to within REWARM_BAND_C of the target
     rewarm_limit_s: float | None  # GUIDELINE_ALLOWANCE x (target - start) / 0.5 degC/min
     overshoot_c: float  # highest true arterial temperature above the target (0 if never)
@@ -59,12 +61,12 @@ class RunMetrics:
         return self.rewarm_s / self.rewarm_limit_s
 
     @property
-    def bound_start_c(self) -> float | None:
-        """Where a physical bound starts: the colder of the arterial and the bulk at the start
-        of rewarming (see physical_bound_s)."""
-        if self.rewarm_start_c is None or self.rewarm_start_bulk_c is None:
-            return self.rewarm_start_c
-        return min(self.rewarm_start_c, self.rewarm_start_bulk_c)
+    def bound_start(self) -> tuple[float, float] | None:
+        """Where a physical bound starts: the true perfusate and water when the heater may
+        first run (see physical_bound_s)."""
+        if self.rewarm_start_bulk_c is None or self.rewarm_start_water_c is None:
+            return None
+        return self.rewarm_start_bulk_c, self.rewarm_start_water_c
 
     @property
     def speed_up(self) -> float:
@@ -95,6 +97,7 @@ class _Collector:
         self.rewarm_start_s: float | None = None
         self.rewarm_start_c: float | None = None
         self.rewarm_start_bulk_c: float | None = None
+        self.rewarm_start_water_c: float | None = None
         self.rewarm_s: float | None = None
         self.max_arterial_c = -math.inf
         self.flow_sq_sum = 0.0
@@ -122,6 +125,7 @@ class _Collector:
         if self.rewarm_start_s is None and d.loop.heater_enabled:
             self.rewarm_start_s, self.rewarm_start_c = t_s, arterial
             self.rewarm_start_bulk_c = truth.perfusate_c
+            self.rewarm_start_water_c = truth.water_c
         if (
             self.rewarm_start_s is not None
             and self.rewarm_s is None
@@ -169,6 +173,7 @@ class _Collector:
             rewarm_start_s=self.rewarm_start_s,
             rewarm_start_c=self.rewarm_start_c,
             rewarm_start_bulk_c=self.rewarm_start_bulk_c,
+            rewarm_start_water_c=self.rewarm_start_water_c,
             rewarm_s=self.rewarm_s,
             rewarm_limit_s=limit_s,
             overshoot_c=max(0.0, self.max_arterial_c - self.target_c),
@@ -180,48 +185,47 @@ class _Collector:
         )
 
 
-def physical_bound_s(cfg: CartConfig, start_c: float) -> float | None:
-    """Fastest rewarm from ``start_c`` to within REWARM_BAND_C of the target that the plant
-    allows with the guideline's own limits: the perfusate never faster than GUIDELINE_C_PER_MIN,
-    the water at most ``max_gradient_c`` above it and under its cap, the heater's power (after
-    the water's own losses, and warming the water along with the perfusate), at the target flow.
-    Quasi-static (the water is taken to be at its gradient at once), so a true lower bound. None
-    when the target is out of reach.
+def physical_bound_s(cfg: CartConfig, perfusate_c: float, water_c: float) -> float | None:
+    """Fastest rewarm to within REWARM_BAND_C of the target at the arterial probe that the
+    plant allows from where it stands when the heater may first run (true perfusate and water
+    temperatures), within the guideline's own limits; None when the target is out of reach.
 
-    ``start_c``: the circuit's bulk temperature when the heater may first run (a priming at low
-    flow cools it before then, and that perfusate still has to reach the arterial probe)."""
+    The plant's two thermal nodes (sim/plant.py), with an ideal controller: the heater at up to
+    full power (and its supply limit) brings the water as fast as it can to where the perfusate
+    warms at GUIDELINE_C_PER_MIN, never above the perfusate + ``max_gradient_c`` or a cap, and
+    holds it there; the probe sees the perfusate one tubing transit later at the target flow.
+    The lung exchanges at the target flow throughout. What it leaves out (the priming's cooling
+    already happened, the flow still ramping, a lagging probe, noise) only makes a real run
+    slower, so this is a lower bound; it includes what a quasi-static bound does not, the time
+    the heater needs to warm its water to the gradient."""
     if cfg.simulator is None:
         raise ValueError("the configuration has no 'simulator' section")
     p, t = cfg.simulator.plant, cfg.control.temperature
-    heat_capacity_j_per_k = p.perfusate_volume_ml * 1e-3 * PERFUSATE_SPECIFIC_HEAT_J_PER_KG_K
-    water_capacity_j_per_k = p.water_mass_kg * WATER_SPECIFIC_HEAT_J_PER_KG_K
-    lung_ua = p.lung_ua_w_per_k_per_l_min * cfg.control.flow.target_ml_min * 1e-3
+    c_perfusate = p.perfusate_volume_ml * 1e-3 * PERFUSATE_SPECIFIC_HEAT_J_PER_KG_K
+    c_water = p.water_mass_kg * WATER_SPECIFIC_HEAT_J_PER_KG_K
+    flow_ml_min = cfg.control.flow.target_ml_min
+    lung_ua = p.lung_ua_w_per_k_per_l_min * flow_ml_min * 1e-3
     heater_w = p.heater_power_w * t.heater_max_pct / 100.0
     if p.heater_supply_max_w is not None:
         heater_w = min(heater_w, p.heater_supply_max_w)
+    water_top_c = min(t.water_cap_c - 0.5, p.water_cap_c)
+    rate_c_per_s = GUIDELINE_C_PER_MIN / 60.0
     end_c = t.target_c - REWARM_BAND_C
-    temp_c, elapsed_s, step_s = start_c, 0.0, 1.0
-    while temp_c < end_c:
-        water_c = min(temp_c + t.max_gradient_c, t.water_cap_c - 0.5, p.water_cap_c)
-        # What the heater can hold the water at: its power less the water's loss to the room.
-        water_c = min(water_c, temp_c + (heater_w - p.water_ambient_ua_w_per_k * (water_c
-                      - p.ambient_c)) / p.hx_ua_w_per_k)  # fmt: skip
-        gain_w = (
-            p.hx_ua_w_per_k * (water_c - temp_c)
-            - p.tubing_ua_w_per_k * (temp_c - p.ambient_c)
-            - lung_ua * (temp_c - p.body_c)
-        )
-        losses_w = gain_w - p.hx_ua_w_per_k * (water_c - temp_c)
-        # The heater also warms the water as fast as the perfusate (the gradient held).
-        heater_rate = (
-            heater_w - p.water_ambient_ua_w_per_k * (water_c - p.ambient_c) + losses_w
-        ) / (heat_capacity_j_per_k + water_capacity_j_per_k)
-        rate_c_per_s = min(GUIDELINE_C_PER_MIN / 60.0, gain_w / heat_capacity_j_per_k, heater_rate)
-        if rate_c_per_s <= 1e-6:
+    tp, tw, elapsed_s, h = perfusate_c, water_c, 0.0, 0.5
+    while tp < end_c:
+        if elapsed_s > _BOUND_HORIZON_S:
             return None
-        temp_c += rate_c_per_s * step_s
-        elapsed_s += step_s
-    return elapsed_s
+        losses_w = p.tubing_ua_w_per_k * (tp - p.ambient_c) + lung_ua * (tp - p.body_c)
+        goal_c = tp + (c_perfusate * rate_c_per_s + losses_w) / p.hx_ua_w_per_k
+        goal_c = min(goal_c, tp + t.max_gradient_c, water_top_c)
+        hx_w = p.hx_ua_w_per_k * (tw - tp)
+        water_loss_w = p.water_ambient_ua_w_per_k * (tw - p.ambient_c)
+        power_w = (goal_c - tw) * c_water / h + hx_w + water_loss_w
+        power_w = min(max(power_w, 0.0), heater_w)
+        tw += h * (power_w - hx_w - water_loss_w) / c_water
+        tp += h * (hx_w - losses_w) / c_perfusate
+        elapsed_s += h
+    return elapsed_s + p.tubing_volume_ml / flow_ml_min * 60.0
 
 
 def run_metrics(cfg: CartConfig, duration_s: float = 2400.0) -> RunMetrics:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from ilup_controller.config import load_config
+from ilup_controller.config.models import CartConfig
 from sim.family import apply, by_name
 from sim.metrics import GUIDELINE_C_PER_MIN, RunMetrics, physical_bound_s, run_metrics
 
@@ -68,8 +69,44 @@ def test_variant_rewarms_within_the_guideline_limits(
     assert m.rewarm_ratio is not None
     assert m.rewarm_ratio <= CASES[name][1], m.rewarm_ratio
     # ... and the plant could have done it faster: the figure is the controller's, not physics'.
-    assert m.bound_start_c is not None
-    bound = physical_bound_s(cfg, m.bound_start_c)
+    assert m.bound_start is not None
+    bound = physical_bound_s(cfg, *m.bound_start)
     assert bound is not None
     assert m.rewarm_s is not None
     assert bound < m.rewarm_s
+
+
+# ------------------------------------------------------------------ the physical bound
+
+
+def _plant(**settings: float) -> CartConfig:
+    base = load_config("config/sim.yaml")
+    assert base.simulator is not None
+    plant = base.simulator.plant.model_copy(update=settings)
+    return base.model_copy(update={"simulator": base.simulator.model_copy(update={"plant": plant})})
+
+
+def test_the_bound_is_the_guideline_ramp_plus_warming_the_water_plus_the_transit() -> None:
+    """From 33.7 degC with the water no warmer: 3.0 degC at 0.5 degC/min is 360 s, the probe
+    sees it 70 mL / 500 mL/min = 8.4 s later, and the 800 W heater needs a few seconds to put
+    its 3 kg of water at the gradient first."""
+    cfg = _plant()
+    ramp_s = (cfg.control.temperature.target_c - 0.3 - 33.7) / GUIDELINE_C_PER_MIN * 60.0
+    transit_s = 70.0 / 500.0 * 60.0
+    bound = physical_bound_s(cfg, 33.7, 33.7)
+    assert bound is not None
+    assert ramp_s + transit_s < bound < ramp_s + transit_s + 15.0
+    # Water already 1.5 degC up: no warm-up, and the gradient drives the first seconds faster.
+    warm = physical_bound_s(cfg, 33.7, 35.2)
+    assert warm is not None
+    assert warm < bound
+
+
+def test_the_bound_grows_as_the_heater_weakens_and_is_none_out_of_reach() -> None:
+    strong = physical_bound_s(_plant(heater_supply_max_w=800.0), 33.7, 33.7)
+    weak = physical_bound_s(_plant(heater_supply_max_w=300.0), 33.7, 33.7)
+    assert strong is not None
+    assert weak is not None
+    assert weak > strong + 5.0
+    # 150 W cannot hold 37 degC against ~160 W of losses: no bound, the target is out of reach.
+    assert physical_bound_s(_plant(heater_supply_max_w=150.0), 33.7, 33.7) is None
