@@ -305,6 +305,37 @@ def test_proposal_bounds_the_gain_when_the_dead_time_is_not_resolved() -> None:
     }
 
 
+def _flow_rms_with(cfg: CartConfig, kp: float, ki: float) -> float:
+    flow = cfg.control.flow
+    pid = flow.pid.model_copy(update={"kp": kp, "ki": ki})
+    control = cfg.control.model_copy(update={"flow": flow.model_copy(update={"pid": pid})})
+    m = run_metrics(cfg.model_copy(update={"control": control}), 900.0)
+    assert m.flow_rms_ml_min is not None
+    return m.flow_rms_ml_min
+
+
+def test_tuned_flow_gains_keep_the_meter_noise_off_the_pump() -> None:
+    """The flow loop as `ilup tune --loop flow` identified it over Modbus on the simulator
+    (K 33.06 mL/min per rpm, tau 0.369 s, theta 0.247 s). SIMC's tight tau_c = theta gives
+    K kc = 0.75, and the flow meter's noise then moves the true flow: RMS 5.05 mL/min on the
+    reference plant, over the bar of 5 (the default gains: 3.35). The proposal keeps K kc at
+    0.5 and the true flow RMS drops to 2.25."""
+    from ilup_controller.tuning.propose import FLOW_NOISE_GAIN, propose
+
+    cfg = _cfg()
+    model = Fopdt(gain=33.06, time_constant_s=0.369, dead_time_s=0.247)
+    p = propose(cfg, "flow", model)
+    assert model.gain * p.gains.kp == pytest.approx(FLOW_NOISE_GAIN, rel=1e-6)
+    assert "K kc <=" in p.gains.rule
+    tight = simc_pi(model)
+    assert model.gain * tight.kp > 0.7
+    proposed_rms = _flow_rms_with(cfg, p.gains.kp, p.gains.ki)
+    tight_rms = _flow_rms_with(cfg, tight.kp, tight.ki)
+    print(f"\nflow RMS: proposed {proposed_rms:.2f}, SIMC tight {tight_rms:.2f} mL/min")
+    assert proposed_rms <= 3.0
+    assert tight_rms > 1.5 * proposed_rms
+
+
 @pytest.mark.parametrize("name", ["reference", "heater_300w", "hx_150"])
 def test_tuned_gains_meet_the_rewarming_bars(name: str) -> None:
     """`ilup tune --loop water` then `--loop perfusate` on a plant variant (in virtual time,
