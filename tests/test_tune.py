@@ -19,6 +19,7 @@ from ilup_controller.broker import MosquittoProcess
 from ilup_controller.config import ConfigError, load_config
 from ilup_controller.config.models import CartConfig, SimPlant
 from ilup_controller.exitcodes import ExitCode
+from ilup_controller.runtime.lock import cart_lock
 from ilup_controller.tuning.identify import Fopdt, add_lag, fit_step, simc_pi
 from ilup_controller.tuning.steptest import Measured, Stage, StepPlan, StepTest
 from sim import virtual_tune
@@ -279,6 +280,12 @@ async def test_ilup_tune_refuses_while_a_daemon_is_online(
     r = await asyncio.to_thread(_tune_flow, cfg_path)
     assert r.returncode == 3
     assert "is online" in r.stderr
+    # Another process on this computer holds the cart (a daemon, a commission run, a tune).
+    with cart_lock(cfg.cart_id, cfg.record.directory):
+        r = await asyncio.to_thread(_tune_flow, cfg_path)
+    assert r.returncode == 3
+    assert "refusing" in r.stderr
+    assert "is online" not in r.stderr  # refused by the lock, before the broker was asked
     # Broker unreachable: refused unless the operator confirms.
     mosquitto.stop()
     r = await asyncio.to_thread(_tune_flow, cfg_path)

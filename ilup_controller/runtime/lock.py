@@ -37,8 +37,9 @@ class AlreadyRunning(CartLockError):
         self.path = path
         self.holder = holder
         super().__init__(
-            f"another ilup daemon (PID {holder}) already runs this cart: it holds {path}; "
-            "stop it first (systemctl stop ilup@<cart>, or kill that PID)"
+            f"another ilup process (PID {holder}: a daemon, `ilup commission` or `ilup tune`) "
+            f"already runs this cart: it holds {path}; stop it first (systemctl stop "
+            "ilup@<cart>, or kill that PID)"
         )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import aiomqtt
 
 from ilup_controller.config.models import CartConfig
+from ilup_controller.runtime.lock import CartLockError, cart_lock
 from ilup_controller.runtime.watchdog import StartRefused
 from ilup_controller.tuning.driver import TuneFailed, cart_in_use, run_test
 from ilup_controller.tuning.identify import IdentificationError
@@ -51,6 +52,17 @@ def add_tune_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> argp
 
 
 def run_tune(args: argparse.Namespace, cfg: CartConfig) -> int:
+    # One process drives a cart's actuators: the daemon, `ilup commission` and a second tune
+    # take the same lock (on this computer; the broker's retained state covers the others).
+    try:
+        with cart_lock(cfg.cart_id, cfg.record.directory):
+            return _tune_locked(args, cfg)
+    except CartLockError as e:
+        print(f"ilup tune: refusing: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+def _tune_locked(args: argparse.Namespace, cfg: CartConfig) -> int:
     loop: Loop = args.loop
     try:
         why = asyncio.run(cart_in_use(cfg))
