@@ -386,3 +386,31 @@ def test_an_mqtt_heartbeat_comes_from_the_daemon_state_seq() -> None:
     assert x.pressure_mmhg is None  # outside its signal range [-20, 150]: unreadable, not a value
     assert x.pump_on is False
     assert x.heater_on is True  # its command unreadable: counted as on
+
+
+async def test_ilup_tune_counts_the_heartbeat_so_a_running_guard_lets_it_work(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    """`ilup tune` drives the pump like the daemon does, so it counts the heartbeat register
+    too: with the guard running, the flow step test completes and the guard latches nothing
+    (without the count it latched the pump off: "controller heartbeat unchanged")."""
+    cfg_path, cfg = write_cart_config(
+        tmp_path, mosquitto.port, overrides=guard_overrides(enables=True)
+    )
+    sub = Subscriber(mosquitto.port, f"{cfg.mqtt.topic_prefix}/{cfg.cart_id}/guard/#")
+    out = tmp_path / "tuned.yaml"
+    async with session(sub) as procs:
+        procs.append(Proc(["sim", "-c", str(cfg_path), "--speed", "5"], tmp_path / "sim.log"))
+        procs.append(Proc(["guard", "-c", str(cfg_path)], tmp_path / "guard.log"))
+        await wait_until(lambda: bool(sub.of("/guard")), 15, what="guard status")
+        tune = Proc(
+            ["tune", "-c", str(cfg_path), "--loop", "flow", "--time-scale", "5", "-o", str(out)],
+            tmp_path / "tune.log",
+        )
+        procs.append(tune)
+        rc = await asyncio.to_thread(tune.wait, 120)
+        assert rc == 0, tune.log()[-3000:]
+        statuses = [m.payload for m in sub.of("/guard")]
+    assert len(statuses) >= 5  # the guard was up and publishing throughout
+    assert all(not s["latched"] for s in statuses), [s["latched"] for s in statuses if s["latched"]]
+    assert out.exists()

@@ -645,6 +645,12 @@ class Guard(Strict):
         "Its password comes from the guard's own service credential (deploy/ilup-guard@.service).",
     )
 
+    @property
+    def heartbeat_register(self) -> str | None:
+        """The signal whatever drives the actuators counts in (the daemon each tick, `ilup
+        tune` each sample), or None when the heartbeat is the MQTT state."""
+        return self.heartbeat_signal if self.heartbeat == "modbus" else None
+
 
 # --------------------------------------------------------------------------- commissioning
 

@@ -72,7 +72,7 @@ class Daemon:
         self._guard_topic = Topics(cfg.mqtt.topic_prefix, cfg.cart_id).name(GUARD)
         self.guard = GuardWatch(cfg.guard, 0.0)  # started again in run(), on the loop clock
         g = cfg.guard
-        self._heartbeat = g.heartbeat_signal if g is not None and g.heartbeat == "modbus" else None
+        self._heartbeat = None if g is None else g.heartbeat_register
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; raises if a task crashed (after the safe shutdown)."""

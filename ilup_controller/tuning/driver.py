@@ -108,6 +108,7 @@ async def run_test(
         links[cfg.signals[sig].device].set_output(sig, value)
     tasks = [asyncio.create_task(link.run(), name=f"tune:{n}") for n, link in links.items()]
     test = StepTest(cfg, plan)
+    heartbeat = None if cfg.guard is None else cfg.guard.heartbeat_register
     stale_wall_s = c.stale_after_s  # the links' reading times are wall (loop) time
     try:
         await arm_watchdogs(cfg, links)
@@ -136,6 +137,8 @@ async def run_test(
             links[cfg.signals[c.temperature.command].device].set_output(
                 c.temperature.command, cmd.heater_pct
             )
+            if heartbeat is not None:  # a running `ilup guard` sees the cart driven, not hung
+                links[cfg.signals[heartbeat].device].set_output(heartbeat, k % 65536)
             if k % max(1, round(5.0 / sample_wall_s)) == 0:
                 log.info(
                     "t=%.0f s stage=%s pump=%.2f rpm heater=%.1f %% %s",
