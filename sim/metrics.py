@@ -194,10 +194,11 @@ def physical_bound_s(cfg: CartConfig, perfusate_c: float, water_c: float) -> flo
     full power (and its supply limit) brings the water as fast as it can to where the perfusate
     warms at GUIDELINE_C_PER_MIN, never above the perfusate + ``max_gradient_c`` or a cap, and
     holds it there; the probe sees the perfusate one tubing transit later at the target flow.
-    The lung exchanges at the target flow throughout. What it leaves out (the priming's cooling
-    already happened, the flow still ramping, a lagging probe, noise) only makes a real run
-    slower, so this is a lower bound; it includes what a quasi-static bound does not, the time
-    the heater needs to warm its water to the gradient."""
+    The lung exchanges at the target flow throughout (early on the flow is still ramping: with
+    the rate capped and the heater's power to spare, that moves the water, not the time). What
+    it leaves out (a lagging probe, noise, a water loop slower than full power) only makes a
+    real run slower, so this is a lower bound; unlike a quasi-static one it counts the time the
+    heater needs to warm its water to the gradient."""
     if cfg.simulator is None:
         raise ValueError("the configuration has no 'simulator' section")
     p, t = cfg.simulator.plant, cfg.control.temperature
