@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -159,7 +160,11 @@ async def test_broker_outage_never_blocks_callers_and_link_recovers(
             durations_s.append(time.perf_counter() - start_s)
             if i % 20 == 0:
                 await asyncio.sleep(0.005)  # let the link try to reconnect meanwhile
-        assert max(durations_s) < 1e-3
+        # Blocking on the dead broker would take a connect timeout (seconds) per call; the
+        # calls only queue. The ceiling leaves room for a VM preemption (CI saw one call take
+        # 1.03 ms among 200 of ~20 us), the median shows the typical cost.
+        assert max(durations_s) < 0.05
+        assert statistics.median(durations_s) < 1e-4
         assert link.connected is False
         assert link.stats.last_error is not None
 
