@@ -271,5 +271,6 @@ async def test_close_is_bounded_when_the_broker_hangs(mosquitto: MosquittoProces
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    assert close_s <= CLOSE_TIMEOUT_S + 0.1
+    # Bounded by the close timeout, not by the hung broker; the slack is for a loaded VM.
+    assert close_s <= CLOSE_TIMEOUT_S + 0.5
     assert task.done()
