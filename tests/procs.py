@@ -157,6 +157,17 @@ async def read_signal(cfg: CartConfig, port_of: dict[str, int], signal_name: str
         client.close()
 
 
+def operator_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ilup ARGS -c CFG` as the operator op1 (the test carts' anonymous broker)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ilup_controller", *args, "-c", str(cfg), "--username", "op1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def wall_deadline(seconds: float) -> float:
     return time.monotonic() + seconds
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from helpers import wait_until
-from procs import Proc, Subscriber, merge, session, write_cart_config
+from procs import Proc, Subscriber, merge, operator_cli, session, write_cart_config
 from ruamel.yaml import YAML
 
 from ilup_controller.broker import MosquittoProcess, free_port
@@ -67,16 +67,6 @@ def commission(cfg: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
     except ValueError:
         out = {}
     return r.returncode, out, r.stdout + r.stderr
-
-
-def ilup(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ilup_controller", *args, "-c", str(cfg), "--username", "op1"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def _step(run: dict[str, Any], step_id: str) -> dict[str, Any]:
@@ -178,7 +168,7 @@ async def test_commission_fails_at_the_right_step(tmp_path: Path) -> None:
 async def _stop(daemon: Proc, cfg: Path, tmp: Path) -> list[str]:
     """Safe-stop (the retained state must not show a running procedure to commission), stop
     the daemon, and drop its record so the next daemon starts idle, not resuming it."""
-    r = await asyncio.to_thread(ilup, cfg, "phase", "safe-stop")
+    r = await asyncio.to_thread(operator_cli, cfg, "phase", "safe-stop")
     assert r.returncode == 0, r.stdout + r.stderr
     await asyncio.sleep(1.5)  # the retained state shows safe_stop (published every 0.5 s)
     daemon.signal(signal.SIGTERM)
@@ -234,7 +224,7 @@ async def test_daemon_applies_the_calibration(tmp_path: Path, mosquitto: Mosquit
             t0 = asyncio.get_running_loop().time()
             await wait_until(lambda t0=t0: bool(sub.of("/state", t0)), 20, what="daemon up")
             pressure = await _rest_pressure(sub)
-            r = await asyncio.to_thread(ilup, cfg, "phase", "priming")
+            r = await asyncio.to_thread(operator_cli, cfg, "phase", "priming")
             assert r.returncode == 0, r.stdout + r.stderr
             await asyncio.sleep(5.0)  # priming 1 s, then perfusion: 500 mL/min ramped in 3 s
             run_states = await _states(sub, asyncio.get_running_loop().time(), 3.0)
@@ -246,7 +236,7 @@ async def test_daemon_applies_the_calibration(tmp_path: Path, mosquitto: Mosquit
                 for s in run_states
             ]
             figures[label] = (pressure - 3.0, statistics.fmean(ff))
-            status = await asyncio.to_thread(ilup, cfg, "status")
+            status = await asyncio.to_thread(operator_cli, cfg, "status")
             assert "calibration: pressure zero" in status.stdout
             assert "commissioning: WAIVED" in status.stdout
             notes[label] = await _stop(daemon, cfg, tmp_path)
@@ -281,16 +271,16 @@ async def test_priming_is_gated_on_commissioning(
         await wait_until(lambda: bool(sub.of("/state", t0)), 20, what="daemon up")
         if calibrate:  # operator calibration over MQTT: idle, pump stopped, 5 s of readings
             await asyncio.sleep(5.5)
-            z = await asyncio.to_thread(ilup, cfg, "zero", "pressure")
+            z = await asyncio.to_thread(operator_cli, cfg, "zero", "pressure")
             assert z.returncode == 0, z.stdout + z.stderr
             assert "pressure zero +0.29 ->" in z.stdout or "pressure zero" in z.stdout
-            sv = await asyncio.to_thread(ilup, cfg, "stroke-volume", "32.5")
+            sv = await asyncio.to_thread(operator_cli, cfg, "stroke-volume", "32.5")
             assert sv.returncode == 0, sv.stdout + sv.stderr
             state = sub.of("/state")[-1].payload
             assert state["calibration"]["source"] == "operator op1"
-        r = await asyncio.to_thread(ilup, cfg, "phase", "priming")
+        r = await asyncio.to_thread(operator_cli, cfg, "phase", "priming")
         if calibrate:
-            late = await asyncio.to_thread(ilup, cfg, "zero", "pressure")
+            late = await asyncio.to_thread(operator_cli, cfg, "zero", "pressure")
             assert late.returncode == ExitCode.REJECTED, late
             assert "not_allowed_in_phase" in late.stderr
         await _stop(daemon, cfg, tmp_path)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,23 +12,13 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from helpers import wait_until
-from procs import Proc, Subscriber, session, write_cart_config
+from procs import Proc, Subscriber, operator_cli, session, write_cart_config
 from ruamel.yaml import YAML
 
 from ilup_controller.broker import MosquittoProcess
 from ilup_controller.exitcodes import ExitCode
 
 pytestmark = pytest.mark.integration
-
-
-def ilup(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ilup_controller", *args, "-c", str(cfg), "--username", "op1"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 async def test_cli_runs_a_procedure_and_gets_specific_rejections(
@@ -50,26 +38,26 @@ async def test_cli_runs_a_procedure_and_gets_specific_rejections(
         procs.append(Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
         await wait_until(lambda: bool(sub.of("/state")), 20, what="daemon up")
 
-        out_of_phase = await asyncio.to_thread(ilup, cfg_path, "phase", "washout")
+        out_of_phase = await asyncio.to_thread(operator_cli, cfg_path, "phase", "washout")
         assert out_of_phase.returncode == ExitCode.REJECTED
         assert "not_allowed_in_phase" in out_of_phase.stderr
         for action in ("priming", "perfusion"):
-            r = await asyncio.to_thread(ilup, cfg_path, "phase", action)
+            r = await asyncio.to_thread(operator_cli, cfg_path, "phase", action)
             assert r.returncode == 0, r.stderr
             assert r.stdout.startswith("phase ok")
-        r = await asyncio.to_thread(ilup, cfg_path, "marker", "drug in")
+        r = await asyncio.to_thread(operator_cli, cfg_path, "marker", "drug in")
         assert r.returncode == 0, r.stderr
-        r = await asyncio.to_thread(ilup, cfg_path, "set", "flow", "450")
+        r = await asyncio.to_thread(operator_cli, cfg_path, "set", "flow", "450")
         assert r.returncode == 0, r.stderr
-        too_big = await asyncio.to_thread(ilup, cfg_path, "set", "flow", "5000")
+        too_big = await asyncio.to_thread(operator_cli, cfg_path, "set", "flow", "5000")
         assert too_big.returncode == ExitCode.REJECTED
         assert "out_of_range" in too_big.stderr or "invalid" in too_big.stderr
-        status = await asyncio.to_thread(ilup, cfg_path, "status")
+        status = await asyncio.to_thread(operator_cli, cfg_path, "status")
         assert status.returncode == 0, status.stderr
         assert "phase perfusion" in status.stdout
         assert "(target 450.0)" in status.stdout
         for action in ("washout", "complete"):
-            r = await asyncio.to_thread(ilup, cfg_path, "phase", action)
+            r = await asyncio.to_thread(operator_cli, cfg_path, "phase", action)
             assert r.returncode == 0, r.stderr
 
         # Duplicate and expired commands, sent by hand.
