@@ -296,12 +296,13 @@ class TemperatureLoop(Strict):
         "alarms.gradient_c, so the water's own overshoot and noise stay under the alarm.",
     )
     ramp_integral_per_s: NonNeg = Field(
-        0.003,
+        0.005,
         le=0.1,
         description="Second integral of the rewarming rate loop, per s: while the ramp runs, "
         "the rate loop's integral is itself integrated at this rate, which learns a loss that "
         "grows as the perfusate warms (tubing to the room, lung to the body) so the warming "
-        "rate holds the ramp instead of trailing it. 0: off.",
+        "rate holds the ramp instead of trailing it; only while the warming trails the ramp. "
+        "0: off.",
     )
     gradient_slew_c_per_s: Pos = Field(
         0.02,

@@ -13,7 +13,8 @@ probe's lags. So the outer loop controls the *rate* of the measured perfusate te
   second integral while the ramp runs. The losses (tubing to the room, lung to the body) grow
   with the perfusate temperature, so along a ramp they are a ramp too, and a PI trails it with
   a constant rate error (0.42 instead of 0.47 degC/min on the reference plant); integrating the
-  integral's own growth (``ramp_integral_per_s``) learns that slope;
+  integral's own growth (``ramp_integral_per_s``) learns that slope, only while the warming
+  trails the ramp (ahead of it, the second integral would wind past the loss);
 - G rises at most ``gradient_slew_c_per_s``: at the start of rewarming the feed-forward, the
   proportional kick and the integral would otherwise all land at once, and on an exchanger
   stronger than ``exchanger_time_constant_s`` says they overshoot the guideline rate;
@@ -111,6 +112,7 @@ class GradientLoop:
         self._rate = RateEstimator(cfg.rate_window_s)
         self._integral_c = 0.0
         self._integral_start_c = 0.0
+        self._start_c: float | None = None  # the reading when heating (re)started
         self._ramp_integral_c = 0.0
         self._last_gradient_c: float | None = None
         self._t_s = 0.0
@@ -125,6 +127,7 @@ class GradientLoop:
         if water_c is not None and perfusate_c is not None:
             self._integral_c = min(max(water_c - perfusate_c, 0.0), self._cfg.max_gradient_c)
         self._integral_start_c = self._integral_c
+        self._start_c = perfusate_c
 
     def step(
         self,
@@ -147,7 +150,13 @@ class GradientLoop:
         else:
             # A falling reading as heating starts is mostly the cooler perfusate still in the
             # tubing reaching the probe: counted as no warming (not chased, not integrated).
-            error = rate_target - max(slope, min(rate_target, 0.0))
+            seen = max(slope, min(rate_target, 0.0))
+            if rate_target > 0.0 and self._start_c is not None and temp_c < self._start_c:
+                # Still below the reading heating started from: a rise faster than asked is
+                # that cooler perfusate leaving the probe, not warming; taken as on the ramp, or
+                # the gradient would collapse just as the bulk needs it.
+                seen = min(seen, rate_target)
+            error = rate_target - seen
             p_c = g.kp * error * 60.0  # gains per degC/min of rate error
         gradient_c = ff_c + p_c + self._integral_c + self._ramp_integral_c
         low_c = -c.max_gradient_c  # below the perfusate: the heater is off, the water cools
@@ -170,9 +179,12 @@ class GradientLoop:
         falling = slope is not None and slope < 0.0 < rate_target
         if slope is not None and not (stuck_high or stuck_low or clamped or falling):
             self._integral_c += g.ki * error * 60.0 * dt_s
-            if rate_target >= ramp_c_per_s:
-                # The ramp runs: what the integral has had to add since heating started is a
-                # loss growing with the temperature; integrate it so the rate error goes to 0.
+            if rate_target >= ramp_c_per_s and error > 0.0:
+                # The ramp runs and the warming trails it: what the integral has had to add
+                # since heating started is a loss growing with the temperature; integrate it so
+                # the rate error goes to 0. Not while the warming is ahead of the ramp: the
+                # second integral would wind past the loss and overshoot the guideline rate
+                # (the first integral alone takes the excess back).
                 growth_c = self._integral_c - self._integral_start_c
                 self._ramp_integral_c += c.ramp_integral_per_s * growth_c * dt_s
         return GradientDemand(
