@@ -103,6 +103,7 @@ from types import MappingProxyType
 from typing import ClassVar, Literal, get_args
 
 from ilup_controller.config.models import SimPlant
+from ilup_controller.core.types import value_type
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ SENSOR_UNITS: Mapping[SensorChannel, str] = MappingProxyType(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class PlantTruth:
     """True physical state, for tests and ground truth."""
 
@@ -168,7 +169,7 @@ class PlantTruth:
     air_in_line: bool
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class SensorValues:
     """What the instruments report (noise, offset and sensor faults applied, not quantised).
 

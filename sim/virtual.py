@@ -11,12 +11,11 @@ its own watchdog trips. A 30-minute procedure takes a few seconds of wall time.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.cart import CartCore, TickResult
 from ilup_controller.core.monitor import silent_devices
-from ilup_controller.core.types import Reading
+from ilup_controller.core.types import Reading, value_type
 from sim.faults import FaultInjector
 from sim.plant import Plant, PlantTruth, SensorChannel
 from sim.watchdog import DeviceWatchdogs
@@ -26,7 +25,7 @@ from sim.wiring import Quantiser, apply_command, compile_quantiser, sensor_bindi
 Tamper = Callable[[float, dict[str, Reading]], Mapping[str, Reading]]
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Sample:
     decision: TickResult
     truth: PlantTruth

@@ -23,6 +23,7 @@ from ilup_controller.core.catalogue import (
     Priority,
     PumpAction,
 )
+from ilup_controller.core.types import value_type
 
 PRIORITY_RANK = {Priority.low: 1, Priority.medium: 2, Priority.high: 3}
 
@@ -35,7 +36,7 @@ class Presence(StrEnum):
     latched = "latched"
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Condition:
     """One evaluation of an alarm condition: is it present, and with which value and limit."""
 

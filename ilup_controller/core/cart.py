@@ -18,7 +18,7 @@ from ilup_controller.core.continuity import Continuity
 from ilup_controller.core.control import Controller, LoopOutput
 from ilup_controller.core.monitor import Context, Measured, Monitor
 from ilup_controller.core.procedure import RUNNING, Phase, PhaseEvent, Procedure, Refusal
-from ilup_controller.core.types import Readings
+from ilup_controller.core.types import Readings, value_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,7 @@ class Restored:
     outage_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class TickResult:
     t_s: float
     phase: Phase

@@ -12,7 +12,6 @@ Nothing here awaits, sleeps, reads a clock or touches a socket. Order inside one
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 from ilup_controller.config.models import CartConfig
@@ -22,13 +21,14 @@ from ilup_controller.core.pid import Pid
 from ilup_controller.core.procedure import RUNNING, Phase
 from ilup_controller.core.ramp import approach
 from ilup_controller.core.rewarm import GradientLoop
+from ilup_controller.core.types import value_type
 
 ControlMode = Literal["flow", "pressure"]
 OutputMode = Literal["auto", "manual"]
 SERVO_LOOKAHEAD_TICKS = 2  # reading age + time for a stop command to take effect
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class LoopOutput:
     pump_speed_rpm: float
     heater_pct: float

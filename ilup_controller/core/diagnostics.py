@@ -32,10 +32,10 @@ on the leak and level alarms.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from ilup_controller.core.procedure import Phase
 from ilup_controller.core.sensors import Run
+from ilup_controller.core.types import value_type
 
 FLOW_GAIN_LOW = 0.75
 FLOW_GAIN_HIGH = 1.15
@@ -53,7 +53,7 @@ TRANSPORT_DELAY_MAX_S = 60.0
 _J_PERIOD_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Inputs:
     """One tick's view for the cross-checks (usable values; None = unusable)."""
 

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.alarms import Condition
 from ilup_controller.core.diagnostics import Inputs, ProcessDiagnostics
 from ilup_controller.core.procedure import RUNNING, Phase
 from ilup_controller.core.sensors import SensorCheck, resolution_of
-from ilup_controller.core.types import Readings
+from ilup_controller.core.types import Readings, value_type
 
 STARTUP_GRACE_S = 5.0  # a sensor never read is a fault only after this long
 SERVO_STOP = "pressure_servo_stop"  # the loop stopped the pump ahead of the stop limit
 HEATER_CONTRIBUTES_C = 0.5  # water this far above the perfusate: the heater is a heat source
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Measured:
     """Usable measurements (None = missing, stale or implausible; never a made-up 0)."""
 
@@ -38,7 +37,7 @@ class Measured:
     air_detected: bool | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Context:
     """What the rest of the core decided last tick, for the conditions that compare with it."""
 

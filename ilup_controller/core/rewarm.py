@@ -29,9 +29,9 @@ no clock, no I/O.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from ilup_controller.config.models import TemperatureLoop
+from ilup_controller.core.types import value_type
 
 _BUCKET_S = 1.0
 WATER_FOLLOWS_C = 0.3  # the water is within this of its setpoint: the gradient is in effect
@@ -96,7 +96,7 @@ class RateEstimator:
         self.value_c = y_mean + slope * (pts[-1][0] + 0.5 * _BUCKET_S - t_mean)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class GradientDemand:
     water_setpoint_c: float
     rate_target_c_per_min: float

@@ -16,10 +16,9 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from dataclasses import dataclass
 
 from ilup_controller.config.models import SensorLimits
-from ilup_controller.core.types import Reading
+from ilup_controller.core.types import Reading, value_type
 
 RATE_WINDOW_S = 5.0
 RATE_VIOLATIONS = 3  # this many implausible jumps within RATE_WINDOW_S = a faulty sensor
@@ -40,7 +39,7 @@ def resolution_of(scale: float, data_type: str) -> float:
     return 0.0 if data_type == "float32" else abs(scale)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Run:
     """The current run of identical fresh readings: ``value`` since ``since_s`` (the first
     reading of the run), repeated ``repeats`` times after it."""
