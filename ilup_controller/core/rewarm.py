@@ -112,7 +112,7 @@ class GradientLoop:
         self._rate = RateEstimator(cfg.rate_window_s)
         self._integral_c = 0.0
         self._integral_start_c = 0.0
-        self._start_c: float | None = None  # the reading when heating (re)started
+        self._start_c: float | None = None  # the reading when heating first started (step)
         self._ramp_integral_c = 0.0
         self._last_gradient_c: float | None = None
         self._t_s = 0.0
@@ -127,7 +127,13 @@ class GradientLoop:
         if water_c is not None and perfusate_c is not None:
             self._integral_c = min(max(water_c - perfusate_c, 0.0), self._cfg.max_gradient_c)
         self._integral_start_c = self._integral_c
-        self._start_c = perfusate_c
+        # Kept from the first start: the prime circulated at low flow through priming, and the
+        # cooler tubing contents reach the probe as the flow ramps (the heater may flicker on
+        # and off at min_flow_ml_min meanwhile). Taken again at a restart in mid-rewarming,
+        # holding the gradient against a fast reading let the warming reach 0.504 degC/min on
+        # the strongest exchanger (hx_150, 400 s at 50 mL/min).
+        if self._start_c is None:
+            self._start_c = perfusate_c
 
     def step(
         self,
@@ -152,9 +158,9 @@ class GradientLoop:
             # tubing reaching the probe: counted as no warming (not chased, not integrated).
             seen = max(slope, min(rate_target, 0.0))
             if rate_target > 0.0 and self._start_c is not None and temp_c < self._start_c:
-                # Still below the reading heating started from: a rise faster than asked is
-                # that cooler perfusate leaving the probe, not warming; taken as on the ramp, or
-                # the gradient would collapse just as the bulk needs it.
+                # Still below the reading heating first started from: a rise faster than asked
+                # is that cooler perfusate leaving the probe, not warming; taken as on the ramp,
+                # or the gradient would collapse just as the bulk needs it.
                 seen = min(seen, rate_target)
             error = rate_target - seen
             p_c = g.kp * error * 60.0  # gains per degC/min of rate error
