@@ -77,8 +77,9 @@ class RunMetrics:
         return self.duration_s / self.cpu_s if self.cpu_s > 0 else math.inf
 
 
-class _Collector:
-    """Folds samples into the figures as they come, so a long run keeps no history."""
+class RunCollector:
+    """Folds samples into the figures as they come, so a long run keeps no history. A test that
+    drives a VirtualCart itself (commands between segments) can fold its samples here too."""
 
     def __init__(self, cfg: CartConfig) -> None:
         self.target_c = cfg.control.temperature.target_c
@@ -232,7 +233,7 @@ def physical_bound_s(cfg: CartConfig, perfusate_c: float, water_c: float) -> flo
 def run_metrics(cfg: CartConfig, duration_s: float = 2400.0) -> RunMetrics:
     """Run ``cfg`` (with a simulator section) for ``duration_s`` of virtual time and measure."""
     cart = VirtualCart(cfg)
-    collect = _Collector(cfg)
+    collect = RunCollector(cfg)
     t0, c0 = time.perf_counter(), time.process_time()
     cart.run_for(duration_s, collect)
     return collect.result(duration_s, time.perf_counter() - t0, time.process_time() - c0)
