@@ -219,6 +219,9 @@ def _variants() -> tuple[Variant, ...]:
           plant={"water_mass_kg": 1.5}, probe_delay_s=12.0),
         v("cold_start_weak_hx", "Cold prime at 25 degC through a 20 W/K exchanger.",
           plant={"hx_ua_w_per_k": 20.0}, start_c=25.0),
+        v("noise_free_27wu", "Noise-free sensors on a 27 WU lung: the flow ramp read without "
+          "noise, then steady (the random sweep's case of a healthy sensor declared stuck).",
+          plant={**nf, "pvr_wu": 27.0}),
         v("digital_stiff_circuit", "Quantised noise-free sensors, -2 mmHg offset, 30 WU, "
           "0.3 mL/mmHg, slip, stroke volume -10 %.",
           plant={**nf, "flow_cutoff_ml_min": 20.0, "pressure_offset_mmhg": -2.0,

@@ -74,6 +74,32 @@ def test_a_noisy_sensor_that_falls_silent_is_stuck_within_two_seconds() -> None:
     assert t - frozen_at <= 1.2
 
 
+def test_a_noise_free_ramp_that_settles_is_not_a_lost_signature() -> None:
+    """A noise-free flow meter reads the 3-minute flow ramp changing at every reading, with the
+    plant's own sub-LSB wiggles (1e-3 mL/min against 0.28 mL/min steps, reversing 2 changes in
+    5), then the settled flow reads steady for ten minutes: healthy throughout. Before the
+    reversal test it was "stuck" 1.4 s after the ramp ended and the pump was held."""
+    chk = SensorCheck(
+        "flow",
+        SensorLimits(max_rate_per_s=400, max_noise=20, stuck_s=1.0),
+        (0.0, 6000.0),
+        1.0,
+        resolution=0.0,
+    )
+    faults = set()
+    t, v = 0.0, 0.0
+    for k in range(1800):  # 180 s at 10 Hz, 0 -> 500 mL/min
+        t = k * 0.1
+        v = 500.0 * k / 1800 + (1e-3 if k % 5 in (1, 3) else 0.0)
+        chk.check(t, Reading(v, t))
+        faults.add(chk.fault)
+    for _ in range(6000):
+        t += 0.1
+        chk.check(t, Reading(500.0, t))
+        faults.add(chk.fault)
+    assert faults == {""}
+
+
 # ------------------------------------------------------------------ stuck from the process
 
 REPORT: list[str] = []

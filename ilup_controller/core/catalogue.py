@@ -466,9 +466,10 @@ register `scale`) is neither a jump nor noise. Stuck is declared only on evidenc
 |---|---|---|---|
 | loss of the sensor's own noise signature: after >= 200 readings (60 s window, relearned when \
 the pump moves to another operating point or the phase changes) in which consecutive values \
-were equal <= 35 % of the time, a run of n identical readings with p^n < 1e-7 | all | \
-`stuck_s` + condition delay: <= 2 s on the reference cart | the chance of a healthy sensor \
-doing it is below 1e-7 |
+were equal <= 35 % of the time and went back and forth (>= 1/3 of their movement reversing \
+the change before, by size: a noise-free sensor reading a ramp moves one way, then settles), a \
+run of n identical readings with p^n < 1e-7 | all | `stuck_s` + condition delay: <= 2 s on the \
+reference cart | the chance of a healthy sensor doing it is below 1e-7 |
 | flow against pump speed x stroke volume (0.75-1.15 of it, +-10 % stroke volume and slip; \
 +2 LSB + 10 mL/min, +30 mL/min low-flow cut-off) | flow | 1 s after the pump speed leaves the \
 band + delay; 7 s for a 500 -> 350 mL/min target change | needs the pump to move |

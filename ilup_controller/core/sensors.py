@@ -5,10 +5,13 @@ see it, and the sensor alarm says why.
 Stuck is decided from evidence, never from silence: a healthy digital sensor often reads a steady
 or quantised value for minutes. Two kinds of evidence count. Here, the loss of a noise signature
 this sensor has shown: after ``SIGNATURE_MIN_TRANSITIONS`` fresh readings in which consecutive
-values were rarely equal (share p <= ``SIGNATURE_MAX_SAME``, i.e. noise of about 1 LSB or more),
-a run of n identical readings has probability p**n; at n with p**n < ``SIGNATURE_FALSE_ALARM`` it
-is a frozen sensor. In core/diagnostics.py, the process: the reading did not move when the pump,
-the flow or the heat input says it must have (analytical redundancy).
+values were rarely equal (share p <= ``SIGNATURE_MAX_SAME``, i.e. noise of about 1 LSB or more)
+and went back and forth (at least ``SIGNATURE_MIN_REVERSALS`` of their movement against the
+direction of the change before: noise does, about 2/3; a process ramp read by a noise-free sensor
+moves one way and then settles, which is no noise to lose), a run of n identical readings has
+probability p**n; at n with p**n < ``SIGNATURE_FALSE_ALARM`` it is a frozen sensor. In
+core/diagnostics.py, the process: the reading did not move when the pump, the flow or the heat
+input says it must have (analytical redundancy).
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ _MEDIAN_ABS_D2_PER_SIGMA = 0.6745 * 6**0.5
 SIGNATURE_WINDOW_S = 60.0
 SIGNATURE_MIN_TRANSITIONS = 200
 SIGNATURE_MAX_SAME = 0.35  # above this the noise is under ~1 LSB: no signature to lose
+# Below this share of the movement reversing the change before, the values moved with the
+# process, not with noise: a noise-free flow meter or pressure sensor read a 3-minute flow ramp
+# changing at every reading (6 % and 25 % equal), then the settled flow read steady and was
+# declared stuck, pump held. Weighted by size: the ramp's own wiggles (0.001 mL/min against
+# steps of 0.34) turned 2 changes in 5.
+SIGNATURE_MIN_REVERSALS = 1.0 / 3.0
 SIGNATURE_FALSE_ALARM = 1e-7  # chance that a healthy noisy sensor repeats itself this long
 _SIGNATURE_P_FLOOR = 0.02  # never trust a learned p below this (few samples, correlated noise)
 
@@ -71,6 +80,11 @@ class SensorCheck:
         self._repeats = 0
         self._same: deque[tuple[float, bool]] = deque()  # (reading time, equal to previous)
         self._same_count = 0
+        # (reading time, size of a change, the part of it against the change before)
+        self._moves: deque[tuple[float, float, float]] = deque()
+        self._moved = self._turned = 0.0
+        self._last_rise: bool | None = None  # direction and size of the last change
+        self._last_size = 0.0
         self._violations: deque[float] = deque()
         self._d2: deque[tuple[float, float]] = deque()  # (reading time, |second difference|)
         self._d2_sorted: list[float] = []  # the same values, kept sorted for the median
@@ -88,6 +102,8 @@ class SensorCheck:
         cut-off is noisy at 500 mL/min and reads exactly 0.0 at rest)."""
         self._same.clear()
         self._same_count = 0
+        self._moves.clear()
+        self._moved = self._turned = 0.0
 
     def declare(self, fault: str) -> None:
         """A fault found by a cross-check (core/diagnostics.py): this reading is unusable."""
@@ -130,10 +146,25 @@ class SensorCheck:
                 self._repeats += 1
             else:
                 self._run_since_s, self._repeats = r.t, 0
+                rise, size = v > self._prev.value, abs(v - self._prev.value)
+                if self._last_rise is not None:
+                    # Back and forth by the smaller of the two changes: a ramp's tiny wiggle
+                    # followed by its next full step turned only by the wiggle.
+                    turned = min(size, self._last_size) if rise != self._last_rise else 0.0
+                    self._moves.append((r.t, size, turned))
+                    self._moved += size
+                    self._turned += turned
+                self._last_rise, self._last_size = rise, size
         elif self._prev is None:
             self._run_since_s, self._repeats = r.t, 0
         while self._same and r.t - self._same[0][0] > SIGNATURE_WINDOW_S:
             self._same_count -= self._same.popleft()[1]
+        while self._moves and r.t - self._moves[0][0] > SIGNATURE_WINDOW_S:
+            _, size, turned = self._moves.popleft()
+            self._moved -= size
+            self._turned -= turned
+        if not self._moves:
+            self._moved = self._turned = 0.0  # no float residue from the running sums
         if fresh:
             self._prev2, self._prev = self._prev, r
         while self._violations and t_s - self._violations[0] > RATE_WINDOW_S:
@@ -170,6 +201,8 @@ class SensorCheck:
         p_same = (same_before + 1.0) / (before + 2.0)  # Laplace: never 0 from few samples
         if p_same > SIGNATURE_MAX_SAME:
             return ""
+        if self._turned < SIGNATURE_MIN_REVERSALS * self._moved:
+            return ""  # the values moved one way: the process, not noise
         needed = math.ceil(
             math.log(SIGNATURE_FALSE_ALARM) / math.log(max(p_same, _SIGNATURE_P_FLOOR))
         )
