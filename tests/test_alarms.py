@@ -166,3 +166,23 @@ def test_latched_alarm_whose_condition_toggles_is_one_onset() -> None:
     # After the reset a new occurrence announces itself again.
     t = run(e, t, 1.0, sensor_flow=ON)
     assert present(e, t) == {"sensor_flow": "on"}
+
+
+def test_clear_delay_makes_a_rate_hovering_at_its_limit_one_occurrence() -> None:
+    """warming_uncontrolled (5 s delay, 30 s clear delay): a rate crossing its limit for 6 s
+    every 13 s for 5 minutes is one onset; it ends 30 s after the last crossing, not before."""
+    e = AlarmEngine()
+    rate = Condition(True, 0.6, 0.5)
+    events = []
+    t = 0.0
+    for _ in range(23):
+        for cond, seconds in ((rate, 6.0), (OFF, 7.0)):
+            for _ in range(round(seconds / 0.1)):
+                t += 0.1
+                events += e.update(t, {"warming_uncontrolled": cond})
+    assert [ev.kind for ev in events] == ["onset"]
+    t = run(e, t, 23.0, warming_uncontrolled=OFF)  # 300 ticks absent: 29.9 s since the first
+    assert present(e, t) == {"warming_uncontrolled": "on"}
+    ends = e.update(t + 0.1, {"warming_uncontrolled": OFF})
+    assert [ev.kind for ev in ends] == ["end"]
+    assert present(e, t + 0.1) == {}

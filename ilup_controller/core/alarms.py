@@ -1,11 +1,12 @@
 """Alarm engine with IEC 60601-1-8 semantics, driven by the catalogue (core/catalogue.py).
 
-Per alarm, each tick: the raw condition is debounced by its condition delay; an alarm whose
-definition takes a protective action *latches*: it stays (presence ``latched``) after the
-condition clears until an operator resets it, and a reset is refused while the condition is
-still present. Acknowledge silences only the current occurrence. Audio pause is time-limited and
-covers only the alarms present when it began: a new alarm, or one of higher priority than any
-paused, annunciates at once. There is no "alarm off" for protective alarms.
+Per alarm, each tick: the raw condition is debounced by its condition delay on the way in and
+by its clear delay on the way out; an alarm whose definition takes a protective action
+*latches*: it stays (presence ``latched``) after the condition clears until an operator resets
+it, and a reset is refused while the condition is still present. Acknowledge silences only the
+current occurrence. Audio pause is time-limited and covers only the alarms present when it
+began: a new alarm, or one of higher priority than any paused, annunciates at once. There is no
+"alarm off" for protective alarms.
 
 Pure code: time is passed in, nothing is awaited, events are returned to the caller.
 """
@@ -62,6 +63,7 @@ class AlarmEvent:
 @dataclass(slots=True)
 class _State:
     raw_since_s: float | None = None  # when the raw condition became present
+    clear_since_s: float | None = None  # when it became absent while the alarm is on
     presence: Presence = Presence.off
     acknowledged: bool = False
     onset_s: float | None = None
@@ -125,6 +127,7 @@ class AlarmEngine:
             s = self._state[alarm_id]
             self._last_raw[alarm_id] = cond
             if cond.present:
+                s.clear_since_s = None
                 if s.raw_since_s is None:
                     s.raw_since_s = t_s
                 due = t_s - s.raw_since_s >= self._delay_s[alarm_id] - 1e-9
@@ -145,6 +148,11 @@ class AlarmEngine:
             else:
                 s.raw_since_s = None
                 if s.presence is Presence.on:
+                    if s.clear_since_s is None:
+                        s.clear_since_s = t_s
+                    if t_s - s.clear_since_s < d.clear_delay_s - 1e-9:
+                        continue  # still the same occurrence (clear delay)
+                    s.clear_since_s = None
                     if d.latching:
                         s.presence = Presence.latched
                         if not s.cleared:

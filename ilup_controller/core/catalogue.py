@@ -44,6 +44,12 @@ class AlarmDef(BaseModel):
     )
     latching: bool
     delay_s: float = Field(ge=0.0, description="Default condition delay (debounce).")
+    clear_delay_s: float = Field(
+        0.0,
+        ge=0.0,
+        description="The condition must stay absent this long before the alarm ends: a rate "
+        "hovering at its threshold is one occurrence, not one onset per crossing.",
+    )
     pump: PumpAction = PumpAction.none
     heater: HeaterAction = HeaterAction.none
     safe_stop: bool = Field(
@@ -171,6 +177,9 @@ _ENTRIES = [
         technical=False,
         latching=False,
         delay_s=5.0,
+        # A 2-minute rate of a 0.1 degC probe moves in 0.05 degC/min steps: at the limit it
+        # crossed it 2-3 times a minute (cold primes: 2 onsets 6-7 s apart).
+        clear_delay_s=30.0,
         hazard="H7 gas emboli from outgassing",
         message="perfusate warming at {value} degC/min > {limit} degC/min with the heater not "
         "contributing (its water not above the perfusate): heat comes from the body through the "
@@ -511,14 +520,15 @@ def render_markdown() -> str:
         "`warming_uncontrolled` instead: no latch, no actuator held off, and a message that "
         "names the likely source and what to do.",
         "",
-        "| id | title | priority | technical | latching | default delay (s) | pump | heater "
-        "| procedure | hazard |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| id | title | priority | technical | latching | default delay (s) | clear delay (s) "
+        "| pump | heater | procedure | hazard |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in _ENTRIES:
         lines.append(
             f"| `{d.id}` | {d.title} | {d.priority} | {'yes' if d.technical else 'no'} | "
-            f"{'yes' if d.latching else 'no'} | {d.delay_s:g} | {d.pump} | {d.heater} "
+            f"{'yes' if d.latching else 'no'} | {d.delay_s:g} | {d.clear_delay_s:g} | {d.pump} "
+            f"| {d.heater} "
             f"| {'safe_stop' if d.safe_stop else '-'} | {d.hazard} |"
         )
     lines += ["", "## Messages", ""]
