@@ -222,6 +222,9 @@ def _variants() -> tuple[Variant, ...]:
         v("noise_free_27wu", "Noise-free sensors on a 27 WU lung: the flow ramp read without "
           "noise, then steady (the random sweep's case of a healthy sensor declared stuck).",
           plant={**nf, "pvr_wu": 27.0}),
+        v("weak_hx_warm_prime", "A 36 degC prime through a 20 W/K exchanger: the circuit loses "
+          "more heat than the first gradient gives, and cools before it warms.",
+          plant={"hx_ua_w_per_k": 20.0}, start_c=36.0),
         v("digital_stiff_circuit", "Quantised noise-free sensors, -2 mmHg offset, 30 WU, "
           "0.3 mL/mmHg, slip, stroke volume -10 %.",
           plant={**nf, "flow_cutoff_ml_min": 20.0, "pressure_offset_mmhg": -2.0,

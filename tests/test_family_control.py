@@ -1,4 +1,4 @@
-"""Closed-loop control across the plant family (issue 9): nine fault-free variants the
+"""Closed-loop control across the plant family (issue 9): ten fault-free variants the
 controller was not tuned on, each a full procedure in virtual time with the default cart
 settings. Zero alarm onsets, the drug phase completes, and the rewarming bars on the true plant:
 no overshoot beyond 0.3 degC, water under its cap, gradient within its limit, the arterial never
@@ -28,6 +28,8 @@ CASES = {
     "all_quantised": (42.0, 1.02),  # noise-free, 0.1 degC / 0.1 mmHg / 10 mL registers
     "digital_stiff_circuit": (42.0, 1.01),  # quantised, offset, stiff, slip, stroke -10 %
     "noise_free_27wu": (42.0, 1.01),  # noise-free ramp then steady: was "stuck", pump held
+    # 36 degC prime, 20 W/K: cools before it warms; the gradient froze for 10 min (ratio 5.96)
+    "weak_hx_warm_prime": (42.0, 2.89),
     "probe_delay_25s": (42.0, 1.10),  # long tubing to the probe
     "small_bath_delay_12s": (42.0, 1.04),  # the issue's circuit
     "hx_20": (44.0, 1.24),  # weak exchanger: the gradient limit binds near 37 degC

@@ -152,3 +152,33 @@ def test_cold_plug_leaving_the_probe_does_not_collapse_the_gradient() -> None:
     above = [g for temp_c, g in climb if temp_c >= 34.2]
     assert below[-1] >= max(below) - 0.5, (max(below), below[-1])
     assert min(above) <= below[-1] - 0.3, (below[-1], min(above))
+
+
+def _falling(seconds: float) -> list[float]:
+    """Heating starts at 36.0 degC on the ramp (target 37) and the reading then falls at 0.2
+    degC/min for ``seconds`` (the circuit losing more than the gradient gives, water held at
+    its setpoint). Returns the asked gradient per second."""
+    t = load_config("config/sim.yaml").control.temperature
+    loop = GradientLoop(t)
+    loop.reset(water_c=36.0, perfusate_c=36.0)
+    temp_c = water_c = 36.0
+    gradients = []
+    for k in range(int(seconds * 10)):
+        if k >= 300:
+            temp_c -= 0.2 / 600
+        d = loop.step(0.1, temp_c, water_c, 37.0)
+        water_c = d.water_setpoint_c
+        if k % 10 == 0:
+            gradients.append(d.water_setpoint_c - d.perfusate_c)
+    return gradients
+
+
+def test_a_fall_that_lasts_is_cooling_and_the_gradient_grows() -> None:
+    """A falling reading is a passing cold plug for FALL_IS_COOLING_S (90 s): the gradient
+    holds. A fall that lasts is the circuit cooling: within the next minute the gradient grows
+    by >= 0.5 degC (before: frozen for as long as the fall lasted, 10 min on weak_hx_warm_prime)."""
+    g = _falling(300.0)
+    # The fall starts at 30 s; the 30-s line turns negative a few seconds later.
+    held = g[60:120]
+    assert max(held) - min(held) <= 0.1, (min(held), max(held))
+    assert g[200] >= g[120] + 0.5, (g[120], g[200])

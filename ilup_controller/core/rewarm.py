@@ -20,6 +20,10 @@ probe's lags. So the outer loop controls the *rate* of the measured perfusate te
   stronger than ``exchanger_time_constant_s`` says they overshoot the guideline rate;
 - the water setpoint is ``T + G``, capped by the gradient limit and the water cap.
 
+A falling reading on the ramp counts as no warming (not chased, not integrated) for
+``FALL_IS_COOLING_S``: cooler perfusate from the tubing passing the probe as the flow ramps.
+A fall that lasts longer is the circuit losing more heat than the gradient gives, and is chased.
+
 The rate and T come from a least-squares line through the last ``rate_window_s`` of readings
 (one-second means): a quantised probe (0.1 degC) or a noisy one still gives a usable slope, and
 its transport delay only shifts that line in time. The estimate is pure code: explicit time,
@@ -36,6 +40,10 @@ from ilup_controller.core.types import value_type
 _BUCKET_S = 1.0
 WATER_FOLLOWS_C = 0.3  # the water is within this of its setpoint: the gradient is in effect
 _MIN_POINTS = 5
+# A cold plug passes the probe in about a minute as the flow ramps. Unbounded, the rule froze
+# the gradient at 1 degC for 10 minutes on a 21 W/K exchanger from a 36 degC prime: the circuit
+# lost more heat than that gave and the reading fell 0.01-0.4 degC/min the whole time.
+FALL_IS_COOLING_S = 90.0
 
 
 class RateEstimator:
@@ -116,6 +124,7 @@ class GradientLoop:
         self._ramp_integral_c = 0.0
         self._last_gradient_c: float | None = None
         self._t_s = 0.0
+        self._falling_since_s: float | None = None
 
     def reset(self, water_c: float | None, perfusate_c: float | None) -> None:
         """Heating (re)starts: forget the slope and start the integral at the present gradient
@@ -124,6 +133,7 @@ class GradientLoop:
         self._integral_c = 0.0
         self._ramp_integral_c = 0.0
         self._last_gradient_c = None
+        self._falling_since_s = None
         if water_c is not None and perfusate_c is not None:
             self._integral_c = min(max(water_c - perfusate_c, 0.0), self._cfg.max_gradient_c)
         self._integral_start_c = self._integral_c
@@ -151,12 +161,24 @@ class GradientLoop:
         rate_target = min(max((target_c - temp_c) / c.landing_s, -ramp_c_per_s), ramp_c_per_s)
         ff_c = max(rate_target, 0.0) * c.exchanger_time_constant_s
         g = c.gradient_pid
+        if slope is None or slope >= 0.0:
+            self._falling_since_s = None
+        elif self._falling_since_s is None:
+            self._falling_since_s = self._t_s
+        # A fall is a passing cold plug until it has lasted FALL_IS_COOLING_S on the ramp:
+        # then the circuit is cooling and must be chased. Landing, a fall stays unchased (the
+        # integral would wind against a reading settling onto the target: 0.12 degC overshoot).
+        fall_is_plug = (
+            self._falling_since_s is None
+            or self._t_s - self._falling_since_s < FALL_IS_COOLING_S
+            or rate_target < ramp_c_per_s
+        )
         if slope is None:
             p_c, error = 0.0, 0.0
         else:
             # A falling reading as heating starts is mostly the cooler perfusate still in the
             # tubing reaching the probe: counted as no warming (not chased, not integrated).
-            seen = max(slope, min(rate_target, 0.0))
+            seen = max(slope, min(rate_target, 0.0)) if fall_is_plug else slope
             if rate_target > 0.0 and self._start_c is not None and temp_c < self._start_c:
                 # Still below the reading heating first started from: a rise faster than asked
                 # is that cooler perfusate leaving the probe, not warming; taken as on the ramp,
@@ -182,7 +204,7 @@ class GradientLoop:
         stuck_high = water_c > water_sp + WATER_FOLLOWS_C and error < 0.0
         stuck_low = water_c < water_sp - WATER_FOLLOWS_C and error > 0.0
         clamped = (gradient_c > high_c and error > 0.0) or (gradient_c < low_c and error < 0.0)
-        falling = slope is not None and slope < 0.0 < rate_target
+        falling = fall_is_plug and slope is not None and slope < 0.0 < rate_target
         if slope is not None and not (stuck_high or stuck_low or clamped or falling):
             self._integral_c += g.ki * error * 60.0 * dt_s
             if rate_target >= ramp_c_per_s and error > 0.0:
