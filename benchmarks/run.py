@@ -7,7 +7,7 @@
 5. `ilup tune` on three plant variants, before/after figures (benchmarks/tune.py, ~4 min).
 
 Usage: python -m benchmarks.run [--seconds 60] [--only virtual,tick,resources,family,tune]
-       python -m benchmarks.run --family [--minutes 40] [--workers 2] [--random N]
+       python -m benchmarks.run --family [--minutes 40] [--workers 2] [--random N [--seed S]]
 """
 
 from __future__ import annotations
@@ -478,6 +478,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=40.0, help="virtual minutes per variant")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--random", type=int, default=0, help="also N seeded random variants")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the random variants")
     ap.add_argument(
         "--baseline", default=None, help="also time the virtual-time harness at this git revision"
     )
@@ -494,7 +495,7 @@ def main() -> None:
             if "resources" in which:
                 print(bench_resources(tmp, broker, args.seconds) + "\n", flush=True)
     if "family" in which:
-        print(bench_family(args.minutes, args.workers, args.random) + "\n", flush=True)
+        print(bench_family(args.minutes, args.workers, args.random, args.seed) + "\n", flush=True)
     if "tune" in which:
         from benchmarks.tune import bench_tune
 
