@@ -225,6 +225,10 @@ def _variants() -> tuple[Variant, ...]:
         v("weak_hx_warm_prime", "A 36 degC prime through a 20 W/K exchanger: the circuit loses "
           "more heat than the first gradient gives, and cools before it warms.",
           plant={"hx_ua_w_per_k": 20.0}, start_c=36.0),
+        v("strong_hx_delay_17s", "A 140 W/K exchanger, a 2.2 kg bath and a 17 s probe delay: "
+          "with the default gains the rate loop overshoots the guideline; `ilup tune` is needed.",
+          plant={"hx_ua_w_per_k": 140.0, "water_mass_kg": 2.2, "heater_power_w": 1000.0},
+          probe_delay_s=17.0),
         v("digital_stiff_circuit", "Quantised noise-free sensors, -2 mmHg offset, 30 WU, "
           "0.3 mL/mmHg, slip, stroke volume -10 %.",
           plant={**nf, "flow_cutoff_ml_min": 20.0, "pressure_offset_mmhg": -2.0,
