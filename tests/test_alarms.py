@@ -186,3 +186,30 @@ def test_clear_delay_makes_a_rate_hovering_at_its_limit_one_occurrence() -> None
     ends = e.update(t + 0.1, {"warming_uncontrolled": OFF})
     assert [ev.kind for ev in ends] == ["end"]
     assert present(e, t + 0.1) == {}
+
+
+def test_an_advisory_is_suppressed_while_the_alarm_that_acts_on_it_is_present() -> None:
+    """warming_uncontrolled counts as absent while heating_rate is on or latched (the heater
+    already off, the water's warmth still raising the rate), and announces itself again once
+    heating_rate has been reset. A protective alarm can never be suppressed."""
+    e = AlarmEngine()
+    rate = Condition(True, 0.54, 0.5)
+    events = []
+    t = 0.0
+    for conds in ({"heating_rate": rate}, {"heating_rate": OFF, "warming_uncontrolled": rate}):
+        for _ in range(200):
+            t += 0.1
+            events += e.update(t, conds)
+    assert [(ev.kind, ev.alarm_id) for ev in events] == [
+        ("onset", "heating_rate"),
+        ("end", "heating_rate"),
+    ]
+    assert present(e, t) == {"heating_rate": "latched"}
+    assert e.reset("heating_rate", t, "op1")[0].ok
+    t = run(e, t, 6.0, warming_uncontrolled=rate)
+    assert present(e, t) == {"warming_uncontrolled": "on"}
+    assert all(not d.suppressed_by for d in CATALOGUE.values() if d.protective)
+    with pytest.raises(ValueError, match="never suppressed"):
+        CATALOGUE["heating_rate"].model_validate(
+            {**CATALOGUE["heating_rate"].model_dump(), "suppressed_by": ("gradient",)}
+        )

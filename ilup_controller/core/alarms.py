@@ -126,6 +126,10 @@ class AlarmEngine:
             d = self._defs[alarm_id]  # KeyError: a condition outside the catalogue is a bug
             s = self._state[alarm_id]
             self._last_raw[alarm_id] = cond
+            if cond.present and any(
+                self._state[o].presence is not Presence.off for o in d.suppressed_by
+            ):
+                cond = Condition(False)
             if cond.present:
                 s.clear_since_s = None
                 if s.raw_since_s is None:

@@ -50,6 +50,11 @@ class AlarmDef(BaseModel):
         description="The condition must stay absent this long before the alarm ends: a rate "
         "hovering at its threshold is one occurrence, not one onset per crossing.",
     )
+    suppressed_by: tuple[str, ...] = Field(
+        (),
+        description="While one of these alarms is present (on or latched), this condition "
+        "counts as absent: the operator already has the alarm that acts on it.",
+    )
     pump: PumpAction = PumpAction.none
     heater: HeaterAction = HeaterAction.none
     safe_stop: bool = Field(
@@ -68,6 +73,8 @@ class AlarmDef(BaseModel):
     def _protective_latches(self) -> AlarmDef:
         if self.protective and not self.latching:
             raise ValueError(f"{self.id}: an alarm with a safe action must latch")
+        if self.protective and self.suppressed_by:
+            raise ValueError(f"{self.id}: an alarm with a safe action is never suppressed")
         return self
 
     def render(self, *, value: float | None, limit: float | None, detail: str) -> str:
@@ -180,6 +187,10 @@ _ENTRIES = [
         # A 2-minute rate of a 0.1 degC probe moves in 0.05 degC/min steps: at the limit it
         # crossed it 2-3 times a minute (cold primes: 2 onsets 6-7 s apart).
         clear_delay_s=30.0,
+        # After heating_rate switched the heater off, the warmth already in the water keeps the
+        # rate up with the water under 0.5 degC above the perfusate: the same event, not a
+        # second one blaming the body.
+        suppressed_by=("heating_rate",),
         hazard="H7 gas emboli from outgassing",
         message="perfusate warming at {value} degC/min > {limit} degC/min with the heater not "
         "contributing (its water not above the perfusate): heat comes from the body through the "
@@ -461,6 +472,7 @@ _ENTRIES = [
 
 CATALOGUE: dict[str, AlarmDef] = {d.id: d for d in _ENTRIES}
 assert len(CATALOGUE) == len(_ENTRIES), "duplicate alarm id"
+assert all(o in CATALOGUE for d in _ENTRIES for o in d.suppressed_by), "unknown suppressed_by"
 
 
 # How a stuck sensor is found, and how long it takes (core/sensors.py, core/diagnostics.py).
@@ -518,18 +530,21 @@ def render_markdown() -> str:
         "to reset once the rate is under the limit. When the circuit warms by itself (a cold "
         "prime warmed by the body through the lung) the same rate raises the advisory "
         "`warming_uncontrolled` instead: no latch, no actuator held off, and a message that "
-        "names the likely source and what to do.",
+        "names the likely source and what to do. It is suppressed while `heating_rate` is "
+        "present: once the heater is off, the warmth left in its water keeps the rate up for a "
+        "minute, and that is the same event.",
         "",
         "| id | title | priority | technical | latching | default delay (s) | clear delay (s) "
-        "| pump | heater | procedure | hazard |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pump | heater | procedure | suppressed by | hazard |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in _ENTRIES:
         lines.append(
             f"| `{d.id}` | {d.title} | {d.priority} | {'yes' if d.technical else 'no'} | "
             f"{'yes' if d.latching else 'no'} | {d.delay_s:g} | {d.clear_delay_s:g} | {d.pump} "
             f"| {d.heater} "
-            f"| {'safe_stop' if d.safe_stop else '-'} | {d.hazard} |"
+            f"| {'safe_stop' if d.safe_stop else '-'} | {', '.join(d.suppressed_by) or '-'} "
+            f"| {d.hazard} |"
         )
     lines += ["", "## Messages", ""]
     lines += [f"- `{d.id}`: {d.message}" for d in _ENTRIES]
