@@ -4,7 +4,7 @@
 2. Tick timing over real Modbus TCP (simulator in another process) at 10 Hz and 50 Hz.
 3. CPU and peak RSS of the `ilup run` process at 10 Hz.
 4. The plant family (sim/family.py): one closed-loop run per variant in virtual time.
-5. `ilup tune` on three plant variants, before/after figures (benchmarks/tune.py, ~4 min).
+5. `ilup tune` on four plant variants, before/after figures (benchmarks/tune.py, ~4 min).
 
 Usage: python -m benchmarks.run [--seconds 60] [--only virtual,tick,resources,family,tune]
        python -m benchmarks.run --family [--minutes 40] [--workers 2] [--random N [--seed S]]
