@@ -8,10 +8,13 @@ stronger variants only, and each bound below says how far off the others are."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ilup_controller.config import load_config
 from ilup_controller.config.models import CartConfig
+from ilup_controller.core.alarms import AlarmEvent
 from sim.family import apply, by_name
 from sim.metrics import (
     GUIDELINE_C_PER_MIN,
@@ -20,7 +23,7 @@ from sim.metrics import (
     physical_bound_s,
     run_metrics,
 )
-from sim.virtual import VirtualCart
+from sim.virtual import Sample, VirtualCart
 
 # variant -> (virtual minutes to run, rewarm time / guideline limit held to: today's figure in
 # the README family table plus 0.02)
@@ -141,3 +144,21 @@ def test_the_bound_grows_as_the_heater_weakens_and_is_none_out_of_reach() -> Non
     assert weak > strong + 5.0
     # 150 W cannot hold 37 degC against ~160 W of losses: no bound, the target is out of reach.
     assert physical_bound_s(_plant(heater_supply_max_w=150.0), 33.7, 33.7) is None
+
+
+def test_the_advisory_says_where_the_water_stands() -> None:
+    """A 30 degC prime warmed by the body: `warming_uncontrolled` names the measured water
+    against the perfusate (below it here), so the operator sees the heater is not the source."""
+    cart = VirtualCart(apply(by_name("start_30c"), load_config("config/sim.yaml")))
+    messages: list[str] = []
+
+    def on_tick(s: Sample) -> None:
+        messages.extend(
+            e.message for e in s.decision.events if isinstance(e, AlarmEvent) and e.kind == "onset"
+        )
+
+    cart.run_for(300.0, on_tick)
+    assert len(messages) == 1, messages
+    m = re.search(r"at most 0\.5 degC above it \(now (\d+\.\d) degC below\)", messages[0])
+    assert m is not None, messages[0]
+    assert 0.0 < float(m.group(1)) < 2.0

@@ -84,6 +84,9 @@ class AlarmDef(BaseModel):
 
 
 _H, _M, _L = Priority.high, Priority.medium, Priority.low
+# Water this far above the perfusate: the heater is a heat source, and heating_rate (heater off)
+# acts on the cause; below it the same rate is warming_uncontrolled (core/monitor.py).
+HEATER_CONTRIBUTES_C = 0.5
 
 _ENTRIES = [
     # ------------------------------------------------------------------ pressure and flow
@@ -192,10 +195,11 @@ _ENTRIES = [
         # second one blaming the body.
         suppressed_by=("heating_rate",),
         hazard="H7 gas emboli from outgassing",
-        message="perfusate warming at {value} degC/min > {limit} degC/min with the heater not "
-        "contributing (its water not above the perfusate): heat comes from the body through the "
-        "lung or from the room. Check the lung and patient temperature; cool the water or "
-        "lower the flow if it must slow. Rewarming continues on its own",
+        message="perfusate warming at {value} degC/min > {limit} degC/min with the heater "
+        f"water at most {HEATER_CONTRIBUTES_C:g} degC above it ({{detail}}): switching the "
+        "heater off would not slow it. Heat comes from the body through the lung, from the "
+        "room, or from warmth already in the exchanger. Check the lung and patient temperature; "
+        "cool the water or lower the flow if it must slow. Rewarming continues on its own",
     ),
     AlarmDef(
         id="gradient",
@@ -525,8 +529,9 @@ def render_markdown() -> str:
         "",
         "**No alarm deadlocks a procedure without telling the operator what to do.** A safe "
         "action is taken only where it acts on the cause: `heating_rate` switches the heater "
-        "off only while the heater contributes heat (its water more than 0.5 degC above the "
-        "perfusate, whatever the command: a welded relay heats at 0 %), and its message says "
+        "off only while the heater contributes heat (its water more than "
+        f"{HEATER_CONTRIBUTES_C:g} degC above the perfusate, whatever the command: a welded "
+        "relay heats at 0 %), and its message says "
         "to reset once the rate is under the limit. When the circuit warms by itself (a cold "
         "prime warmed by the body through the lung) the same rate raises the advisory "
         "`warming_uncontrolled` instead: no latch, no actuator held off, and a message that "

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.alarms import Condition
+from ilup_controller.core.catalogue import HEATER_CONTRIBUTES_C
 from ilup_controller.core.diagnostics import Inputs, ProcessDiagnostics
 from ilup_controller.core.procedure import RUNNING, Phase
 from ilup_controller.core.sensors import SensorCheck, resolution_of
@@ -21,7 +22,6 @@ from ilup_controller.core.types import Readings, value_type
 
 STARTUP_GRACE_S = 5.0  # a sensor never read is a fault only after this long
 SERVO_STOP = "pressure_servo_stop"  # the loop stopped the pump ahead of the stop limit
-HEATER_CONTRIBUTES_C = 0.5  # water this far above the perfusate: the heater is a heat source
 
 
 @value_type
@@ -326,8 +326,14 @@ class Monitor:
         # heats; a heater on into water colder than the perfusate adds nothing to it).
         heater_heats = water is None or temp is None or water - temp > HEATER_CONTRIBUTES_C
         out["heating_rate"] = Condition(too_fast and heater_heats, rate, a.heating_rate_c_per_min)
+        uncontrolled = too_fast and not heater_heats
         out["warming_uncontrolled"] = Condition(
-            too_fast and not heater_heats, rate, a.heating_rate_c_per_min
+            uncontrolled,
+            rate,
+            a.heating_rate_c_per_min,
+            _above_or_below(water - temp)
+            if uncontrolled and water is not None and temp is not None
+            else "",
         )
         grad = None if water is None or temp is None else water - temp
         out["gradient"] = Condition(
@@ -395,6 +401,10 @@ def silent_devices(
             since = "never answered" if age is None else f"silent for {age:.1f} s"
             down.append(f"{name}: {since} ({error or 'no reply'})")
     return tuple(down)
+
+
+def _above_or_below(diff_c: float) -> str:
+    return f"now {abs(diff_c):.1f} degC {'above' if diff_c >= 0.0 else 'below'}"
 
 
 def _above(value: float | None, limit: float) -> Condition:
