@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from diag_variants import onsets, run_procedure
 
 from ilup_controller.config import load_config
 from ilup_controller.config.models import CartConfig
-from ilup_controller.core.alarms import AlarmEvent
 from sim.family import apply, by_name
 from sim.metrics import (
     GUIDELINE_C_PER_MIN,
@@ -23,7 +23,7 @@ from sim.metrics import (
     physical_bound_s,
     run_metrics,
 )
-from sim.virtual import Sample, VirtualCart
+from sim.virtual import VirtualCart
 
 # variant -> (virtual minutes to run, rewarm time / guideline limit held to: today's figure in
 # the README family table plus 0.02)
@@ -149,15 +149,8 @@ def test_the_bound_grows_as_the_heater_weakens_and_is_none_out_of_reach() -> Non
 def test_the_advisory_says_where_the_water_stands() -> None:
     """A 30 degC prime warmed by the body: `warming_uncontrolled` names the measured water
     against the perfusate (below it here), so the operator sees the heater is not the source."""
-    cart = VirtualCart(apply(by_name("start_30c"), load_config("config/sim.yaml")))
-    messages: list[str] = []
-
-    def on_tick(s: Sample) -> None:
-        messages.extend(
-            e.message for e in s.decision.events if isinstance(e, AlarmEvent) and e.kind == "onset"
-        )
-
-    cart.run_for(300.0, on_tick)
+    samples = run_procedure(apply(by_name("start_30c"), load_config("config/sim.yaml")), 300.0)
+    messages = [e.message for e in onsets(samples)]
     assert len(messages) == 1, messages
     m = re.search(r"at most 0\.5 degC above it \(now (\d+\.\d) degC below\)", messages[0])
     assert m is not None, messages[0]
