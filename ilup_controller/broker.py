@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,11 +34,43 @@ _STOP_TIMEOUT_S = 3.0
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port on 127.0.0.1 that is free now and that the OS does not hand out by itself.
+
+    A port from ``bind(port 0)`` lies in the ephemeral range, where any outgoing connection may
+    take it before our server binds it: a test's simulator once failed "Address already in use".
+    So the port is drawn below that range, never twice in one process, and checked by binding.
+    """
+    below = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(_PICK_FROM, below)
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded machine: the OS's
         s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
+        picked: int = s.getsockname()[1]
+        return picked
+
+
+_PICK_FROM = 20000  # above registered services (PostgreSQL 5432, Redis 6379, MQTT 1883/8883)
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return max(low, _PICK_FROM + 1000)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+        return True
 
 
 def mosquitto_binary() -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,17 @@ def test_ensure_broker_starts_mosquitto_on_the_free_preferred_port() -> None:
         if handle is not None:
             handle.stop()
     assert broker_answers(host, port) is False
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice() -> None:
+    # Outgoing connections take ports from the ephemeral range; a port from there can be gone
+    # before the server binds it (a simulator once failed "Address already in use" in CI).
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == 300
+    assert all(20000 <= p < low for p in ports), (min(ports), max(ports), low)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))  # and free
 
 
 def test_mosquitto_refuses_a_port_in_use(mosquitto: MosquittoProcess) -> None:

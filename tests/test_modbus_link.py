@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from helpers import wait_until
 
+from ilup_controller.broker import free_port
 from ilup_controller.config import load_config
 from ilup_controller.config.models import CartConfig, Device, Signal
 from ilup_controller.core.types import Reading
@@ -41,12 +41,6 @@ async def stays_false(pred: Callable[[], bool], window_s: float) -> bool:
 
 def signals_of(device: str, config: CartConfig = CONFIG) -> dict[str, Signal]:
     return {n: s for n, s in config.signals.items() if s.device == device}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 class Rig:
