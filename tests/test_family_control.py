@@ -155,3 +155,49 @@ def test_the_advisory_says_where_the_water_stands() -> None:
     m = re.search(r"at most 0\.5 degC above it \(now (\d+\.\d) degC below\)", messages[0])
     assert m is not None, messages[0]
     assert 0.0 < float(m.group(1)) < 2.0
+
+
+# ------------------------------------------------------------------ a lung that takes less flow
+
+
+def _flow_target(ml_min: float) -> CartConfig:
+    """The reference cart asked for 1000 mL/min (the top of the human range, domain.md): its
+    lung takes about 840 mL/min where the pressure limiter holds 25 - 2 mmHg."""
+    base = load_config("config/sim.yaml")
+    flow = base.control.flow.model_copy(update={"target_ml_min": ml_min})
+    return base.model_copy(update={"control": base.control.model_copy(update={"flow": flow})})
+
+
+def test_constant_pressure_counts_the_drug_phase_while_the_pressure_loop_holds() -> None:
+    """At constant pressure the flow target is a ceiling and a lower flow is the mode at work.
+    The drug timer counted only at the ceiling: 0 s in 40 minutes, with no alarm."""
+    cfg = _flow_target(1000.0)
+    cart = VirtualCart(cfg)
+    cart.core.controller.set_mode("pressure", "auto")
+    collect = RunCollector(cfg)
+    last = cart.run_for(2400.0, collect)
+    m = collect.result(2400.0, 1.0, 1.0)
+    assert 700.0 < last.truth.flow_ml_min < 900.0  # under the ceiling: the pressure leads
+    assert last.decision.loop.pump_limited_by == "pressure"
+    assert m.peak_pressure_mmhg < cfg.control.pressure.limit_mmhg
+    assert m.drug_phase_done_s is not None
+    assert m.drug_phase_done_s < 40 * 60.0
+    assert m.alarm_onsets == {}
+
+
+def test_a_flow_target_the_pressure_limit_denies_says_why_and_what_to_do() -> None:
+    """At constant flow the same lung is a deviation: the alarm says the pressure limiter holds
+    the pump and how to let the procedure go on (the drug timer waits for the target flow)."""
+    cfg = _flow_target(1000.0)
+    last = VirtualCart(cfg).run_for(400.0)
+    (alarm,) = last.decision.alarms
+    assert alarm.alarm_id == "flow_deviation"
+    assert alarm.value is not None
+    assert 700.0 < alarm.value < 900.0
+    held = re.search(
+        r"pressure limiter holds the pump at ([\d.]+) mmHg \(limit 25 mmHg\)", alarm.message
+    )
+    assert held is not None, alarm.message
+    assert 21.0 < float(held.group(1)) < 25.0
+    assert "lower the flow target, or switch to constant pressure" in alarm.message
+    assert last.decision.drug_elapsed_s == 0.0

@@ -418,7 +418,16 @@ class Procedure(Strict):
     priming_s: Pos = Field(60.0, description="Auto-advance only: time spent priming.")
     drug_phase_s: Pos = Field(1800.0, description="Drug phase: time at target (30 min).")
     washout_s: Pos = Field(600.0, description="Washout duration (10 min).")
-    at_target_flow_pct: Pos = Field(10.0, description="Drug timer counts within this band...")
+    at_target_flow_pct: Pos = Field(
+        10.0,
+        description="Drug timer counts with the flow within this band of its target (constant "
+        "flow)...",
+    )
+    at_target_pressure_mmhg: Pos = Field(
+        2.0,
+        description="...or, at constant pressure, with the pressure within this of where the "
+        "pressure loop holds it (limit - margin), or the flow at its ceiling...",
+    )
     at_target_temperature_c: Pos = Field(0.5, description="...and within this of target.")
     auto_advance: bool = False
 

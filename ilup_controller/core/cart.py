@@ -284,16 +284,25 @@ class CartCore:
         return []
 
     def _at_target(self, m: Measured, loop: LoopOutput) -> bool:
-        p = self.cfg.procedure
-        target_q = self.controller.flow_target_ml_min
+        """Whether the drug-phase timer runs: the lead variable of the pump's mode and the
+        perfusate temperature on target, with the pump running."""
+        p, ctl = self.cfg.procedure, self.controller
+        target_q = ctl.flow_target_ml_min
         q, temp = m.flow_ml_min, m.temperature_c
-        return (
-            q is not None
-            and temp is not None
-            and abs(q - target_q) <= p.at_target_flow_pct / 100.0 * target_q
-            and abs(temp - self.controller.temperature_target_c) <= p.at_target_temperature_c
-            and loop.pump_speed_rpm > 0.0
-        )
+        if q is None or temp is None or loop.pump_speed_rpm <= 0.0:
+            return False
+        flow_on = abs(q - target_q) <= p.at_target_flow_pct / 100.0 * target_q
+        if ctl.control_mode == "pressure" and ctl.output_mode == "auto" and not flow_on:
+            # Constant pressure: the flow target is a ceiling and a lower flow is the mode
+            # working. Counting only at the ceiling stopped the timer for good (0 s in 40 min
+            # on a lung taking 840 of 1000 mL/min at 22.7 mmHg), with no alarm.
+            held_at = ctl.pressure_limit_mmhg - self.cfg.control.pressure.margin_mmhg
+            flow_on = (
+                loop.pump_limited_by == "pressure"
+                and m.pressure_mmhg is not None
+                and abs(m.pressure_mmhg - held_at) <= p.at_target_pressure_mmhg
+            )
+        return flow_on and abs(temp - ctl.temperature_target_c) <= p.at_target_temperature_c
 
 
 def _all_present(m: Measured) -> bool:

@@ -120,7 +120,7 @@ _ENTRIES = [
         latching=False,
         delay_s=10.0,
         hazard="H5 under-perfusion: drug not delivered",
-        message="flow {value} mL/min deviates from setpoint by more than {limit} mL/min",
+        message="flow {value} mL/min deviates from setpoint by more than {limit} mL/min{detail}",
     ),
     AlarmDef(
         id="pvr_rise",

@@ -61,6 +61,19 @@ class Context:
     guard_problem: str = ""  # why the configured `ilup guard` is not watching ("" = it is)
 
 
+def _held_by_pressure(pressure_mmhg: float, ctx: Context) -> str:
+    """Why a constant flow stays under its target, and what to do, when the pressure limiter
+    holds the pump: the drug timer counts only at target, so the procedure would wait."""
+    if ctx.pump_limited_by != "pressure":
+        return ""
+    return (
+        f": the pressure limiter holds the pump at {pressure_mmhg:.1f} mmHg (limit "
+        f"{ctx.pressure_limit_mmhg:g} mmHg); this lung takes no more flow below it. The drug "
+        "timer counts only at target flow: lower the flow target, or switch to constant "
+        "pressure"
+    )
+
+
 class _Trend:
     """Rate of change over a window from samples kept at >= 1 s spacing."""
 
@@ -299,8 +312,9 @@ class Monitor:
         band = max(
             a.flow_deviation_pct / 100.0 * ctx.flow_setpoint_ml_min, a.flow_deviation_min_ml_min
         )
+        deviates = ramped and q is not None and abs(q - ctx.flow_setpoint_ml_min) > band
         out["flow_deviation"] = Condition(
-            ramped and q is not None and abs(q - ctx.flow_setpoint_ml_min) > band, q, band
+            deviates, q, band, _held_by_pressure(p, ctx) if deviates and p is not None else ""
         )
         out["pvr_rise"] = self._pvr(p, q, ramped, ctx)
 
