@@ -96,6 +96,13 @@ def test_shipped_configs_are_valid(path: str) -> None:
             20.0,
             "control.pressure: stop_mmhg must be above limit_mmhg",
         ),
+        (
+            "control.tick_period_s",
+            0.5,
+            "control: flow.pid (kp 0.02, ki 0.04, kd 0) with tick_period_s 0.5 s and "
+            "flow.stroke_volume_ml_per_rev 33: the flow trim would correct 132 % of a flow "
+            "error in one tick",
+        ),
     ],
 )
 def test_bad_config_names_the_key_path(

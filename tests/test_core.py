@@ -191,6 +191,26 @@ def test_pid_never_winds_up_while_held() -> None:
     assert out == pytest.approx(1.0)  # 0 + one tick of ki * e * dt, not 50
 
 
+def test_a_rate_limited_pid_stops_its_integral_without_giving_up_its_p() -> None:
+    pid = Pid(PidGains(kp=2.0, ki=0.5), -100.0, 100.0)
+    for _ in range(10):
+        out = pid.update(10.0, 9.0, 0.1)
+    assert out == pytest.approx(2.0 + 0.5)  # P 2.0, I 0.5
+    pid.track(2.3, "limited")  # a slew limit cut it to 2.3
+    # The integral stays where it was before the cut tick (0.45): P is not taken out of it
+    # (bumpless would leave 0.3 and the next output 2.35).
+    assert pid.update(10.0, 9.0, 0.1) == pytest.approx(2.0 + 0.45 + 0.05)
+
+
+def test_the_losing_loop_of_an_override_pair_keeps_its_p_as_headroom() -> None:
+    pid = Pid(PidGains(kp=2.0, ki=0.5), -100.0, 100.0)
+    for _ in range(10):
+        pid.update(10.0, 9.0, 0.1)
+    pid.track(1.0, "headroom")  # the other loop's lower demand won at 1.0
+    # Its next demand is the applied 1.0 plus its own P and one tick of integral.
+    assert pid.update(10.0, 9.0, 0.1) == pytest.approx(1.0 + 2.0 + 0.05)
+
+
 def test_manual_output_is_bumpless_both_ways(cfg: CartConfig) -> None:
     cart = running(cfg)
     ctl = cart.core.controller

@@ -352,6 +352,26 @@ class Control(Strict):
     reservoir_measured: Name | None = Field(None, description="Signal: reservoir volume, mL.")
     air_measured: Name | None = Field(None, description="Signal: bubble detector (bool).")
 
+    @model_validator(mode="after")
+    def _flow_trim_per_tick(self) -> Self:
+        # The pump answers a speed command within about a tick, so a trim that corrects more
+        # than the whole flow error per tick overshoots every tick: with the default gains a
+        # 0.5 s tick made healthy pumps oscillate into pump_not_following (safe stop); 0.3 s
+        # (106 %) doubled the flow RMS; 0.5 s with ki 0.02 (99 %) ran clean.
+        f, dt_s = self.flow, self.tick_period_s
+        share = f.stroke_volume_ml_per_rev * (f.pid.kp + f.pid.ki * dt_s + f.pid.kd / dt_s)
+        if share > 1.0:
+            raise ValueError(
+                f"flow.pid (kp {f.pid.kp:g}, ki {f.pid.ki:g}, kd {f.pid.kd:g}) with "
+                f"tick_period_s {dt_s:g} s and flow.stroke_volume_ml_per_rev "
+                f"{f.stroke_volume_ml_per_rev:g}: the flow trim would correct "
+                f"{share * 100:.0f} % of a flow error in one tick and the pump speed would "
+                "oscillate (at most 100 %: "
+                "stroke_volume x (kp + ki x tick + kd / tick) <= 1). Lower flow.pid.ki or kp, "
+                "or tick_period_s"
+            )
+        return self
+
 
 # --------------------------------------------------------------------------- safety
 

@@ -17,7 +17,7 @@ from typing import Literal
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.catalogue import HeaterAction, PumpAction
 from ilup_controller.core.monitor import SERVO_STOP, Measured
-from ilup_controller.core.pid import Pid
+from ilup_controller.core.pid import Pid, Tracking
 from ilup_controller.core.procedure import RUNNING, Phase
 from ilup_controller.core.ramp import approach
 from ilup_controller.core.rewarm import GradientLoop
@@ -186,8 +186,8 @@ class Controller:
             self._held_rpm = None
         # Speeding up is slew-limited; slowing down is always allowed at once.
         self._pump_rpm = approach(self._pump_rpm, demand, fc.slew_rpm_per_s * dt_s, math.inf)
-        self._flow_pid.track(self._pump_rpm - ff_rpm)
-        self._pressure_pid.track(self._pump_rpm)
+        self._flow_pid.track(self._pump_rpm - ff_rpm, _tracking("flow", by))
+        self._pressure_pid.track(self._pump_rpm, _tracking("pressure", by))
         return self._pump_rpm, by
 
     def _servo_stop(self, dt_s: float, pressure_mmhg: float | None) -> bool:
@@ -254,3 +254,12 @@ class Controller:
         if m.temperature_c >= tc.max_c:
             return "perfusate_max"
         return None
+
+
+def _tracking(loop: str, by: str) -> Tracking:
+    """How a loop of the flow/pressure override pair follows the speed applied (core/pid.py)."""
+    if by == loop:
+        return "limited"  # its own demand, at most cut by the slew limit
+    if by in ("flow", "pressure"):
+        return "headroom"  # the other loop of the pair won
+    return "bumpless"  # held, stopped, manual

@@ -3,9 +3,18 @@
 simple-pid only clamps its integral to the output limits (libraries.md, fact 10). Our loops need
 more: the applied output is often not the PID's own output (the other loop of an override pair
 won, a slew limit or an interlock held the actuator, the operator drives it by hand). After every
-tick :meth:`Pid.track` re-seeds the integral so that P + I + D equals what was really applied.
-While the actuator is held, the integral therefore cannot wind up in the held direction
-(conditional integration in effect), and any hand-over back to this loop is bumpless.
+tick :meth:`Pid.track` tells the loop what was really applied, and how it came about:
+
+- ``bumpless`` (held, stopped, driven by hand): the integral is re-seeded so that P + I + D
+  equals the applied output. It cannot wind up in the held direction, and the hand-over back
+  to this loop is bumpless.
+- ``limited`` (its own demand, cut by a rate limit): the integral only stops growing past the
+  cut (conditional integration). Re-seeded to ``applied - P`` instead, every upward step of a
+  noisy P beyond the limit was taken out of the integral while every downward one passed: the
+  flow settled 18 mL/min under its target at 50 Hz, never integrated away.
+- ``headroom`` (the other loop of an override pair won): the integral is set to the applied
+  output, so this loop's next demand is that plus its own P (external reset feedback). It
+  takes over only as its own error nears 0, and never clips the winner's noise.
 
 Time is always passed explicitly (``dt_s``): simple-pid's own clock and ``sample_time`` gating
 misbehave under virtual time and float jitter (libraries.md, facts 11-12).
@@ -14,10 +23,13 @@ misbehave under virtual time and float jitter (libraries.md, facts 11-12).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from simple_pid import PID
 
 from ilup_controller.config.models import PidGains
+
+Tracking = Literal["bumpless", "limited", "headroom"]
 
 
 class Pid:
@@ -35,6 +47,7 @@ class Pid:
         )
         self._min, self._max = output_min, output_max
         self._output = 0.0
+        self._integral_before = 0.0  # the integral before the last update's step
 
     @property
     def output(self) -> float:
@@ -44,6 +57,7 @@ class Pid:
         """One step; the output is within the limits. ``dt_s`` must be > 0."""
         self._pid.setpoint = setpoint
         _, integral_before, _ = self._pid.components
+        self._integral_before = integral_before
         out = self._pid(measured, dt=dt_s)
         if out is None or not math.isfinite(out):  # defensive: never hand on a NaN
             raise ArithmeticError(f"PID produced {out!r}")
@@ -63,13 +77,22 @@ class Pid:
         self._output = clamped
         return clamped
 
-    def track(self, applied: float) -> None:
-        """Re-seed the integral so that the next output continues from ``applied``."""
+    def track(self, applied: float, how: Tracking = "bumpless") -> None:
+        """The output really applied this tick, and why it differs (module docstring)."""
         if abs(applied - self._output) < 1e-12:
             return
-        p, _, d = self._pid.components
+        p, integral, d = self._pid.components
+        if how == "limited":
+            if applied < self._output:
+                seed = min(integral, max(self._integral_before, applied - p - d))
+            else:
+                seed = max(integral, min(self._integral_before, applied - p - d))
+        elif how == "headroom":
+            seed = applied
+        else:
+            seed = applied - p - d
         self._pid.set_auto_mode(False)
-        self._pid.set_auto_mode(True, last_output=applied - p - d)
+        self._pid.set_auto_mode(True, last_output=seed)
         self._output = applied
 
     def reset(self, output: float) -> None:
