@@ -75,27 +75,38 @@ async def test_cli_runs_a_procedure_and_gets_specific_rejections(
             old = json.dumps(
                 {"command_id": uuid.uuid4().hex, "text": "late", "issued_at": stale.isoformat()}
             )
-            for payload in (same, same, old):
+            # A fence last: the daemon publishes its events in order, so once the fence's
+            # event is seen every event of the three before it has been seen too.
+            fence = json.dumps(
+                {"command_id": "fence", "text": "fence", "issued_at": datetime.now(UTC).isoformat()}
+            )
+            for payload in (same, same, old, fence):
                 await client.publish(topic, payload, qos=1)
             replies: list[dict[str, object]] = []
             async with asyncio.timeout(10):
                 async for m in client.messages:
                     assert isinstance(m.payload, bytes)
                     replies.append(json.loads(m.payload))
-                    if len(replies) == 3:
+                    if len(replies) == 4:
                         break
+
+        def markers() -> list[str]:
+            return [
+                m.payload["message"] for m in sub.of("/events") if m.payload["kind"] == "marker"
+            ]
+
+        await wait_until(lambda: "fence" in markers(), 10, what="the fence's marker event")
         by_id: dict[object, list[dict[str, object]]] = {}
         for rep in replies:
             by_id.setdefault(rep["command_id"], []).append(rep)
         assert by_id["dup-1"][0] == by_id["dup-1"][1]  # the first reply, again
         assert by_id["dup-1"][0]["status"] == "ok"
-        (expired,) = [r for k, v in by_id.items() if k != "dup-1" for r in v]
+        (expired,) = [r for k, v in by_id.items() if k not in ("dup-1", "fence") for r in v]
         assert (expired["status"], expired["reason"]) == ("rejected", "expired")
 
         phases = [m.payload["to_phase"] for m in sub.of("/events") if m.payload["kind"] == "phase"]
         assert phases == ["priming", "perfusion", "washout", "complete"]
-        markers = [m.payload["message"] for m in sub.of("/events") if m.payload["kind"] == "marker"]
-        assert markers.count("once") == 1  # applied once despite the duplicate
-        assert "drug in" in markers
+        assert markers().count("once") == 1  # applied once despite the duplicate
+        assert "drug in" in markers()
         commands = [m for m in sub.of("/events") if m.payload["kind"] == "command"]
         assert any("not_allowed_in_phase" in m.payload["message"] for m in commands)
