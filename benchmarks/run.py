@@ -5,8 +5,9 @@
 3. CPU and peak RSS of the `ilup run` process at 10 Hz.
 4. The plant family (sim/family.py): one closed-loop run per variant in virtual time.
 5. `ilup tune` on four plant variants, before/after figures (benchmarks/tune.py, ~4 min).
+6. The reference plant under cart settings it was not tuned on (benchmarks/configs.py).
 
-Usage: python -m benchmarks.run [--seconds 60] [--only virtual,tick,resources,family,tune]
+Usage: python -m benchmarks.run [--seconds 60] [--only virtual,tick,resources,family,tune,configs]
        python -m benchmarks.run --family [--minutes 40] [--workers 2] [--random N [--seed S]]
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from benchmarks.tables import table as _table
 from ilup_controller.broker import MosquittoProcess, free_port
 from ilup_controller.config import CartConfig, load_config
 from ilup_controller.runtime.daemon import Daemon
@@ -37,12 +39,6 @@ from sim.metrics import RunMetrics, physical_bound_s, run_metrics
 from sim.virtual import Sample, VirtualCart
 
 SIM_CONFIG = Path("config/sim.yaml")
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -473,7 +469,7 @@ def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--only", default="virtual,tick,resources,family,tune")
+    ap.add_argument("--only", default="virtual,tick,resources,family,tune,configs")
     ap.add_argument("--family", action="store_true", help="only the plant-family table")
     ap.add_argument("--minutes", type=float, default=40.0, help="virtual minutes per variant")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
@@ -499,7 +495,11 @@ def main() -> None:
     if "tune" in which:
         from benchmarks.tune import bench_tune
 
-        print(bench_tune(), flush=True)
+        print(bench_tune() + "\n", flush=True)
+    if "configs" in which:
+        from benchmarks.configs import bench_configs
+
+        print(bench_configs(args.minutes, args.workers), flush=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class RunMetrics:
     rewarm_limit_s: float | None  # GUIDELINE_ALLOWANCE x (target - start) / 0.5 degC/min
     overshoot_c: float  # highest true arterial temperature above the target (0 if never)
     flow_rms_ml_min: float | None  # true flow vs target in perfusion, after the ramp settles
+    flow_mean_error_ml_min: float | None  # mean of the same deviation: a bias RMS hides
     peak_pressure_mmhg: float  # highest true line pressure (where the sensor sits)
     peak_water_c: float
     # Guideline checks on the true plant: fastest arterial warming over any RATE_WINDOW_S, and
@@ -102,6 +103,7 @@ class RunCollector:
         self.rewarm_s: float | None = None
         self.max_arterial_c = -math.inf
         self.flow_sq_sum = 0.0
+        self.flow_sum = 0.0
         self.flow_n = 0
         self.peak_pressure = -math.inf
         self.peak_water = -math.inf
@@ -144,6 +146,7 @@ class RunCollector:
         ):
             err = truth.flow_ml_min - d.flow_target_ml_min
             self.flow_sq_sum += err * err
+            self.flow_sum += err
             self.flow_n += 1
         self.peak_pressure = max(self.peak_pressure, truth.pa_pressure_mmhg)
         self.peak_water = max(self.peak_water, truth.water_c)
@@ -179,6 +182,7 @@ class RunCollector:
             rewarm_limit_s=limit_s,
             overshoot_c=max(0.0, self.max_arterial_c - self.target_c),
             flow_rms_ml_min=(self.flow_sq_sum / self.flow_n) ** 0.5 if self.flow_n else None,
+            flow_mean_error_ml_min=self.flow_sum / self.flow_n if self.flow_n else None,
             peak_pressure_mmhg=self.peak_pressure,
             peak_water_c=self.peak_water,
             max_rate_c_per_min=self.max_rate,

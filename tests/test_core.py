@@ -196,10 +196,12 @@ def test_a_rate_limited_pid_stops_its_integral_without_giving_up_its_p() -> None
     for _ in range(10):
         out = pid.update(10.0, 9.0, 0.1)
     assert out == pytest.approx(2.0 + 0.5)  # P 2.0, I 0.5
-    pid.track(2.3, "limited")  # a slew limit cut it to 2.3
+    pid.track(2.3, "limited", tolerance=0.1)  # a slew limit of 0.1 per tick cut it to 2.3
     # The integral stays where it was before the cut tick (0.45): P is not taken out of it
     # (bumpless would leave 0.3 and the next output 2.35).
     assert pid.update(10.0, 9.0, 0.1) == pytest.approx(2.0 + 0.45 + 0.05)
+    pid.track(2.45, "limited", tolerance=0.1)  # cut by 0.05: noise poking over the limit
+    assert pid.update(10.0, 9.0, 0.1) == pytest.approx(2.0 + 0.5 + 0.05)  # integral kept
 
 
 def test_the_losing_loop_of_an_override_pair_keeps_its_p_as_headroom() -> None:

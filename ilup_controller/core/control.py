@@ -185,9 +185,10 @@ class Controller:
         else:
             self._held_rpm = None
         # Speeding up is slew-limited; slowing down is always allowed at once.
-        self._pump_rpm = approach(self._pump_rpm, demand, fc.slew_rpm_per_s * dt_s, math.inf)
-        self._flow_pid.track(self._pump_rpm - ff_rpm, _tracking("flow", by))
-        self._pressure_pid.track(self._pump_rpm, _tracking("pressure", by))
+        slew_rpm = fc.slew_rpm_per_s * dt_s
+        self._pump_rpm = approach(self._pump_rpm, demand, slew_rpm, math.inf)
+        self._flow_pid.track(self._pump_rpm - ff_rpm, _tracking("flow", by), slew_rpm)
+        self._pressure_pid.track(self._pump_rpm, _tracking("pressure", by), slew_rpm)
         return self._pump_rpm, by
 
     def _servo_stop(self, dt_s: float, pressure_mmhg: float | None) -> bool:
