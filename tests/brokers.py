@@ -152,7 +152,9 @@ class Pki:
 def make_pki(d: Path, users: Sequence[str]) -> Pki:
     """Certificates and a password file with a random password for each of ``users``."""
     make_certificates(d)
-    passwords = {u: secrets.token_urlsafe(12) for u in users}
+    # Never a leading "-": `--password -x...` is an option to argparse and to mosquitto_passwd
+    # (1 in 64 of these tokens starts with one; a CI run failed on it).
+    passwords = {u: "p" + secrets.token_urlsafe(12) for u in users}
     for i, (user, password) in enumerate(passwords.items()):
         flags = ["-b", "-c"] if i == 0 else ["-b"]
         run_tool(tool("mosquitto_passwd"), *flags, str(d / "passwd"), user, password)
