@@ -394,6 +394,11 @@ def print_snapshot(got: dict[str, Any]) -> int:
         f"at {at}  phase {state['phase']}  drug phase "
         f"{state['drug_phase']['elapsed_s']:.0f} s done, "
         f"{state['drug_phase']['remaining_s']:.0f} s left"
+        + (
+            " (PAUSED: off target)"
+            if state["phase"] == "perfusion" and not state["drug_phase"].get("counting", True)
+            else ""
+        )
     )
     print(
         f"flow {m['flow_ml_min']} mL/min (target {t['flow_ml_min']}), pressure "

@@ -237,11 +237,13 @@ def render_state(
         else:
             lines.append(Text("alarms: none", style="dim red" if stale else "green"))
         drug = state.drug_phase
+        paused = state.phase == "perfusion" and not drug.counting
         lines.append(
             Text(
                 f"drug phase: {_minutes(drug.elapsed_s)} at target, "
-                f"{_minutes(drug.remaining_s)} remaining",
-                style="dim red" if stale else "",
+                f"{_minutes(drug.remaining_s)} remaining"
+                + (" (PAUSED: off target)" if paused else ""),
+                style="dim red" if stale else ("bold yellow" if paused else ""),
             )
         )
         lines.append(

@@ -175,7 +175,9 @@ def test_constant_pressure_counts_the_drug_phase_while_the_pressure_loop_holds()
     cart = VirtualCart(cfg)
     cart.core.controller.set_mode("pressure", "auto")
     collect = RunCollector(cfg)
-    last = cart.run_for(2400.0, collect)
+    mid = cart.run_for(1200.0, collect)
+    assert mid.decision.drug_counting  # published as drug_phase.counting
+    last = cart.run_for(1200.0, collect)
     m = collect.result(2400.0, 1.0, 1.0)
     assert 700.0 < last.truth.flow_ml_min < 900.0  # under the ceiling: the pressure leads
     assert last.decision.loop.pump_limited_by == "pressure"
@@ -201,6 +203,7 @@ def test_a_flow_target_the_pressure_limit_denies_says_why_and_what_to_do() -> No
     assert 21.0 < float(held.group(1)) < 25.0
     assert "lower the flow target, or switch to constant pressure" in alarm.message
     assert last.decision.drug_elapsed_s == 0.0
+    assert not last.decision.drug_counting  # shown as paused (drug_phase.counting false)
 
 
 def test_a_slow_tick_with_the_flow_trim_it_allows_perfuses_steadily() -> None:

@@ -14,7 +14,7 @@ from ilup_controller import view
 from ilup_controller.broker import MosquittoProcess
 from ilup_controller.config.models import Mqtt
 from ilup_controller.mqtt.link import MqttLink
-from ilup_controller.mqtt.messages import Measured, Outputs, Status
+from ilup_controller.mqtt.messages import DrugPhase, Measured, Outputs, Status
 from ilup_controller.mqtt.topics import Topics
 from ilup_controller.view import STALE_AFTER_S, render_state, watch
 
@@ -55,6 +55,32 @@ def test_fresh_state_shows_values_against_targets() -> None:
     assert "daemon online" in text
     assert "v1.2.3" in text
     assert "broker: connected" in text
+
+
+def test_a_paused_drug_timer_is_shown_as_paused() -> None:
+    # In perfusion off target the timer stands still: the view says so, not just a number.
+    frames = {
+        counting: _text(
+            render_state(
+                sample_state(
+                    1,
+                    CART,
+                    phase="perfusion",
+                    drug_phase=DrugPhase(elapsed_s=600.0, remaining_s=1200.0, counting=counting),
+                ),
+                ONLINE,
+                now_s=100.4,
+                received_at_s=100.0,
+                broker_ok=True,
+            )
+        )
+        for counting in (True, False)
+    }
+    assert (
+        "drug phase: 10:00 min at target, 20:00 min remaining (PAUSED: off target)"
+        in (frames[False])
+    )
+    assert "PAUSED" not in frames[True]
 
 
 def test_state_older_than_the_limit_is_stale_never_current() -> None:

@@ -45,6 +45,7 @@ class TickResult:
     events: list[AlarmEvent | PhaseEvent] = field(default_factory=list)
     drug_elapsed_s: float = 0.0
     drug_remaining_s: float = 0.0
+    drug_counting: bool = False  # the drug timer ran this tick (paused off target)
     audio_paused_until_s: float | None = None
     flow_target_ml_min: float = 0.0
     pressure_limit_mmhg: float = 0.0
@@ -266,6 +267,7 @@ class CartCore:
             events=events,
             drug_elapsed_s=proc.drug_elapsed_s,
             drug_remaining_s=proc.drug_remaining_s,
+            drug_counting=proc.drug_counting,
             audio_paused_until_s=self.alarms.audio_paused_until(),
             flow_target_ml_min=ctl.flow_target_ml_min,
             pressure_limit_mmhg=ctl.pressure_limit_mmhg,

@@ -54,6 +54,7 @@ class Procedure:
         self.resume_to: Phase | None = None  # where a safe-stop returns to
         self.drug_elapsed_s = 0.0
         self.drug_done = False
+        self.drug_counting = False  # the drug timer ran in the last tick
         self.washout_elapsed_s = 0.0
 
     @property
@@ -109,6 +110,7 @@ class Procedure:
     def tick(self, t_s: float, dt_s: float, *, at_target: bool) -> list[PhaseEvent]:
         """Advance timers; returns the automatic transitions taken (only with auto_advance)."""
         events: list[PhaseEvent] = []
+        self.drug_counting = self.phase is Phase.perfusion and not self.drug_done and at_target
         if self.phase is Phase.perfusion and not self.drug_done:
             if at_target:
                 self.drug_elapsed_s += dt_s

@@ -71,6 +71,11 @@ class Loop(Message):
 class DrugPhase(Message):
     elapsed_s: float = quantity("s", "Time at target so far (the timer pauses off target).")
     remaining_s: float = quantity("s", "Time at target still to go.")
+    counting: bool = Field(
+        False,
+        description="The timer runs now: perfusion, and the flow (or, at constant pressure, "
+        "the pressure) and the perfusate temperature on target. False in perfusion: paused.",
+    )
 
 
 class Timing(Message):

@@ -77,6 +77,7 @@ def build_state(
         drug_phase=msg.DrugPhase(
             elapsed_s=at("drug_elapsed_s", r.drug_elapsed_s),
             remaining_s=at("drug_remaining_s", r.drug_remaining_s),
+            counting=r.drug_counting,
         ),
         active_alarms=[a.alarm_id for a in r.alarms],
         timing=msg.Timing(
