@@ -10,14 +10,15 @@ from typing import Any
 
 from benchmarks.tables import table
 from ilup_controller.config import load_config
-from ilup_controller.config.models import CartConfig
+from ilup_controller.core.control import ControlMode
+from sim.family import changed
 from sim.metrics import RunCollector, RunMetrics
 from sim.virtual import VirtualCart
 
 SIM_CONFIG = "config/sim.yaml"
 
 # label -> (changes to the cart file by dotted key, pump control mode)
-CASES: Mapping[str, tuple[Mapping[str, Any], str]] = {
+CASES: Mapping[str, tuple[Mapping[str, Any], ControlMode]] = {
     "as shipped (10 Hz, 500 mL/min)": ({}, "flow"),
     "50 Hz tick": ({"control.tick_period_s": 0.02}, "flow"),
     "5 Hz tick": ({"control.tick_period_s": 0.2}, "flow"),
@@ -41,22 +42,11 @@ CASES: Mapping[str, tuple[Mapping[str, Any], str]] = {
 }
 
 
-def case_config(changes: Mapping[str, Any]) -> CartConfig:
-    data = load_config(SIM_CONFIG).model_dump()
-    for key, value in changes.items():
-        *path, leaf = key.split(".")
-        node = data
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return CartConfig.model_validate(data)
-
-
 def _run(label: str, minutes: float) -> tuple[str, RunMetrics, float]:
     changes, mode = CASES[label]
-    cfg = case_config(changes)
+    cfg = changed(load_config(SIM_CONFIG), changes)
     cart = VirtualCart(cfg)
-    cart.core.controller.set_mode("pressure" if mode == "pressure" else "flow", "auto")
+    cart.core.controller.set_mode(mode, "auto")
     collect = RunCollector(cfg)
     last = cart.run_for(minutes * 60.0, collect)
     return label, collect.result(minutes * 60.0, 0.0, 0.0), last.truth.flow_ml_min

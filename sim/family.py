@@ -129,6 +129,19 @@ def apply(variant: Variant, base: CartConfig) -> CartConfig:
     return CartConfig.model_validate(data)
 
 
+def changed(base: CartConfig, changes: Mapping[str, Any]) -> CartConfig:
+    """``base`` with values replaced by dotted key (``{"control.tick_period_s": 0.02}``),
+    validated as a cart file would be."""
+    data = base.model_dump()
+    for key, value in changes.items():
+        *path, leaf = key.split(".")
+        node = data
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return CartConfig.model_validate(data)
+
+
 def write_config(cfg: CartConfig, path: str | Path) -> None:
     """Write ``cfg`` as a cart YAML file that ``load_config`` reads back equal."""
     from ruamel.yaml import YAML

@@ -123,10 +123,16 @@ def test_heater_fault_does_not_stop_the_pump(cfg: CartConfig) -> None:
     start = cart.readings["heater_water_temp"].value
     cap = cfg.control.temperature.water_cap_c
     # Water climbing at 1 degC/s (plausible) past its cap.
-    results = step_with(cart, 8.0, heater_water_temp=lambda t: min(start + (t - t0), cap + 0.1)
-                        + 0.01 * ((t * 10) % 3))
-    capped = [r for r in results if r.measured.water_temperature_c is not None
-              and r.measured.water_temperature_c >= cap]
+    results = step_with(
+        cart,
+        8.0,
+        heater_water_temp=lambda t: min(start + (t - t0), cap + 0.1) + 0.01 * ((t * 10) % 3),
+    )
+    capped = [
+        r
+        for r in results
+        if r.measured.water_temperature_c is not None and r.measured.water_temperature_c >= cap
+    ]
     assert capped
     assert all(r.loop.heater_pct == 0.0 for r in capped)
     assert "water_cap" in ids(results[-1])

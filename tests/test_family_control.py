@@ -15,7 +15,7 @@ from diag_variants import onsets, run_procedure
 
 from ilup_controller.config import load_config
 from ilup_controller.config.models import CartConfig
-from sim.family import apply, by_name
+from sim.family import apply, by_name, changed
 from sim.metrics import (
     GUIDELINE_C_PER_MIN,
     RunCollector,
@@ -163,9 +163,7 @@ def test_the_advisory_says_where_the_water_stands() -> None:
 def _flow_target(ml_min: float) -> CartConfig:
     """The reference cart asked for 1000 mL/min (the top of the human range, domain.md): its
     lung takes about 840 mL/min where the pressure limiter holds 25 - 2 mmHg."""
-    base = load_config("config/sim.yaml")
-    flow = base.control.flow.model_copy(update={"target_ml_min": ml_min})
-    return base.model_copy(update={"control": base.control.model_copy(update={"flow": flow})})
+    return changed(load_config("config/sim.yaml"), {"control.flow.target_ml_min": ml_min})
 
 
 def test_constant_pressure_counts_the_drug_phase_while_the_pressure_loop_holds() -> None:
@@ -210,11 +208,10 @@ def test_a_slow_tick_with_the_flow_trim_it_allows_perfuses_steadily() -> None:
     """A 0.5 s tick with the default flow gains is refused at load (the trim would correct 132 %
     of an error per tick: healthy pumps oscillated into pump_not_following and a safe stop).
     With ki 0.02 (99 %) the configuration loads and the reference cart perfuses steadily."""
-    base = load_config("config/sim.yaml")
-    data = base.model_dump()
-    data["control"]["tick_period_s"] = 0.5
-    data["control"]["flow"]["pid"]["ki"] = 0.02
-    cfg = CartConfig.model_validate(data)
+    cfg = changed(
+        load_config("config/sim.yaml"),
+        {"control.tick_period_s": 0.5, "control.flow.pid.ki": 0.02},
+    )
     collect = RunCollector(cfg)
     VirtualCart(cfg).run_for(900.0, collect)
     m = collect.result(900.0, 1.0, 1.0)
@@ -241,10 +238,8 @@ def _steady_true_flow(cfg: CartConfig) -> tuple[float, float]:
 def test_a_noisy_flow_reading_at_50_hz_keeps_the_mean_flow_on_target() -> None:
     """The slew limit cut the noisy demand's rises and passed its falls, and re-seeding the
     integral to applied - P took each cut out of it: 482 of 500 mL/min (RMS 15.8) at 50 Hz."""
-    base = load_config("config/sim.yaml")
-    data = base.model_dump()
-    data["control"]["tick_period_s"] = 0.02
-    mean, rms = _steady_true_flow(CartConfig.model_validate(data))
+    cfg = changed(load_config("config/sim.yaml"), {"control.tick_period_s": 0.02})
+    mean, rms = _steady_true_flow(cfg)
     assert abs(mean - 500.0) <= 2.0, mean
     assert rms <= 5.0, rms
 
