@@ -239,7 +239,8 @@ def _variants() -> tuple[Variant, ...]:
           "more heat than the first gradient gives, and cools before it warms.",
           plant={"hx_ua_w_per_k": 20.0}, start_c=36.0),
         v("strong_hx_delay_17s", "A 140 W/K exchanger, a 2.2 kg bath and a 17 s probe delay: "
-          "with the default gains the rate loop overshoots the guideline; `ilup tune` is needed.",
+          "the default rate loop oscillates, and the ramp after the cold plug broke the "
+          "2-minute limit until the window limit held it; `ilup tune` makes it faster.",
           plant={"hx_ua_w_per_k": 140.0, "water_mass_kg": 2.2, "heater_power_w": 1000.0},
           probe_delay_s=17.0),
         v("digital_stiff_circuit", "Quantised noise-free sensors, -2 mmHg offset, 30 WU, "

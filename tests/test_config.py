@@ -103,6 +103,12 @@ def test_shipped_configs_are_valid(path: str) -> None:
             "flow.stroke_volume_ml_per_rev 33: the flow trim would correct 132 % of a flow "
             "error in one tick",
         ),
+        (
+            "control.temperature.window_rate_c_per_min",
+            0.6,
+            "control.temperature.window_rate_c_per_min: 0.6 degC/min must lie between "
+            "control.temperature.ramp_c_per_min (0.47) and alarms.heating_rate_c_per_min (0.5)",
+        ),
     ],
 )
 def test_bad_config_names_the_key_path(

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import deque
 
 import pytest
 
 from ilup_controller.config import load_config
-from ilup_controller.core.rewarm import GradientLoop, RateEstimator
+from ilup_controller.core.rewarm import GradientLoop, RateEstimator, window_rate_limit_c_per_s
 
 RAMP_C_PER_S = 0.47 / 60.0
 
@@ -145,11 +146,12 @@ def _cold_plug(recovery_c: float) -> list[tuple[float, float]]:
 def test_cold_plug_leaving_the_probe_does_not_collapse_the_gradient() -> None:
     """The climb back to the reading heating started from is the plug leaving, not warming at
     0.9 degC/min: the asked gradient loses only the proportional part the dip had added (0.38
-    degC; taken as warming, the climb would take 1.12 degC) until the reading is back at 34.0;
-    a climb at that pace above it is too fast, and the gradient falls."""
-    climb = _cold_plug(34.3)
+    degC; taken as warming, the climb would take 1.12 degC) until the reading is back at 34.0
+    and the 30-s line no longer holds readings below it (34.45 at this pace); a climb at that
+    pace beyond is too fast, and the gradient falls."""
+    climb = _cold_plug(34.7)
     below = [g for temp_c, g in climb if temp_c < 34.0]
-    above = [g for temp_c, g in climb if temp_c >= 34.2]
+    above = [g for temp_c, g in climb if temp_c >= 34.55]
     assert below[-1] >= max(below) - 0.5, (max(below), below[-1])
     assert min(above) <= below[-1] - 0.3, (below[-1], min(above))
 
@@ -182,3 +184,60 @@ def test_a_fall_that_lasts_is_cooling_and_the_gradient_grows() -> None:
     held = g[60:120]
     assert max(held) - min(held) <= 0.1, (min(held), max(held))
     assert g[200] >= g[120] + 0.5, (g[120], g[200])
+
+
+def _history(points: list[tuple[float, float]]) -> deque[tuple[float, float]]:
+    return deque(points)
+
+
+def test_window_limit_lets_a_steady_ramp_through_and_holds_back_after_a_dip() -> None:
+    """Budget 0.49 degC/min over 120 s. A steady 0.47 degC/min ramp is never held back (the
+    limit is above the ramp at every horizon). After a 0.3 degC dip 30 s ago and a recovery to
+    the level before it, the rise from the dip's bottom already spends 0.3 of the window's
+    0.98 degC: the limit is (34.0 - 0.3 + 0.98 - 34.0) / 90 s = 0.45 degC/min, where the dip
+    leaves the window."""
+    budget_c = 0.49 * 2.0
+    ramp = _history([(t, 34.0 + 0.47 / 60.0 * t) for t in range(0, 121)])
+    now_c = 34.0 + 0.47 / 60.0 * 120.0
+    steady = window_rate_limit_c_per_s(ramp, now_c, 120.0, 120.0, budget_c, 30.0)
+    assert steady is not None
+    assert steady * 60.0 == pytest.approx(0.49, abs=1e-9)
+    dip = _history([(t, 34.0 - (0.3 if t == 90 else 0.0)) for t in range(0, 121)])
+    held = window_rate_limit_c_per_s(dip, 34.0, 120.0, 120.0, budget_c, 30.0)
+    assert held is not None
+    assert held * 60.0 == pytest.approx((0.98 - 0.3) / 90.0 * 60.0, abs=1e-9)
+    assert held * 60.0 < 0.47
+    # A dip that leaves the window within the loop's own horizon (30 s) no longer binds.
+    old_dip = _history([(t, 34.0 - (0.3 if t == 10 else 0.0)) for t in range(0, 121)])
+    free = window_rate_limit_c_per_s(old_dip, 34.0, 120.0, 120.0, budget_c, 30.0)
+    assert free is not None
+    assert free * 60.0 == pytest.approx(0.49, abs=1e-9)
+    # Already over the budget: the asked rate is negative (the heater lets the water cool).
+    over = window_rate_limit_c_per_s(dip, 34.0 + 0.8, 120.0, 120.0, budget_c, 30.0)
+    assert over is not None
+    assert over < 0.0
+    assert window_rate_limit_c_per_s(_history([]), 34.0, 0.0, 120.0, budget_c, 30.0) is None
+
+
+def test_gradient_loop_asks_less_after_a_cold_plug_passed_the_probe() -> None:
+    """The same loop and readings, but 20 s at 0.3 degC under the start 60 s ago: the asked
+    rate drops from the ramp (0.47 degC/min) to what keeps the 2-minute window within 0.49."""
+    t = load_config("config/sim.yaml").control.temperature
+
+    def asked(dip_c: float) -> float:
+        loop = GradientLoop(t, limit_window_s=120.0)
+        loop.reset(water_c=34.0, perfusate_c=34.0)
+        d = None
+        for k in range(1200):
+            time_s = k * 0.1
+            perfusate_c = 34.0 - (dip_c if 40.0 <= time_s < 60.0 else 0.0)
+            d = loop.step(0.1, perfusate_c, 34.5, t.target_c)
+        assert d is not None
+        return d.rate_target_c_per_min
+
+    assert asked(0.0) == pytest.approx(t.ramp_c_per_min)
+    # The dip's bottom leaves the window in about 60 s: (0.98 - 0.3) / 60 s = 0.68 degC/min
+    # is above the ramp, so the loop keeps asking the ramp; a deeper dip, 0.6 degC, binds.
+    assert asked(0.3) == pytest.approx(t.ramp_c_per_min)
+    deep = asked(0.6)
+    assert deep < 0.40, deep

@@ -374,13 +374,13 @@ def test_tune_identifies_a_weak_exchanger_time_constant() -> None:
     assert proposal.extra["exchanger_time_constant_s"] == pytest.approx(190.0, rel=0.10)
 
 
-def test_tuned_gains_hold_the_rate_where_the_default_gains_overshoot_it() -> None:
+def test_tuned_gains_on_a_strong_exchanger_with_a_long_probe_delay() -> None:
     """strong_hx_delay_17s (140 W/K, 2.2 kg bath, 17 s probe delay): with the default gains the
-    rate loop overshoots to 0.54 degC/min and `heating_rate` latches the heater off (random
-    sweeps of 120 plants, seeds 2026, 7 and 99, found 6 heater-warmed ones over 0.5: exchangers
-    of 128-143 W/K with 11-23 s probe delays, or 6-7.5 kg baths with 24-25 s delays). Tuned, a
-    full procedure: no alarm onset, never faster than 0.5 degC/min over 2 minutes, the drug
-    phase completes; the rewarm time is held to today's 1.03 x the limit."""
+    rate loop oscillates (bursts of 0.7 degC/min at the bulk); until the asked rate kept the
+    2-minute window within 0.49 degC/min it reached 0.54 and `heating_rate` latched the heater
+    off. Tuned, a full procedure: no alarm onset, never faster than 0.5 degC/min over 2
+    minutes, the drug phase completes; the rewarm time is held to today's 1.13 x the limit
+    (1.03 before the window limit, which holds the ramp back after the cold plug's dip)."""
     cfg = apply(by_name("strong_hx_delay_17s"), load_config("config/sim.yaml"))
     tuned = virtual_tune.tuned(cfg)
     m = run_metrics(tuned, 42 * 60.0)
@@ -389,4 +389,4 @@ def test_tuned_gains_hold_the_rate_where_the_default_gains_overshoot_it() -> Non
     assert m.overshoot_c <= 0.3, m.overshoot_c
     assert m.drug_phase_done_s is not None
     assert m.rewarm_ratio is not None
-    assert m.rewarm_ratio <= 1.05, m.rewarm_ratio
+    assert m.rewarm_ratio <= 1.15, m.rewarm_ratio

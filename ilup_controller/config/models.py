@@ -268,6 +268,15 @@ class TemperatureLoop(Strict):
         description="Rewarming rate asked of the perfusate, degC/min; under the 0.5 degC/min "
         "guideline limit by the margin a 2-minute window of readings needs.",
     )
+    window_rate_c_per_min: Pos = Field(
+        0.49,
+        le=2.0,
+        description="The asked rate keeps the perfusate's rise over every "
+        "alarms.heating_rate_window_s (over its lowest reading) within this rate: a cooler "
+        "plug passing the probe as the flow ramps, and the ramp after it, must not add up "
+        "to a window over the guideline. Between ramp_c_per_min and "
+        "alarms.heating_rate_c_per_min.",
+    )
     landing_s: Pos = Field(
         60.0,
         ge=10.0,
@@ -801,6 +810,14 @@ class CartConfig(Strict):
                 f"control.temperature.max_gradient_c: {c.temperature.max_gradient_c:g} degC must "
                 f"be below alarms.gradient_c ({self.alarms.gradient_c:g} degC), or the "
                 "controller's own gradient raises the alarm"
+            )
+        t, a = c.temperature, self.alarms
+        if not t.ramp_c_per_min <= t.window_rate_c_per_min <= a.heating_rate_c_per_min:
+            errors.append(
+                f"control.temperature.window_rate_c_per_min: {t.window_rate_c_per_min:g} "
+                f"degC/min must lie between control.temperature.ramp_c_per_min "
+                f"({t.ramp_c_per_min:g}) and alarms.heating_rate_c_per_min "
+                f"({a.heating_rate_c_per_min:g})"
             )
         if self.commissioning.waive and not self.simulated:
             errors.append(

@@ -66,7 +66,7 @@ class Controller:
         self._pressure_pid = Pid(c.pressure.pid, 0.0, c.flow.speed_max_rpm)
         t = c.temperature
         # Outer loop: the water-to-perfusate gradient from the warming rate (core/rewarm.py).
-        self._gradient = GradientLoop(t)
+        self._gradient = GradientLoop(t, cfg.alarms.heating_rate_window_s)
         self._heating = False
         self._inner_pid = Pid(t.inner_pid, 0.0, t.heater_max_pct)
 

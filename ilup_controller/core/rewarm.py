@@ -18,7 +18,14 @@ probe's lags. So the outer loop controls the *rate* of the measured perfusate te
 - G rises at most ``gradient_slew_c_per_s``: at the start of rewarming the feed-forward, the
   proportional kick and the integral would otherwise all land at once, and on an exchanger
   stronger than ``exchanger_time_constant_s`` says they overshoot the guideline rate;
-- the water setpoint is ``T + G``, capped by the gradient limit and the water cap.
+- the water setpoint is ``T + G``, capped by the gradient limit and the water cap;
+- the guideline's limit is a rise over any 2-minute window (the heating_rate alarm's window),
+  and a ramp can meet its rate and still break it: as the flow ramps, the cooler tubing
+  contents pass the probe (a dip of 0.3 degC), and the ramp that follows, measured from the
+  bottom of that dip, rose 0.55 degC/min over 2 minutes on a strong exchanger with a 17 s probe
+  delay (heating_rate: heater off, latched, the drug phase never done). So the asked rate is
+  also at most what keeps every window still open, from its lowest reading, within
+  ``window_rate_c_per_min`` (:func:`window_rate_limit_c_per_s`).
 
 A falling reading on the ramp counts as no warming (not chased, not integrated) for
 ``FALL_IS_COOLING_S``: cooler perfusate from the tubing passing the probe as the flow ramps.
@@ -48,22 +55,28 @@ FALL_IS_COOLING_S = 90.0
 
 class RateEstimator:
     """Slope (degC/s) and current value of a reading, from a line fitted through one-second
-    means over the last ``window_s``."""
+    means over the last ``window_s``; the means of the last ``history_s`` are kept in
+    ``history`` (``closed`` counts them)."""
 
-    def __init__(self, window_s: float) -> None:
+    def __init__(self, window_s: float, history_s: float = 0.0) -> None:
         self._window_s = window_s
+        self._history_s = history_s
         self._points: deque[tuple[float, float]] = deque()
+        self.history: deque[tuple[float, float]] = deque()
+        self.closed = 0
         self._bucket_t0: float | None = None
         self._bucket_sum = 0.0
         self._bucket_n = 0
         self.slope_c_per_s: float | None = None
         self.value_c: float | None = None
+        self.low_c: float | None = None  # the lowest one-second mean the slope is fitted on
 
     def clear(self) -> None:
+        # ``history`` stays: what the probe read before a restart still counts in the window.
         self._points.clear()
         self._bucket_t0 = None
         self._bucket_sum, self._bucket_n = 0.0, 0
-        self.slope_c_per_s = self.value_c = None
+        self.slope_c_per_s = self.value_c = self.low_c = None
 
     def add(self, t_s: float, value_c: float) -> None:
         if self._bucket_t0 is None:
@@ -81,10 +94,16 @@ class RateEstimator:
         if self._bucket_n == 0:
             return
         t_mid = self._bucket_t0 + 0.5 * _BUCKET_S
-        self._points.append((t_mid, self._bucket_sum / self._bucket_n))
+        point = (t_mid, self._bucket_sum / self._bucket_n)
+        self._points.append(point)
         self._bucket_sum, self._bucket_n = 0.0, 0
         while self._points and t_mid - self._points[0][0] > self._window_s:
             self._points.popleft()
+        self.closed += 1
+        if self._history_s > 0.0:
+            self.history.append(point)
+            while t_mid - self.history[0][0] > self._history_s:
+                self.history.popleft()
         self._fit()
 
     def _fit(self) -> None:
@@ -100,8 +119,37 @@ class RateEstimator:
         sty = sum((t - t_mean) * (y - y_mean) for t, y in pts)
         slope = sty / stt if stt > 0.0 else 0.0
         self.slope_c_per_s = slope
+        self.low_c = min(y for _, y in pts)
         # The line's value now: its newest point is half a bucket old.
         self.value_c = y_mean + slope * (pts[-1][0] + 0.5 * _BUCKET_S - t_mean)
+
+
+def window_rate_limit_c_per_s(
+    history: deque[tuple[float, float]],
+    now_c: float,
+    t_s: float,
+    window_s: float,
+    budget_c: float,
+    min_horizon_s: float,
+) -> float | None:
+    """The fastest warming from ``now_c`` that keeps every ``window_s`` window's rise (over its
+    lowest reading) within ``budget_c``, given the readings of the last ``window_s``.
+
+    A point of ``history`` (time, value) leaves the window ``h`` seconds from now; until then
+    the window's low is at most the lowest of it and the newer points, so warming at ``r`` for
+    ``h`` seconds must keep ``now + r h <= low + budget``. Horizons shorter than
+    ``min_horizon_s`` are left out: the loop cannot act faster, and over a few seconds one
+    reading's noise would set the rate."""
+    limit: float | None = None
+    low_c = now_c
+    for point_t_s, value_c in reversed(history):
+        low_c = min(low_c, value_c)
+        horizon_s = point_t_s + window_s - t_s
+        if horizon_s >= min_horizon_s:
+            rate = (low_c + budget_c - now_c) / horizon_s
+            if limit is None or rate < limit:
+                limit = rate
+    return limit
 
 
 @value_type
@@ -115,9 +163,14 @@ class GradientDemand:
 class GradientLoop:
     """Water setpoint from the perfusate readings (module docstring)."""
 
-    def __init__(self, cfg: TemperatureLoop) -> None:
+    def __init__(self, cfg: TemperatureLoop, limit_window_s: float = 0.0) -> None:
         self._cfg = cfg
-        self._rate = RateEstimator(cfg.rate_window_s)
+        # The guideline's limit is a rise over any ``limit_window_s`` (the heating_rate alarm's
+        # window): the asked rate keeps every such window within the ramp (module docstring).
+        self._limit_window_s = limit_window_s
+        self._rate = RateEstimator(cfg.rate_window_s, history_s=limit_window_s)
+        self._window_limit_c_per_s: float | None = None
+        self._window_limit_at = -1
         self._integral_c = 0.0
         self._integral_start_c = 0.0
         self._start_c: float | None = None  # the reading when heating first started (step)
@@ -159,6 +212,19 @@ class GradientLoop:
         slope = self._rate.slope_c_per_s
         ramp_c_per_s = c.ramp_c_per_min / 60.0
         rate_target = min(max((target_c - temp_c) / c.landing_s, -ramp_c_per_s), ramp_c_per_s)
+        if self._limit_window_s > 0.0 and rate_target > 0.0:
+            if self._window_limit_at != self._rate.closed:  # once a second, as a mean closes
+                self._window_limit_at = self._rate.closed
+                self._window_limit_c_per_s = window_rate_limit_c_per_s(
+                    self._rate.history,
+                    temp_c,
+                    self._t_s,
+                    self._limit_window_s,
+                    c.window_rate_c_per_min / 60.0 * self._limit_window_s,
+                    c.rate_window_s,
+                )
+            if self._window_limit_c_per_s is not None:
+                rate_target = max(min(rate_target, self._window_limit_c_per_s), -ramp_c_per_s)
         ff_c = max(rate_target, 0.0) * c.exchanger_time_constant_s
         g = c.gradient_pid
         if slope is None or slope >= 0.0:
@@ -179,10 +245,14 @@ class GradientLoop:
             # A falling reading as heating starts is mostly the cooler perfusate still in the
             # tubing reaching the probe: counted as no warming (not chased, not integrated).
             seen = max(slope, min(rate_target, 0.0)) if fall_is_plug else slope
-            if rate_target > 0.0 and self._start_c is not None and temp_c < self._start_c:
-                # Still below the reading heating first started from: a rise faster than asked
-                # is that cooler perfusate leaving the probe, not warming; taken as on the ramp,
-                # or the gradient would collapse just as the bulk needs it.
+            low_c = self._rate.low_c if self._rate.low_c is not None else temp_c
+            if rate_target > 0.0 and self._start_c is not None and low_c < self._start_c:
+                # The slope's window still holds readings below the one heating first started
+                # from: a rise faster than asked is that cooler perfusate leaving the probe, not
+                # warming; taken as on the ramp, or the gradient would collapse just as the bulk
+                # needs it. (Tested on the reading itself, the 30-s line still carried the
+                # plug's exit for up to 30 s after: the gradient was cut, the bulk stalled for
+                # a minute with a 25 s probe delay, ratio 1.17 -> 1.11.)
                 seen = min(seen, rate_target)
             error = rate_target - seen
             p_c = g.kp * error * 60.0  # gains per degC/min of rate error
