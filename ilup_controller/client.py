@@ -83,12 +83,34 @@ class ClientSettings:
         )
 
 
+_HELP = {
+    "host": "broker host (default 127.0.0.1)",
+    "port": "broker port (default 1883)",
+    "prefix": "topic prefix (default ilup)",
+    "cart_id": "cart id, the topic level under the prefix",
+    "username": "broker user (default operator)",
+    # On the command line a password shows in the process list, and argparse takes one that
+    # starts with '-' for an option.
+    "password": "broker password; prefer --client-config or the environment: on the command "
+    "line other users see it in the process list, and one that starts with '-' must be "
+    "given as --password=VALUE",
+    "protocol": "MQTT protocol: 5 (default) or 3.1.1",
+    "ca_file": "CA certificate to verify the broker (TLS)",
+    "cert_file": "client certificate (TLS client authentication)",
+    "key_file": "client certificate's key",
+}
+
+
 def add_connection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="cart configuration (broker, prefix and cart id)")
     p.add_argument("--client-config", help="YAML file with host, port, username, ...")
     for key in _KEYS:
         p.add_argument(
-            f"--{key.replace('_', '-')}", dest=f"conn_{key}", type=int if key == "port" else str
+            f"--{key.replace('_', '-')}",
+            dest=f"conn_{key}",
+            metavar=key.upper(),
+            type=int if key == "port" else str,
+            help=f"{_HELP[key]}; env ILUP_MQTT_{key.upper()}",
         )
 
 
