@@ -241,3 +241,26 @@ def test_gradient_loop_asks_less_after_a_cold_plug_passed_the_probe() -> None:
     assert asked(0.3) == pytest.approx(t.ramp_c_per_min)
     deep = asked(0.6)
     assert deep < 0.40, deep
+
+
+def test_readings_while_the_heater_is_off_count_in_the_window_at_their_true_age() -> None:
+    """Heating stops (no flow) for 60 s, in which the line cools and its contents pass the probe
+    0.6 degC low, then resumes at the level before. The window limit sees that dip where it
+    was (without the readings of the stop it asked the full ramp); 130 s later the dip has
+    left the 2-minute window and the ramp is asked again."""
+    t = load_config("config/sim.yaml").control.temperature
+    loop = GradientLoop(t, limit_window_s=120.0)
+    loop.reset(water_c=34.0, perfusate_c=34.0)
+    for _ in range(600):
+        loop.step(0.1, 34.0, 34.5, t.target_c)
+    for k in range(600):
+        loop.observe(0.1, 33.4 if 200 <= k < 400 else 34.0)
+    loop.reset(water_c=34.0, perfusate_c=34.0)
+    d = None
+    for _ in range(100):
+        d = loop.step(0.1, 34.0, 34.5, t.target_c)
+    assert d is not None
+    assert d.rate_target_c_per_min < 0.40, d.rate_target_c_per_min
+    for _ in range(1300):
+        d = loop.step(0.1, 34.0, 34.5, t.target_c)
+    assert d.rate_target_c_per_min == pytest.approx(t.ramp_c_per_min)

@@ -218,6 +218,7 @@ class Controller:
             # down further on every flicker.
             self._inner_pid.reset(0.0)
             self._heating = False
+            self._gradient.observe(dt_s, temp_c)
             if temp_c is not None:
                 self._temp_sp = min(temp_c, self.temperature_target_c)
             return 0.0, None, blocked or "temperature_unmeasured"

@@ -25,7 +25,8 @@ probe's lags. So the outer loop controls the *rate* of the measured perfusate te
   bottom of that dip, rose 0.55 degC/min over 2 minutes on a strong exchanger with a 17 s probe
   delay (heating_rate: heater off, latched, the drug phase never done). So the asked rate is
   also at most what keeps every window still open, from its lowest reading, within
-  ``window_rate_c_per_min`` (:func:`window_rate_limit_c_per_s`).
+  ``window_rate_c_per_min`` (:func:`window_rate_limit_c_per_s`). The readings of ticks
+  without heating join that window too (:meth:`GradientLoop.observe`), at their true age.
 
 A falling reading on the ramp counts as no warming (not chased, not integrated) for
 ``FALL_IS_COOLING_S``: cooler perfusate from the tubing passing the probe as the flow ramps.
@@ -197,6 +198,14 @@ class GradientLoop:
         # the strongest exchanger (hx_150, 400 s at 50 mL/min).
         if self._start_c is None:
             self._start_c = perfusate_c
+
+    def observe(self, dt_s: float, perfusate_c: float | None) -> None:
+        """A tick without heating (blocked, no flow, no reading): the clock runs on and the
+        reading joins the window's history, so the window limit sees what the probe read
+        while the heater was off (the line cooling in a flow interruption) at its true age."""
+        self._t_s += dt_s
+        if perfusate_c is not None:
+            self._rate.add(self._t_s, perfusate_c)
 
     def step(
         self,
