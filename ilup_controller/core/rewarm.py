@@ -167,7 +167,7 @@ class GradientLoop:
     def __init__(self, cfg: TemperatureLoop, limit_window_s: float = 0.0) -> None:
         self._cfg = cfg
         # The guideline's limit is a rise over any ``limit_window_s`` (the heating_rate alarm's
-        # window): the asked rate keeps every such window within the ramp (module docstring).
+        # window): the asked rate keeps every such window within window_rate_c_per_min.
         self._limit_window_s = limit_window_s
         self._rate = RateEstimator(cfg.rate_window_s, history_s=limit_window_s)
         self._window_limit_c_per_s: float | None = None
@@ -254,8 +254,8 @@ class GradientLoop:
             # A falling reading as heating starts is mostly the cooler perfusate still in the
             # tubing reaching the probe: counted as no warming (not chased, not integrated).
             seen = max(slope, min(rate_target, 0.0)) if fall_is_plug else slope
-            low_c = self._rate.low_c if self._rate.low_c is not None else temp_c
-            if rate_target > 0.0 and self._start_c is not None and low_c < self._start_c:
+            window_low_c = self._rate.low_c if self._rate.low_c is not None else temp_c
+            if rate_target > 0.0 and self._start_c is not None and window_low_c < self._start_c:
                 # The slope's window still holds readings below the one heating first started
                 # from: a rise faster than asked is that cooler perfusate leaving the probe, not
                 # warming; taken as on the ramp, or the gradient would collapse just as the bulk
