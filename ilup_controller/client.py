@@ -27,7 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from ilup_controller.commands.models import Reply, default_reply_topic
 from ilup_controller.config.loader import ConfigError, load_config, read_yaml_file
 from ilup_controller.exitcodes import ExitCode
-from ilup_controller.mqtt.messages import GuardReply, GuardReset
+from ilup_controller.mqtt.messages import GuardReply, GuardReset, drug_timer_paused
 
 REPLY_TIMEOUT_S = 5.0
 # A daemon's status is retained: the broker sends it right after the subscription. No status
@@ -412,15 +412,12 @@ def print_snapshot(got: dict[str, Any]) -> int:
         return ExitCode.FAILURE if online else ExitCode.OFFLINE
     m, t, o = state["measured"], state["targets"], state["outputs"]
     at = datetime.fromisoformat(state["t"]).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+    drug = state["drug_phase"]
+    # An older daemon sends no "counting": not shown as paused.
+    paused = drug_timer_paused(state["phase"], drug["remaining_s"], drug.get("counting", True))
     print(
-        f"at {at}  phase {state['phase']}  drug phase "
-        f"{state['drug_phase']['elapsed_s']:.0f} s done, "
-        f"{state['drug_phase']['remaining_s']:.0f} s left"
-        + (
-            " (PAUSED: off target)"
-            if state["phase"] == "perfusion" and not state["drug_phase"].get("counting", True)
-            else ""
-        )
+        f"at {at}  phase {state['phase']}  drug phase {drug['elapsed_s']:.0f} s done, "
+        f"{drug['remaining_s']:.0f} s left" + (" (PAUSED: off target)" if paused else "")
     )
     print(
         f"flow {m['flow_ml_min']} mL/min (target {t['flow_ml_min']}), pressure "

@@ -25,7 +25,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ilup_controller.mqtt.messages import GuardStatus, State, Status
+from ilup_controller.mqtt.messages import GuardStatus, State, Status, drug_timer_paused
 from ilup_controller.mqtt.topics import GUARD, Topics
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def render_state(
         else:
             lines.append(Text("alarms: none", style="dim red" if stale else "green"))
         drug = state.drug_phase
-        paused = state.phase == "perfusion" and not drug.counting
+        paused = drug_timer_paused(state.phase, drug.remaining_s, drug.counting)
         lines.append(
             Text(
                 f"drug phase: {_minutes(drug.elapsed_s)} at target, "

@@ -81,6 +81,23 @@ def test_a_paused_drug_timer_is_shown_as_paused() -> None:
         in (frames[False])
     )
     assert "PAUSED" not in frames[True]
+    # Done, and still in perfusion without auto_advance: the timer stopped, nothing is paused.
+    done = _text(
+        render_state(
+            sample_state(
+                1,
+                CART,
+                phase="perfusion",
+                drug_phase=DrugPhase(elapsed_s=1800.0, remaining_s=0.0, counting=False),
+            ),
+            ONLINE,
+            now_s=100.4,
+            received_at_s=100.0,
+            broker_ok=True,
+        )
+    )
+    assert "drug phase: 30:00 min at target, 0:00 min remaining" in done
+    assert "PAUSED" not in done
 
 
 def test_state_older_than_the_limit_is_stale_never_current() -> None:

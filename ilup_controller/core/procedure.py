@@ -110,8 +110,9 @@ class Procedure:
     def tick(self, t_s: float, dt_s: float, *, at_target: bool) -> list[PhaseEvent]:
         """Advance timers; returns the automatic transitions taken (only with auto_advance)."""
         events: list[PhaseEvent] = []
-        self.drug_counting = self.phase is Phase.perfusion and not self.drug_done and at_target
+        self.drug_counting = False
         if self.phase is Phase.perfusion and not self.drug_done:
+            self.drug_counting = at_target
             if at_target:
                 self.drug_elapsed_s += dt_s
             if self.drug_elapsed_s >= self._cfg.drug_phase_s - 1e-9:

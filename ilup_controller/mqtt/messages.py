@@ -78,6 +78,12 @@ class DrugPhase(Message):
     )
 
 
+def drug_timer_paused(phase: str, remaining_s: float, counting: bool) -> bool:
+    """In perfusion with drug time still to go and the timer standing still. Not once the
+    time is done: without auto_advance the cart stays in perfusion with the timer stopped."""
+    return phase == "perfusion" and remaining_s > 0.0 and not counting
+
+
 class Timing(Message):
     tick_period_s: float = quantity("s", "Configured control period.")
     ticks: int = quantity("count", "Ticks run since the daemon started.")
