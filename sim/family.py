@@ -243,6 +243,20 @@ def _variants() -> tuple[Variant, ...]:
           "2-minute limit until the window limit held it; `ilup tune` makes it faster.",
           plant={"hx_ua_w_per_k": 140.0, "water_mass_kg": 2.2, "heater_power_w": 1000.0},
           probe_delay_s=17.0),
+        v("late_flat_probe_cool_prime", "A 30 degC prime read late and flat: 0.1 degC "
+          "noise-free probes 21 s down the line, 92 W/K, 2.3 kg, 900 W, an 18.5 degC room "
+          "(random_2026_16). The rate loop's integral wound up while the probe showed no "
+          "warming, and the bursts that followed latched heating_rate, until each burst "
+          "halved the integral gain.",
+          plant={**nf, "heater_power_w": 900.0, "water_mass_kg": 2.3, "hx_ua_w_per_k": 92.0,
+                 "ambient_c": 18.5},
+          registers=_QUANTISED_TEMPERATURES, start_c=30.0, probe_delay_s=21.0),
+        v("late_flat_probe", "0.1 degC noise-free probes 17 s down the line, 76 W/K, 3.4 kg, "
+          "1500 W (random_7_7): the same wind-up in bursts of 0.8 degC/min, a 0.3-0.4 degC "
+          "overshoot at the target.",
+          plant={**nf, "heater_power_w": 1500.0, "water_mass_kg": 3.4, "hx_ua_w_per_k": 76.0,
+                 "ambient_c": 24.5},
+          registers=_QUANTISED_TEMPERATURES, probe_delay_s=17.0),
         v("digital_stiff_circuit", "Quantised noise-free sensors, -2 mmHg offset, 30 WU, "
           "0.3 mL/mmHg, slip, stroke volume -10 %.",
           plant={**nf, "flow_cutoff_ml_min": 20.0, "pressure_offset_mmhg": -2.0,

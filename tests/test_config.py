@@ -107,7 +107,7 @@ def test_shipped_configs_are_valid(path: str) -> None:
             "control.temperature.window_rate_c_per_min",
             0.6,
             "control.temperature.window_rate_c_per_min: 0.6 degC/min must lie between "
-            "control.temperature.ramp_c_per_min (0.47) and alarms.heating_rate_c_per_min (0.5)",
+            "control.temperature.ramp_c_per_min (0.48) and alarms.heating_rate_c_per_min (0.5)",
         ),
     ],
 )

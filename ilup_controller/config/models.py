@@ -263,7 +263,7 @@ class TemperatureLoop(Strict):
     command: Name = Field(description="Signal: heater power command, %.")
     target_c: Finite = Field(37.0, ge=20.0, le=42.0)
     ramp_c_per_min: Pos = Field(
-        0.47,
+        0.48,
         le=2.0,
         description="Rewarming rate asked of the perfusate, degC/min; under the 0.5 degC/min "
         "guideline limit by the margin a 2-minute window of readings needs.",
@@ -324,7 +324,9 @@ class TemperatureLoop(Strict):
     gradient_pid: PidGains = Field(
         PidGains(kp=1.0, ki=0.05),
         description="Outer loop: perfusate warming-rate error (degC/min) to the water-to-"
-        "perfusate gradient (degC): kp in degC per degC/min, ki per second.",
+        "perfusate gradient (degC): kp in degC per degC/min, ki per second. Each burst of "
+        "warming (a long probe delay) halves ki for the rest of the run, down to 1/4 "
+        "(core/rewarm.py).",
     )
     inner_pid: PidGains = Field(
         PidGains(kp=50.0, ki=1.0),

@@ -12,9 +12,11 @@ probe's lags. So the outer loop controls the *rate* of the measured perfusate te
   needs) + PI on the rate error (the losses, and what the feed-forward does not know) + a
   second integral while the ramp runs. The losses (tubing to the room, lung to the body) grow
   with the perfusate temperature, so along a ramp they are a ramp too, and a PI trails it with
-  a constant rate error (0.42 instead of 0.47 degC/min on the reference plant); integrating the
-  integral's own growth (``ramp_integral_per_s``) learns that slope, only while the warming
-  trails the ramp (ahead of it, the second integral would wind past the loss);
+  a constant rate error (0.43 instead of 0.48 degC/min in tests/test_rewarm.py); integrating
+  the integral's own growth (``ramp_integral_per_s``) learns that slope, only while the
+  warming trails the ramp (ahead of it, the second integral would wind past the loss), and
+  until the landing, also where the window limit below holds the asked rate under the ramp
+  (the loss grows all the same);
 - G rises at most ``gradient_slew_c_per_s``: at the start of rewarming the feed-forward, the
   proportional kick and the integral would otherwise all land at once, and on an exchanger
   stronger than ``exchanger_time_constant_s`` says they overshoot the guideline rate;
@@ -27,6 +29,14 @@ probe's lags. So the outer loop controls the *rate* of the measured perfusate te
   also at most what keeps every window still open, from its lowest reading, within
   ``window_rate_c_per_min`` (:func:`window_rate_limit_c_per_s`). The readings of ticks
   without heating join that window too (:meth:`GradientLoop.observe`), at their true age.
+
+A probe that sees the perfusate late (a long arterial line, 15-25 s; a 0.1 degC register that
+stays flat while the perfusate crosses a step) lets the integral wind up before the warming
+it asked for shows, and the warming then comes in bursts (0.8-1.3 degC/min at the probe, the
+heating_rate alarm latched on a 30 degC prime with a 21 s delay and a 0.1 degC probe). Each
+burst halves the integral gain (``integral_scale``, down to 1/4): the integral time then
+matches the loop's dead time, as ``ilup tune --loop perfusate`` would set it; a plant without
+bursts keeps the configured gains.
 
 A falling reading on the ramp counts as no warming (not chased, not integrated) for
 ``FALL_IS_COOLING_S``: cooler perfusate from the tubing passing the probe as the flow ramps.
@@ -52,6 +62,11 @@ _MIN_POINTS = 5
 # the gradient at 1 degC for 10 minutes on a 21 W/K exchanger from a 36 degC prime: the circuit
 # lost more heat than that gave and the reading fell 0.01-0.4 degC/min the whole time.
 FALL_IS_COOLING_S = 90.0
+# A burst: on the ramp, with the heater driving (the water this far above the perfusate, so
+# not a circuit warmed by the body), the reading rises this much faster than asked.
+BURST_C_PER_S = 0.3 / 60.0
+HEATER_DRIVES_C = 0.5
+MIN_INTEGRAL_SCALE = 0.25
 
 
 class RateEstimator:
@@ -178,6 +193,9 @@ class GradientLoop:
         self._ramp_integral_c = 0.0
         self._last_gradient_c: float | None = None
         self._t_s = 0.0
+        # Kept through a restart of heating: it is the plant's delay, not the moment's.
+        self.integral_scale = 1.0
+        self._in_burst = False
         self._falling_since_s: float | None = None
 
     def reset(self, water_c: float | None, perfusate_c: float | None) -> None:
@@ -207,6 +225,13 @@ class GradientLoop:
         if perfusate_c is not None:
             self._rate.add(self._t_s, perfusate_c)
 
+    def _note_burst(self, burst: bool) -> None:
+        """Halve the rate loop's integral gain at the start of each burst, down to
+        MIN_INTEGRAL_SCALE (module docstring)."""
+        if burst and not self._in_burst:
+            self.integral_scale = max(self.integral_scale * 0.5, MIN_INTEGRAL_SCALE)
+        self._in_burst = burst
+
     def step(
         self,
         dt_s: float,
@@ -220,7 +245,9 @@ class GradientLoop:
         temp_c = self._rate.value_c if self._rate.value_c is not None else perfusate_c
         slope = self._rate.slope_c_per_s
         ramp_c_per_s = c.ramp_c_per_min / 60.0
-        rate_target = min(max((target_c - temp_c) / c.landing_s, -ramp_c_per_s), ramp_c_per_s)
+        landing_c_per_s = (target_c - temp_c) / c.landing_s
+        ramping = landing_c_per_s >= ramp_c_per_s  # not yet landing (the window may still bind)
+        rate_target = min(max(landing_c_per_s, -ramp_c_per_s), ramp_c_per_s)
         if self._limit_window_s > 0.0 and rate_target > 0.0:
             if self._window_limit_at != self._rate.closed:  # once a second, as a mean closes
                 self._window_limit_at = self._rate.closed
@@ -246,7 +273,11 @@ class GradientLoop:
         fall_is_plug = (
             self._falling_since_s is None
             or self._t_s - self._falling_since_s < FALL_IS_COOLING_S
-            or rate_target < ramp_c_per_s
+            or not ramping
+        )
+        window_low_c = self._rate.low_c if self._rate.low_c is not None else temp_c
+        plug_in_window = (
+            rate_target > 0.0 and self._start_c is not None and window_low_c < self._start_c
         )
         if slope is None:
             p_c, error = 0.0, 0.0
@@ -254,8 +285,7 @@ class GradientLoop:
             # A falling reading as heating starts is mostly the cooler perfusate still in the
             # tubing reaching the probe: counted as no warming (not chased, not integrated).
             seen = max(slope, min(rate_target, 0.0)) if fall_is_plug else slope
-            window_low_c = self._rate.low_c if self._rate.low_c is not None else temp_c
-            if rate_target > 0.0 and self._start_c is not None and window_low_c < self._start_c:
+            if plug_in_window:
                 # The slope's window still holds readings below the one heating first started
                 # from: a rise faster than asked is that cooler perfusate leaving the probe, not
                 # warming; taken as on the ramp, or the gradient would collapse just as the bulk
@@ -264,6 +294,12 @@ class GradientLoop:
                 # a minute with a 25 s probe delay, ratio 1.17 -> 1.11.)
                 seen = min(seen, rate_target)
             error = rate_target - seen
+            self._note_burst(
+                ramping
+                and not plug_in_window
+                and water_c - temp_c > HEATER_DRIVES_C
+                and slope - ramp_c_per_s > BURST_C_PER_S
+            )
             p_c = g.kp * error * 60.0  # gains per degC/min of rate error
         gradient_c = ff_c + p_c + self._integral_c + self._ramp_integral_c
         low_c = -c.max_gradient_c  # below the perfusate: the heater is off, the water cools
@@ -285,8 +321,8 @@ class GradientLoop:
         clamped = (gradient_c > high_c and error > 0.0) or (gradient_c < low_c and error < 0.0)
         falling = fall_is_plug and slope is not None and slope < 0.0 < rate_target
         if slope is not None and not (stuck_high or stuck_low or clamped or falling):
-            self._integral_c += g.ki * error * 60.0 * dt_s
-            if rate_target >= ramp_c_per_s and error > 0.0:
+            self._integral_c += g.ki * self.integral_scale * error * 60.0 * dt_s
+            if ramping and error > 0.0:
                 # The ramp runs and the warming trails it: what the integral has had to add
                 # since heating started is a loss growing with the temperature; integrate it so
                 # the rate error goes to 0. Not while the warming is ahead of the ramp: the
