@@ -34,9 +34,10 @@ A probe that sees the perfusate late (a long arterial line, 15-25 s; a 0.1 degC 
 stays flat while the perfusate crosses a step) lets the integral wind up before the warming
 it asked for shows, and the warming then comes in bursts (0.8-1.3 degC/min at the probe, the
 heating_rate alarm latched on a 30 degC prime with a 21 s delay and a 0.1 degC probe). Each
-burst halves the integral gain (``integral_scale``, down to 1/4): the integral time then
-matches the loop's dead time, as ``ilup tune --loop perfusate`` would set it; a plant without
-bursts keeps the configured gains.
+burst halves the integral gain (``integral_scale``, down to 1/4), so the integral time kp/ki
+goes from 20 s to 40 s, then 80 s (``ilup tune --loop perfusate`` sets the loop's dead time
+plus half the rate window: 35 s for a 20 s probe delay); a plant without bursts keeps the
+configured gains.
 
 A falling reading on the ramp counts as no warming (not chased, not integrated) for
 ``FALL_IS_COOLING_S``: cooler perfusate from the tubing passing the probe as the flow ramps.
