@@ -60,6 +60,13 @@ def _minutes(seconds: float) -> str:
     return f"{whole // 60}:{whole % 60:02d} min"
 
 
+def _detuned(rate_integral_scale: float) -> str:
+    """The rewarming loop slowed its integral after bursts of warming (core/rewarm.py)."""
+    if rate_integral_scale >= 1.0:
+        return ""
+    return f"    rewarm integral x{rate_integral_scale:g} (warming came in bursts)"
+
+
 def _status_line(status: Status | None) -> Text:
     if status is None:
         return Text("daemon: status unknown (none received)", style="yellow")
@@ -226,7 +233,8 @@ def render_state(
         lines.append(
             Text(
                 f"pump limited by: {state.loop.pump_limited_by}    "
-                f"heater limited by: {state.loop.heater_limited_by}",
+                f"heater limited by: {state.loop.heater_limited_by}"
+                + _detuned(state.loop.rate_integral_scale),
                 style="dim red" if stale else "",
             )
         )

@@ -99,6 +99,18 @@ def test_variant_rewarms_within_the_guideline_limits(
     assert bound < m.rewarm_s
 
 
+def test_the_rate_loop_slows_its_integral_only_where_the_warming_came_in_bursts() -> None:
+    """In the first 10 minutes the late, flat probe's warming comes in bursts and the published
+    integral scale drops (at 275 s); the reference plant keeps the configured gain."""
+    base = load_config("config/sim.yaml")
+    scales = {}
+    for name in ("late_flat_probe", "reference"):
+        last = VirtualCart(apply(by_name(name), base)).run_for(600.0)
+        scales[name] = last.decision.loop.rate_integral_scale
+    assert scales["late_flat_probe"] <= 0.5, scales
+    assert scales["reference"] == 1.0, scales
+
+
 def test_heating_resumes_within_the_guideline_after_a_flow_interruption() -> None:
     """Mid-rewarming the flow drops to 50 mL/min (below min_flow_ml_min: the heater is
     blocked) for 400 s, on the strongest exchanger, then returns. The line contents cool and

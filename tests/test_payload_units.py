@@ -25,8 +25,8 @@ def _numeric_fields(schema: dict[str, Any]) -> list[tuple[str, str, dict[str, An
 
 def test_every_number_in_the_state_has_units_and_a_description() -> None:
     fields = _numeric_fields(State.model_json_schema())
-    # measured 6, targets 5, outputs 2, loop 1, drug phase 2, timing 3, calibration 2
-    assert len(fields) == 21
+    # measured 6, targets 5, outputs 2, loop 2, drug phase 2, timing 3, calibration 2
+    assert len(fields) == 22
     missing = [(m, n) for m, n, p in fields if not p.get("x-units") or not p.get("description")]
     assert missing == []
     units = {(m, n): p["x-units"] for m, n, p in fields}

@@ -14,7 +14,7 @@ from ilup_controller import view
 from ilup_controller.broker import MosquittoProcess
 from ilup_controller.config.models import Mqtt
 from ilup_controller.mqtt.link import MqttLink
-from ilup_controller.mqtt.messages import DrugPhase, Measured, Outputs, Status
+from ilup_controller.mqtt.messages import DrugPhase, Loop, Measured, Outputs, Status
 from ilup_controller.mqtt.topics import Topics
 from ilup_controller.view import STALE_AFTER_S, render_state, watch
 
@@ -55,6 +55,33 @@ def test_fresh_state_shows_values_against_targets() -> None:
     assert "daemon online" in text
     assert "v1.2.3" in text
     assert "broker: connected" in text
+
+
+def test_a_rewarming_loop_that_slowed_its_integral_says_so() -> None:
+    """After bursts of warming the rate loop runs at half its integral gain: the line under the
+    values says so next to what limits the heater; at full gain nothing is added."""
+    loop = Loop(
+        pump_limited_by="flow",
+        heater_limited_by="temperature",
+        water_setpoint_c=39.0,
+        rate_integral_scale=0.5,
+    )
+    text = _text(
+        render_state(
+            sample_state(7, CART, loop=loop),
+            ONLINE,
+            now_s=100.4,
+            received_at_s=100.0,
+            broker_ok=True,
+        )
+    )
+    assert "heater limited by: temperature    rewarm integral x0.5 (warming came in bursts)" in text
+    fresh = _text(
+        render_state(
+            sample_state(8, CART), ONLINE, now_s=100.4, received_at_s=100.0, broker_ok=True
+        )
+    )
+    assert "rewarm integral" not in fresh
 
 
 def test_a_paused_drug_timer_is_shown_as_paused() -> None:

@@ -38,6 +38,7 @@ class LoopOutput:
     pump_limited_by: str
     heater_limited_by: str
     heater_enabled: bool  # the temperature loop, not a block, decided the heater power
+    rate_integral_scale: float  # the rewarming rate loop's ki over the configured (core/rewarm.py)
 
 
 class Controller:
@@ -126,6 +127,7 @@ class Controller:
             pump_limited_by=pump_by,
             heater_limited_by=heater_by,
             heater_enabled=heater_by == "temperature",
+            rate_integral_scale=self._gradient.integral_scale,
         )
 
     # ------------------------------------------------------------------ pump

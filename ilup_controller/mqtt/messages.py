@@ -66,6 +66,13 @@ class Loop(Message):
     water_setpoint_c: float | None = quantity(
         "degC", "Water temperature the outer loop asks of the heater-cooler.", None
     )
+    rate_integral_scale: float = quantity(
+        "ratio",
+        "The rewarming rate loop's integral gain over the configured "
+        "control.temperature.gradient_pid.ki: 1, halved at each burst of heater-driven warming "
+        "(a late or coarse perfusate probe), down to 0.25; kept until the daemon restarts.",
+        1.0,
+    )
 
 
 class DrugPhase(Message):

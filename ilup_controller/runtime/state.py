@@ -73,6 +73,7 @@ def build_state(
             pump_limited_by=loop.pump_limited_by,
             heater_limited_by=loop.heater_limited_by,
             water_setpoint_c=rounded(loop.water_setpoint_c, "water_setpoint_c", d),
+            rate_integral_scale=loop.rate_integral_scale,
         ),
         drug_phase=msg.DrugPhase(
             elapsed_s=at("drug_elapsed_s", r.drug_elapsed_s),
