@@ -252,8 +252,9 @@ def _variants() -> tuple[Variant, ...]:
                  "ambient_c": 18.5},
           registers=_QUANTISED_TEMPERATURES, start_c=30.0, probe_delay_s=21.0),
         v("late_flat_probe", "0.1 degC noise-free probes 17 s down the line, 76 W/K, 3.4 kg, "
-          "1500 W (random_7_7): the same wind-up in bursts of 0.8 degC/min, a 0.3-0.4 degC "
-          "overshoot at the target.",
+          "1500 W (random_7_7): the same wind-up in bursts of 0.8 degC/min at the probe, "
+          "0.52 degC/min over 2 minutes at the arterial (and 0.36 degC overshoot with the "
+          "former 0.47 degC/min ramp).",
           plant={**nf, "heater_power_w": 1500.0, "water_mass_kg": 3.4, "hx_ua_w_per_k": 76.0,
                  "ambient_c": 24.5},
           registers=_QUANTISED_TEMPERATURES, probe_delay_s=17.0),
