@@ -14,7 +14,7 @@ from ilup_controller import view
 from ilup_controller.broker import MosquittoProcess
 from ilup_controller.config.models import Mqtt
 from ilup_controller.mqtt.link import MqttLink
-from ilup_controller.mqtt.messages import DrugPhase, Loop, Measured, Outputs, Status
+from ilup_controller.mqtt.messages import DrugPhase, Loop, Measured, Outputs, State, Status
 from ilup_controller.mqtt.topics import Topics
 from ilup_controller.view import STALE_AFTER_S, render_state, watch
 
@@ -28,6 +28,11 @@ def _text(renderable: RenderableType) -> str:
     return console.export_text()
 
 
+def _fresh(state: State) -> str:
+    """The view of ``state`` received 0.4 s ago from an online daemon, broker connected."""
+    return _text(render_state(state, ONLINE, now_s=100.4, received_at_s=100.0, broker_ok=True))
+
+
 def _row(text: str, label: str) -> list[str]:
     """The cells after ``label`` on its table line, panel borders removed."""
     line = next(line for line in text.splitlines() if label in line)
@@ -37,7 +42,7 @@ def _row(text: str, label: str) -> list[str]:
 
 def test_fresh_state_shows_values_against_targets() -> None:
     state = sample_state(1234, CART, outputs=Outputs(pump_speed_rpm=15.2, heater_pct=61.0))
-    text = _text(render_state(state, ONLINE, now_s=100.4, received_at_s=100.0, broker_ok=True))
+    text = _fresh(state)
     assert "STALE" not in text
     # measured, setpoint (ramped) or command, target or limit, unit
     assert _row(text, "Flow") == ["499", "450", "500", "mL/min"]
@@ -66,39 +71,20 @@ def test_a_rewarming_loop_that_slowed_its_integral_says_so() -> None:
         water_setpoint_c=39.0,
         rate_integral_scale=0.5,
     )
-    text = _text(
-        render_state(
-            sample_state(7, CART, loop=loop),
-            ONLINE,
-            now_s=100.4,
-            received_at_s=100.0,
-            broker_ok=True,
-        )
-    )
+    text = _fresh(sample_state(7, CART, loop=loop))
     assert "heater limited by: temperature    rewarm integral x0.5 (warming came in bursts)" in text
-    fresh = _text(
-        render_state(
-            sample_state(8, CART), ONLINE, now_s=100.4, received_at_s=100.0, broker_ok=True
-        )
-    )
-    assert "rewarm integral" not in fresh
+    assert "rewarm integral" not in _fresh(sample_state(8, CART))
 
 
 def test_a_paused_drug_timer_is_shown_as_paused() -> None:
     # In perfusion off target the timer stands still: the view says so, not just a number.
     frames = {
-        counting: _text(
-            render_state(
-                sample_state(
-                    1,
-                    CART,
-                    phase="perfusion",
-                    drug_phase=DrugPhase(elapsed_s=600.0, remaining_s=1200.0, counting=counting),
-                ),
-                ONLINE,
-                now_s=100.4,
-                received_at_s=100.0,
-                broker_ok=True,
+        counting: _fresh(
+            sample_state(
+                1,
+                CART,
+                phase="perfusion",
+                drug_phase=DrugPhase(elapsed_s=600.0, remaining_s=1200.0, counting=counting),
             )
         )
         for counting in (True, False)
@@ -109,18 +95,12 @@ def test_a_paused_drug_timer_is_shown_as_paused() -> None:
     )
     assert "PAUSED" not in frames[True]
     # Done, and still in perfusion without auto_advance: the timer stopped, nothing is paused.
-    done = _text(
-        render_state(
-            sample_state(
-                1,
-                CART,
-                phase="perfusion",
-                drug_phase=DrugPhase(elapsed_s=1800.0, remaining_s=0.0, counting=False),
-            ),
-            ONLINE,
-            now_s=100.4,
-            received_at_s=100.0,
-            broker_ok=True,
+    done = _fresh(
+        sample_state(
+            1,
+            CART,
+            phase="perfusion",
+            drug_phase=DrugPhase(elapsed_s=1800.0, remaining_s=0.0, counting=False),
         )
     )
     assert "drug phase: 30:00 min at target, 0:00 min remaining" in done
