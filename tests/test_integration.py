@@ -182,6 +182,14 @@ async def test_hung_daemon_leaves_a_safe_circuit_and_does_not_restart_the_pump(
             )
 
         await wait_until(interrupted, 5, what="control_interrupted on the alarms topic")
+        # The command register still holds the speed written before the stall until the resumed
+        # daemon's first write (the link no longer rewrites that stale command itself:
+        # tests/test_modbus_link.py); that write is 0, within a tick or two of the alarm.
+
+        async def commanded_zero() -> bool:
+            return await read_signal(cfg, ports, cfg.control.flow.command) == 0.0
+
+        await wait_until(commanded_zero, 1.0, interval_s=0.02, what="pump commanded 0")
         # For 3 s after resuming: the pump neither turns nor is commanded.
         speeds, commands = [], []
         while loop.time() - t_cont < 3.0:

@@ -385,3 +385,30 @@ async def test_run_honours_a_cancel_that_was_swallowed(rig: Rig) -> None:
     assert task in done
     assert task.cancelled()
     assert link.health.cycles == 0
+
+
+async def test_an_output_the_control_loop_stopped_setting_is_not_written(rig: Rig) -> None:
+    """A control loop that stalls (SIGSTOP) leaves its last command in the mailbox: once it is
+    older than the device's watchdog timeout (1 s) the link stops writing it, so the device's
+    own watchdog acts instead of being fed by a command nobody decided. A fresh command is
+    written again at once."""
+    now = [0.0]
+    pump_dev = CONFIG.devices["pump"].model_copy(update={"port": rig.ports["pump"]})
+    pump = DeviceLink("pump", pump_dev, signals_of("pump"), {}, clock=lambda: now[0])
+    task = asyncio.create_task(pump.run())
+    try:
+        pump.set_output("pump_speed_setpoint", 11.0)
+        pump.request_cycle()
+        await wait_until(lambda: ("pump_speed_setpoint", pytest.approx(11.0)) in rig.writes)
+        now[0] = 1.01  # the control loop has not set it for longer than the timeout
+        n = len(rig.writes)
+        cycles = pump.health.cycles
+        await wait_until(lambda: pump.health.cycles >= cycles + 3)  # the link goes on cycling
+        assert rig.writes[n:] == []
+        pump.set_output("pump_speed_setpoint", 0.0)
+        pump.request_cycle()
+        await wait_until(lambda: ("pump_speed_setpoint", 0.0) in rig.writes[n:])
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

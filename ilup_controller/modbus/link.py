@@ -86,6 +86,7 @@ class _Output:
     signal: Signal
     value: float | bool
     data: list[int] | bool  # encoded registers, or the coil state
+    set_at_s: float  # clock() when the control loop (or write_now) set it
 
 
 def _exc_text(code: int) -> str:
@@ -132,6 +133,7 @@ class DeviceLink:
         self._poll_period_s = device.poll_period_s or DEFAULT_POLL_PERIOD_S
         self._call_timeout_s = (device.retries + 1) * device.timeout_s + _CALL_MARGIN_S
         self._outputs: dict[str, _Output] = {}
+        self._withholding = False  # stale outputs are being left unwritten (logged once)
         self._wake = asyncio.Event()
         self._io_lock = asyncio.Lock()  # one cycle or write_now at a time
         self._bus = bus if bus is not None else Bus(device, name)
@@ -287,7 +289,7 @@ class DeviceLink:
         data: list[int] | bool = (
             encode_bit(sig, value) if is_bit_signal(sig) else encode(sig, value)
         )
-        return _Output(sig, value, data)
+        return _Output(sig, value, data, self._clock())
 
     async def _call(
         self, client: ModbusBaseClient, op: Callable[[], Awaitable[_T]], what: str
@@ -374,7 +376,7 @@ class DeviceLink:
             self._health.cycles += 1
             try:
                 # Every cycle, even unchanged: the write is what keeps device watchdogs fed.
-                for name, out in list(self._outputs.items()):
+                for name, out in self._fresh_outputs():
                     await self._write(client, name, out)
                 for block in self._blocks:
                     await self._read(client, block)
@@ -384,6 +386,27 @@ class DeviceLink:
                 took_s = loop.time() - started
                 self._health.last_cycle_s = took_s
                 self._health.max_cycle_s = max(self._health.max_cycle_s, took_s)
+
+    def _fresh_outputs(self) -> list[tuple[str, _Output]]:
+        """The outputs to write this cycle: not one the control loop has left unset for longer
+        than the device's own watchdog timeout. The control loop stalled (SIGSTOP, a starved
+        CPU): rewriting its last command would feed the device's watchdog for it, and after
+        the stall this link's first cycle could run before the control loop's first tick and
+        re-enable a tripped pump drive at its speed from before the stall."""
+        wd = self._device.watchdog
+        if wd is None:
+            return list(self._outputs.items())
+        now = self._clock()
+        fresh = [(n, o) for n, o in self._outputs.items() if now - o.set_at_s <= wd.timeout_s]
+        if len(fresh) < len(self._outputs) and not self._withholding:
+            log.warning(
+                "device %s: outputs not set for over %.2f s (control stalled?): not written, "
+                "the device's own watchdog takes over",
+                self.name,
+                wd.timeout_s,
+            )
+        self._withholding = len(fresh) < len(self._outputs)
+        return fresh
 
     async def _write(self, client: ModbusBaseClient, name: str, out: _Output) -> bool:
         sig = out.signal
