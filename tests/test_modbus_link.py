@@ -394,7 +394,9 @@ async def test_an_output_the_control_loop_stopped_setting_is_not_written(rig: Ri
     written again at once."""
     now = [0.0]
     pump_dev = CONFIG.devices["pump"].model_copy(update={"port": rig.ports["pump"]})
-    pump = DeviceLink("pump", pump_dev, signals_of("pump"), {}, clock=lambda: now[0])
+    pump = DeviceLink(
+        "pump", pump_dev, signals_of("pump"), {}, clock=lambda: now[0], expire_outputs=True
+    )
     task = asyncio.create_task(pump.run())
     try:
         pump.set_output("pump_speed_setpoint", 11.0)

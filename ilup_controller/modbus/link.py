@@ -119,8 +119,13 @@ class DeviceLink:
         store: dict[str, Reading],
         clock: Callable[[], float] = time.monotonic,
         bus: Bus | None = None,
+        expire_outputs: bool = False,
     ) -> None:
-        """``bus``: the shared bus of an RTU line (serial_buses); None: a bus of its own."""
+        """``bus``: the shared bus of an RTU line (serial_buses); None: a bus of its own.
+        ``expire_outputs``: for a caller that sets every output every tick (the daemon's
+        control loop), an output older than the device's watchdog timeout is not written
+        (``_fresh_outputs``); callers that set a command and hold it (commissioning) leave
+        it off."""
         foreign = sorted(n for n, s in signals.items() if s.device != name)
         if foreign:
             raise ValueError(f"device {name}: signals of other devices given: {foreign}")
@@ -133,6 +138,7 @@ class DeviceLink:
         self._poll_period_s = device.poll_period_s or DEFAULT_POLL_PERIOD_S
         self._call_timeout_s = (device.retries + 1) * device.timeout_s + _CALL_MARGIN_S
         self._outputs: dict[str, _Output] = {}
+        self._expire_outputs = expire_outputs
         self._withholding = False  # stale outputs are being left unwritten (logged once)
         self._wake = asyncio.Event()
         self._io_lock = asyncio.Lock()  # one cycle or write_now at a time
@@ -394,7 +400,7 @@ class DeviceLink:
         the stall this link's first cycle could run before the control loop's first tick and
         re-enable a tripped pump drive at its speed from before the stall."""
         wd = self._device.watchdog
-        if wd is None:
+        if wd is None or not self._expire_outputs:
             return list(self._outputs.items())
         now = self._clock()
         fresh = [(n, o) for n, o in self._outputs.items() if now - o.set_at_s <= wd.timeout_s]
@@ -557,7 +563,11 @@ class DeviceLink:
 
 
 def build_links(
-    cfg: CartConfig, store: dict[str, Reading], clock: Callable[[], float]
+    cfg: CartConfig,
+    store: dict[str, Reading],
+    clock: Callable[[], float],
+    *,
+    expire_outputs: bool = False,
 ) -> dict[str, DeviceLink]:
     """One link per device; the RTU devices of one serial port share that port's bus."""
     buses = serial_buses(cfg.devices)
@@ -569,6 +579,7 @@ def build_links(
             store,
             clock=clock,
             bus=buses.get(name),
+            expire_outputs=expire_outputs,
         )
         for name, dev in cfg.devices.items()
     }

@@ -78,7 +78,9 @@ class Daemon:
         """Run until ``stop`` is set; raises if a task crashed (after the safe shutdown)."""
         loop = asyncio.get_running_loop()
         cfg = self.cfg
-        self.links = build_links(cfg, self.store, loop.time)  # RTU lines: one shared bus each
+        # RTU lines: one shared bus each. The control loop sets every command every tick, so a
+        # command older than its device's watchdog timeout is a stalled loop's: not written.
+        self.links = build_links(cfg, self.store, loop.time, expire_outputs=True)
         self.intake = CommandIntake(cfg, self._send_reply)
         self.guard = GuardWatch(cfg.guard, loop.time())
         self.mqtt = MqttLink(
