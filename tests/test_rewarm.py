@@ -330,3 +330,77 @@ def test_a_prime_warmed_by_the_body_is_not_a_burst() -> None:
     loop.reset(water_c=25.0, perfusate_c=25.0)
     _burst(loop, 25.0, 1.2, 300.0, 0.3)
     assert loop.integral_scale == 1.0
+
+
+def test_a_burst_hovering_at_the_threshold_halves_the_gain_once() -> None:
+    """A burst whose warming swings between 0.95 and 0.6 degC/min (over the burst threshold,
+    then under it but still over the ramp) for four minutes is one burst: one halving. Counted
+    per crossing, it took the gain to its floor within the minute (strong_hx_delay_17s: 0.5 at
+    359 s, 0.25 at 369 s)."""
+    t = load_config("config/sim.yaml").control.temperature
+    loop = GradientLoop(t, limit_window_s=0.0)
+    loop.reset(water_c=30.0, perfusate_c=30.0)
+    temp_c = _burst(loop, 30.0, t.ramp_c_per_min, 60.0, 1.5)
+    for _ in range(3):
+        temp_c = _burst(loop, temp_c, 0.95, 40.0, 1.5)
+        temp_c = _burst(loop, temp_c, 0.6, 40.0, 1.5)
+    assert loop.integral_scale == 0.5
+
+
+def _setpoints_with_the_water_above(above_c: float) -> list[float]:
+    """The reading warms at 0.8 degC/min (too fast: the rate loop takes its integral down)
+    with the water ``above_c`` over the setpoint it was last asked: the water setpoints."""
+    t = load_config("config/sim.yaml").control.temperature
+    loop = GradientLoop(t, limit_window_s=0.0)
+    loop.reset(water_c=36.0, perfusate_c=34.0)
+    temp_c, water_c, setpoints = 34.0, 36.0, []
+    for _ in range(600):
+        temp_c += 0.8 / 60.0 * 0.1
+        d = loop.step(0.1, temp_c, water_c, t.target_c)
+        water_c = d.water_setpoint_c + above_c
+        setpoints.append(d.water_setpoint_c - d.perfusate_c)
+    return setpoints
+
+
+def test_the_integral_holds_while_the_water_stands_above_its_setpoint() -> None:
+    """Warming faster than asked, with the water 0.25 degC above its setpoint (it can only cool
+    by its losses): the integral is not taken down meanwhile, so the gradient asked after a
+    minute stays 0.44 degC above that of a loop whose water follows. Taken down, the integral
+    ended far under what the ramp needs and the warming trailed for a minute after each burst
+    (hx_150: a ~110 s cycle, ratio 1.03; held: 0.96)."""
+    follows = _setpoints_with_the_water_above(0.0)
+    above = _setpoints_with_the_water_above(0.25)
+    assert above[-1] - follows[-1] > 0.3, (above[-1], follows[-1])
+
+
+def test_a_burst_after_the_water_fell_back_is_the_heaters() -> None:
+    """A strong exchanger: the water leads the reading by 1 degC for 20 s, then falls back to
+    0.2 above it while the reading rises at 1.0 degC/min (the heat went in before the slope
+    showed it). The burst halves the gain; the same rise with a water that never led does not
+    (a prime warmed by the body)."""
+    t = load_config("config/sim.yaml").control.temperature
+    scales = []
+    for lead_first_c in (1.0, 0.2):
+        loop = GradientLoop(t, limit_window_s=0.0)
+        loop.reset(water_c=30.0, perfusate_c=30.0)
+        temp_c = _burst(loop, 30.0, t.ramp_c_per_min, 60.0, 0.2)
+        temp_c = _burst(loop, temp_c, t.ramp_c_per_min, 20.0, lead_first_c)
+        _burst(loop, temp_c, 1.0, 25.0, 0.2)
+        scales.append(loop.integral_scale)
+    assert scales == [0.5, 1.0]
+
+
+def test_a_cold_plug_leaving_the_probe_is_not_a_burst() -> None:
+    """Heating starts at 34 degC, a plug 0.4 degC colder passes the probe, and the reading
+    climbs back at 1.2 degC/min with the water 1 degC above it (the exchanger warmed the bulk
+    meanwhile): no halving while the slope's line still carries that rise, up to a minute after
+    the last reading under the start (the window's own low alone let the plug's exit halve the
+    gain on strong_hx_delay_17s at 138 s)."""
+    t = load_config("config/sim.yaml").control.temperature
+    loop = GradientLoop(t, limit_window_s=0.0)
+    loop.reset(water_c=34.0, perfusate_c=34.0)
+    temp_c = _burst(loop, 34.0, -0.8, 30.0, 1.0)
+    temp_c = _burst(loop, temp_c, 1.2, 70.0, 1.0)  # back over the start after 20 s
+    assert loop.integral_scale == 1.0
+    _burst(loop, temp_c, 1.2, 30.0, 1.0)  # still this fast a minute on: a burst
+    assert loop.integral_scale == 0.5

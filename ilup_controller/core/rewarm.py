@@ -37,7 +37,14 @@ heating_rate alarm latched on a 30 degC prime with a 21 s delay and a 0.1 degC p
 burst halves the integral gain (``integral_scale``, down to 1/4), so the integral time kp/ki
 goes from 20 s to 40 s, then 80 s (``ilup tune --loop perfusate`` sets the loop's dead time
 plus half the rate window: 35 s for a 20 s probe delay); a plant without bursts keeps the
-configured gains.
+configured gains. A strong exchanger (146 W/K, a 30 degC prime) bursts the same way with a
+9 s delay, its water back within 0.5 degC of the perfusate by the time the slope shows the
+burst: the heater counts as the source if the water led within the last rate window
+(:meth:`GradientLoop._watch_bursts`).
+
+While the water stands above its setpoint (it can only cool by its losses) the rate loop does
+not integrate a too-fast warming down: the integral would end far under what the ramp needs,
+and the warming trail for a minute after each burst (a ~110 s cycle on a 150 W/K exchanger).
 
 A falling reading on the ramp counts as no warming (not chased, not integrated) for
 ``FALL_IS_COOLING_S``: cooler perfusate from the tubing passing the probe as the flow ramps.
@@ -57,7 +64,13 @@ from ilup_controller.config.models import TemperatureLoop
 from ilup_controller.core.types import value_type
 
 _BUCKET_S = 1.0
-WATER_FOLLOWS_C = 0.3  # the water is within this of its setpoint: the gradient is in effect
+# The water is within these of its setpoint: the gradient asked is in effect, and the rate
+# loop integrates (module docstring). Both were 0.3: hx_150 rewarmed at 1.03 x the guideline
+# time (0.96 now), water_8kg at 1.02 (1.01); below 0.2 the integral held too long and the
+# warming overshot 0.5 degC/min; below, 0.2 held the integral while a 300 W heater's water
+# still caught up (1.09).
+WATER_ABOVE_C = 0.2
+WATER_BELOW_C = 0.25
 _MIN_POINTS = 5
 # A cold plug passes the probe in about a minute as the flow ramps. Unbounded, the rule froze
 # the gradient at 1 degC for 10 minutes on a 21 W/K exchanger from a 36 degC prime: the circuit
@@ -197,6 +210,8 @@ class GradientLoop:
         # Kept through a restart of heating: it is the plant's delay, not the moment's.
         self.integral_scale = 1.0
         self._in_burst = False
+        self._heater_drove_s: float | None = None  # last tick the water led by HEATER_DRIVES_C
+        self._below_start_s: float | None = None  # last reading under the start (a cold plug)
         self._falling_since_s: float | None = None
 
     def reset(self, water_c: float | None, perfusate_c: float | None) -> None:
@@ -226,12 +241,32 @@ class GradientLoop:
         if perfusate_c is not None:
             self._rate.add(self._t_s, perfusate_c)
 
-    def _note_burst(self, burst: bool) -> None:
+    def _watch_bursts(
+        self, perfusate_c: float, temp_c: float, water_c: float, slope: float, ramping: bool
+    ) -> None:
         """Halve the rate loop's integral gain at the start of each burst, down to
-        MIN_INTEGRAL_SCALE (module docstring)."""
-        if burst and not self._in_burst:
+        MIN_INTEGRAL_SCALE (module docstring). A burst: on the ramp, the reading rising
+        BURST_C_PER_S faster than the ramp, with the water led the perfusate by HEATER_DRIVES_C
+        within the last rate window (the heat of a burst went in before the slope shows it; on
+        a strong exchanger the water is back near the perfusate by then), and no reading under
+        the start within two (a cold plug leaving the probe is the probe catching up with a bulk
+        the exchanger warmed meanwhile, and the slope's line carries that rise for a window). It
+        lasts until the warming is back on the ramp: a slope hovering at the threshold is one
+        burst, not one per crossing."""
+        window_s = self._cfg.rate_window_s
+        if water_c - temp_c > HEATER_DRIVES_C:
+            self._heater_drove_s = self._t_s
+        if self._start_c is not None and perfusate_c < self._start_c:
+            self._below_start_s = self._t_s
+        heater_drove = (
+            self._heater_drove_s is not None and self._t_s - self._heater_drove_s <= window_s
+        )
+        plug_left = self._below_start_s is None or self._t_s - self._below_start_s > 2 * window_s
+        ramp_c_per_s = self._cfg.ramp_c_per_min / 60.0
+        starts = ramping and heater_drove and plug_left and slope - ramp_c_per_s > BURST_C_PER_S
+        if starts and not self._in_burst:
             self.integral_scale = max(self.integral_scale * 0.5, MIN_INTEGRAL_SCALE)
-        self._in_burst = burst
+        self._in_burst = starts or (self._in_burst and slope > ramp_c_per_s)
 
     def step(
         self,
@@ -295,12 +330,7 @@ class GradientLoop:
                 # a minute with a 25 s probe delay, ratio 1.17 -> 1.11.)
                 seen = min(seen, rate_target)
             error = rate_target - seen
-            self._note_burst(
-                ramping
-                and not plug_in_window
-                and water_c - temp_c > HEATER_DRIVES_C
-                and slope - ramp_c_per_s > BURST_C_PER_S
-            )
+            self._watch_bursts(perfusate_c, temp_c, water_c, slope, ramping)
             p_c = g.kp * error * 60.0  # gains per degC/min of rate error
         gradient_c = ff_c + p_c + self._integral_c + self._ramp_integral_c
         low_c = -c.max_gradient_c  # below the perfusate: the heater is off, the water cools
@@ -317,8 +347,8 @@ class GradientLoop:
         # the heater is still bringing it up).
         # The water has not reached the gradient asked of it yet (a weak heater, a big bath):
         # its own loop is still catching up, so more of the same would only overshoot later.
-        stuck_high = water_c > water_sp + WATER_FOLLOWS_C and error < 0.0
-        stuck_low = water_c < water_sp - WATER_FOLLOWS_C and error > 0.0
+        stuck_high = water_c > water_sp + WATER_ABOVE_C and error < 0.0
+        stuck_low = water_c < water_sp - WATER_BELOW_C and error > 0.0
         clamped = (gradient_c > high_c and error > 0.0) or (gradient_c < low_c and error < 0.0)
         falling = fall_is_plug and slope is not None and slope < 0.0 < rate_target
         if slope is not None and not (stuck_high or stuck_low or clamped or falling):
