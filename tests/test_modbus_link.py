@@ -414,3 +414,31 @@ async def test_an_output_the_control_loop_stopped_setting_is_not_written(rig: Ri
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_the_watchdog_register_set_at_arming_is_written_while_control_runs(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watchdog register is set once, at arming; the control loop then sets the pump
+    command every tick. 1.8 s on (past the 1 s timeout) the register is still written every
+    cycle, and nothing says control stalled. With the age judged per output, it stopped being
+    written after 1 s and the daemon warned "control stalled?" at every start."""
+    now = [0.0]
+    pump_dev = CONFIG.devices["pump"].model_copy(update={"port": rig.ports["pump"]})
+    pump = DeviceLink(
+        "pump", pump_dev, signals_of("pump"), {}, clock=lambda: now[0], expire_outputs=True
+    )
+    task = asyncio.create_task(pump.run())
+    try:
+        pump.set_output("pump_watchdog", 1.0)
+        for k in range(1, 4):
+            now[0] = 0.6 * k
+            pump.set_output("pump_speed_setpoint", 11.0)
+            n = len(rig.writes)
+            pump.request_cycle()
+            await wait_until(lambda n=n: ("pump_watchdog", pytest.approx(1.0)) in rig.writes[n:])
+        assert "control stalled" not in caplog.text
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -86,7 +86,6 @@ class _Output:
     signal: Signal
     value: float | bool
     data: list[int] | bool  # encoded registers, or the coil state
-    set_at_s: float  # clock() when the control loop (or write_now) set it
 
 
 def _exc_text(code: int) -> str:
@@ -122,10 +121,10 @@ class DeviceLink:
         expire_outputs: bool = False,
     ) -> None:
         """``bus``: the shared bus of an RTU line (serial_buses); None: a bus of its own.
-        ``expire_outputs``: for a caller that sets every output every tick (the daemon's
-        control loop), an output older than the device's watchdog timeout is not written
-        (``_fresh_outputs``); callers that set a command and hold it (commissioning) leave
-        it off."""
+        ``expire_outputs``: for a caller that sets its commands every tick (the daemon's
+        control loop), nothing is written once it has set no output for longer than the
+        device's watchdog timeout (``_fresh_outputs``); callers that set a command and hold it
+        (commissioning) leave it off."""
         foreign = sorted(n for n, s in signals.items() if s.device != name)
         if foreign:
             raise ValueError(f"device {name}: signals of other devices given: {foreign}")
@@ -139,6 +138,7 @@ class DeviceLink:
         self._call_timeout_s = (device.retries + 1) * device.timeout_s + _CALL_MARGIN_S
         self._outputs: dict[str, _Output] = {}
         self._expire_outputs = expire_outputs
+        self._set_at_s: float | None = None  # clock() when an output was last set
         self._withholding = False  # stale outputs are being left unwritten (logged once)
         self._wake = asyncio.Event()
         self._io_lock = asyncio.Lock()  # one cycle or write_now at a time
@@ -163,6 +163,7 @@ class DeviceLink:
         """Queue ``value`` for ``signal``; written every cycle from now on (latest wins)."""
         out = self._encode_output(signal, value)
         self._outputs[signal] = out
+        self._set_at_s = self._clock()
 
     def request_cycle(self) -> None:
         """Ask for a cycle now; requests during a running cycle coalesce into one more."""
@@ -216,6 +217,7 @@ class DeviceLink:
         """
         staged = {name: self._encode_output(name, value) for name, value in values.items()}
         self._outputs.update(staged)
+        self._set_at_s = self._clock()
         done: set[str] = set()
         try:
             async with asyncio.timeout(timeout_s), self._direct_client() as client:
@@ -295,7 +297,7 @@ class DeviceLink:
         data: list[int] | bool = (
             encode_bit(sig, value) if is_bit_signal(sig) else encode(sig, value)
         )
-        return _Output(sig, value, data, self._clock())
+        return _Output(sig, value, data)
 
     async def _call(
         self, client: ModbusBaseClient, op: Callable[[], Awaitable[_T]], what: str
@@ -394,25 +396,30 @@ class DeviceLink:
                 self._health.max_cycle_s = max(self._health.max_cycle_s, took_s)
 
     def _fresh_outputs(self) -> list[tuple[str, _Output]]:
-        """The outputs to write this cycle: not one the control loop has left unset for longer
-        than the device's own watchdog timeout. The control loop stalled (SIGSTOP, a starved
-        CPU): rewriting its last command would feed the device's watchdog for it, and after
-        the stall this link's first cycle could run before the control loop's first tick and
-        re-enable a tripped pump drive at its speed from before the stall."""
+        """The outputs to write this cycle: none once the control loop has set no output for
+        longer than the device's own watchdog timeout. The control loop stalled (SIGSTOP, a
+        starved CPU): rewriting its last command would feed the device's watchdog for it, and
+        after the stall this link's first cycle could run before the control loop's first tick
+        and re-enable a tripped pump drive at its speed from before the stall. Judged per link,
+        not per output: the watchdog register is set once, at arming, and must go on being
+        written while the control loop lives (a per-output age stopped writing it after 1 s,
+        and the warning below, logged once, then stood for the whole run and hid a real
+        stall)."""
         wd = self._device.watchdog
-        if wd is None or not self._expire_outputs:
+        if wd is None or not self._expire_outputs or not self._outputs:
             return list(self._outputs.items())
-        now = self._clock()
-        fresh = [(n, o) for n, o in self._outputs.items() if now - o.set_at_s <= wd.timeout_s]
-        if len(fresh) < len(self._outputs) and not self._withholding:
+        stale = self._set_at_s is None or self._clock() - self._set_at_s > wd.timeout_s
+        if stale and not self._withholding:
             log.warning(
-                "device %s: outputs not set for over %.2f s (control stalled?): not written, "
+                "device %s: no output set for over %.2f s (control stalled?): not written, "
                 "the device's own watchdog takes over",
                 self.name,
                 wd.timeout_s,
             )
-        self._withholding = len(fresh) < len(self._outputs)
-        return fresh
+        elif self._withholding and not stale:
+            log.info("device %s: outputs set again: written", self.name)
+        self._withholding = stale
+        return [] if stale else list(self._outputs.items())
 
     async def _write(self, client: ModbusBaseClient, name: str, out: _Output) -> bool:
         sig = out.signal
