@@ -387,18 +387,29 @@ async def test_run_honours_a_cancel_that_was_swallowed(rig: Rig) -> None:
     assert link.health.cycles == 0
 
 
-async def test_an_output_the_control_loop_stopped_setting_is_not_written(rig: Rig) -> None:
-    """A control loop that stalls (SIGSTOP) leaves its last command in the mailbox: once it is
-    older than the device's watchdog timeout (1 s) the link stops writing it, so the device's
-    own watchdog acts instead of being fed by a command nobody decided. A fresh command is
-    written again at once."""
-    now = [0.0]
+@contextlib.asynccontextmanager
+async def running_pump_link(rig: Rig, now: list[float]) -> AsyncIterator[DeviceLink]:
+    """The daemon's pump link (expire_outputs) on a hand-stepped clock, cycling until exit."""
     pump_dev = CONFIG.devices["pump"].model_copy(update={"port": rig.ports["pump"]})
     pump = DeviceLink(
         "pump", pump_dev, signals_of("pump"), {}, clock=lambda: now[0], expire_outputs=True
     )
     task = asyncio.create_task(pump.run())
     try:
+        yield pump
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_an_output_the_control_loop_stopped_setting_is_not_written(rig: Rig) -> None:
+    """A control loop that stalls (SIGSTOP) leaves its last command in the mailbox: once it is
+    older than the device's watchdog timeout (1 s) the link stops writing it, so the device's
+    own watchdog acts instead of being fed by a command nobody decided. A fresh command is
+    written again at once."""
+    now = [0.0]
+    async with running_pump_link(rig, now) as pump:
         pump.set_output("pump_speed_setpoint", 11.0)
         pump.request_cycle()
         await wait_until(lambda: ("pump_speed_setpoint", pytest.approx(11.0)) in rig.writes)
@@ -410,10 +421,6 @@ async def test_an_output_the_control_loop_stopped_setting_is_not_written(rig: Ri
         pump.set_output("pump_speed_setpoint", 0.0)
         pump.request_cycle()
         await wait_until(lambda: ("pump_speed_setpoint", 0.0) in rig.writes[n:])
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_the_watchdog_register_set_at_arming_is_written_while_control_runs(
@@ -424,12 +431,7 @@ async def test_the_watchdog_register_set_at_arming_is_written_while_control_runs
     cycle, and nothing says control stalled. With the age judged per output, it stopped being
     written after 1 s and the daemon warned "control stalled?" at every start."""
     now = [0.0]
-    pump_dev = CONFIG.devices["pump"].model_copy(update={"port": rig.ports["pump"]})
-    pump = DeviceLink(
-        "pump", pump_dev, signals_of("pump"), {}, clock=lambda: now[0], expire_outputs=True
-    )
-    task = asyncio.create_task(pump.run())
-    try:
+    async with running_pump_link(rig, now) as pump:
         pump.set_output("pump_watchdog", 1.0)
         for k in range(1, 4):
             now[0] = 0.6 * k
@@ -437,8 +439,4 @@ async def test_the_watchdog_register_set_at_arming_is_written_while_control_runs
             n = len(rig.writes)
             pump.request_cycle()
             await wait_until(lambda n=n: ("pump_watchdog", pytest.approx(1.0)) in rig.writes[n:])
-        assert "control stalled" not in caplog.text
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    assert "control stalled" not in caplog.text
