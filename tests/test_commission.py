@@ -90,8 +90,12 @@ def _variant_cart(
 
 
 async def _sim(procs: list[Proc], cfg: Path, tmp: Path, *flags: str) -> None:
-    procs.append(Proc(["sim", "-c", str(cfg), *flags], tmp / "sim.log"))
-    await asyncio.sleep(1.5)  # the servers listen
+    """Start a simulator and wait until each of its devices listens. (A fixed 1.5 s was not
+    enough with three simulators starting at once on a busy 2-core machine: commissioning
+    began against a heater that did not answer yet and failed its first step.)"""
+    procs.append(sim := Proc(["sim", "-c", str(cfg), *flags], tmp / "sim.log"))
+    lines = [f"sim device {name} listening" for name in load_config(cfg).devices]
+    await wait_until(lambda: all(line in sim.log() for line in lines), 30.0, 0.05, "sim listens")
 
 
 def _prepare(tmp: Path, variant: str | None, *flags: str) -> Path:

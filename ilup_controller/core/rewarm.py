@@ -343,10 +343,9 @@ class GradientLoop:
         self._last_gradient_c = applied_c
         water_sp = min(temp_c + applied_c, c.water_cap_c - 0.5)
         # Integrate only where the water can follow: not past a clamp, and not while the water
-        # is still away from its setpoint (above it, it can only cool by its losses; below it,
-        # the heater is still bringing it up).
-        # The water has not reached the gradient asked of it yet (a weak heater, a big bath):
-        # its own loop is still catching up, so more of the same would only overshoot later.
+        # is still away from its setpoint. Above it, it can only cool by its losses; below it
+        # (a weak heater, a big bath), its own loop is still catching up, and asking more of
+        # the same would only overshoot later.
         stuck_high = water_c > water_sp + WATER_ABOVE_C and error < 0.0
         stuck_low = water_c < water_sp - WATER_BELOW_C and error > 0.0
         clamped = (gradient_c > high_c and error > 0.0) or (gradient_c < low_c and error < 0.0)
