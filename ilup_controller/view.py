@@ -25,6 +25,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ilup_controller.aio import raise_if_cancelling
 from ilup_controller.mqtt.messages import GuardStatus, State, Status, drug_timer_paused
 from ilup_controller.mqtt.topics import GUARD, Topics
 
@@ -350,11 +351,13 @@ async def _follow(
                 latest.detail = None
                 delay_s = _RECONNECT_MIN_S
                 async for message in client.messages:
+                    raise_if_cancelling()  # one swallowed while connecting (aio.py)
                     latest.take(topics, message, time.monotonic())
         except aiomqtt.MqttError as exc:
             latest.detail = f"broker {host}:{port}: {exc}"
         finally:
             latest.broker_ok = False
+        raise_if_cancelling()  # leaving on a cancel can raise MqttError instead (aio.py)
         await asyncio.sleep(delay_s)
         delay_s = min(_RECONNECT_MAX_S, delay_s * 2)
 

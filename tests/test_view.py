@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import time
 
+import aiomqtt
 import pytest
 from helpers import sample_state, wait_until
 from rich.console import Console, RenderableType
@@ -190,6 +192,40 @@ async def test_watch_returns_0_when_cancelled(mosquitto: MosquittoProcess) -> No
     await asyncio.sleep(0.2)  # let it draw a few frames; the result does not depend on it
     task.cancel()
     assert await asyncio.wait_for(task, 2.0) == 0
+
+
+async def test_ctrl_c_ends_the_view_even_when_the_broker_does_not_ack_the_disconnect(
+    mosquitto: MosquittoProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in `ilup demo` left the view hung for good, twice in a full test run: the
+    follower's client, leaving on the cancel, got no disconnect acknowledgement in its 3 s and
+    aiomqtt raised MqttError in place of the CancelledError; the follower took it for a broker
+    outage and reconnected, and `watch` waited for it forever. Here every disconnect "times
+    out" that way, against the real broker: the view still ends within 1 s of the timeout."""
+    real_aexit = aiomqtt.Client.__aexit__
+    left: list[float] = []
+
+    async def disconnect_times_out(self: aiomqtt.Client, *exc: object) -> None:
+        await real_aexit(self, *exc)  # type: ignore[arg-type]
+        left.append(time.monotonic())
+        raise aiomqtt.MqttError("Operation timed out")  # what aiomqtt raises after `timeout`
+
+    monkeypatch.setattr(aiomqtt.Client, "__aexit__", disconnect_times_out)
+    latest = view._Latest()
+    follower = asyncio.create_task(
+        view._follow(latest, Topics("ilup", CART), "127.0.0.1", mosquitto.port, "5", None, None)
+    )
+    try:
+        await wait_until(lambda: latest.broker_ok, 3.0, what="view connected")
+        follower.cancel()
+        done, _ = await asyncio.wait({follower}, timeout=1.0)
+        assert follower in done, "the follower reconnected after its cancel"
+        assert follower.cancelled()
+        assert len(left) == 1
+    finally:
+        monkeypatch.undo()  # a follower still running (the defect) can then be cancelled
+        follower.cancel()
+        await asyncio.wait({follower}, timeout=5.0)
 
 
 async def test_follower_reconnects_after_a_broker_restart(mosquitto: MosquittoProcess) -> None:

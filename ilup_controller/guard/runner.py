@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 import aiomqtt
 from pymodbus.client import AsyncModbusTcpClient
 
+from ilup_controller.aio import raise_if_cancelling
 from ilup_controller.config.models import CartConfig, Device, Signal, Table
 from ilup_controller.guard.decide import ACTUATORS, Actuator, Decision, Inputs, Limits, State
 from ilup_controller.guard.decide import decide as decide_step
@@ -397,6 +398,7 @@ class Guard:
                 log.warning("broker %s:%d: %s; retrying in 1 s", m.host, m.port, e)
             except Exception:  # publishing must never end: log it and start afresh
                 log.exception("guard MQTT task failed; retrying in 1 s")
+            raise_if_cancelling()  # leaving on a cancel can raise MqttError instead (aio.py)
             await asyncio.sleep(1.0)
 
     async def _publish(self, client: aiomqtt.Client, status_topic: str) -> None:

@@ -30,6 +30,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
+from ilup_controller.aio import raise_if_cancelling
 from ilup_controller.config.models import CartConfig, Device, Signal, Table
 from ilup_controller.core.types import Reading
 from ilup_controller.modbus.bus import Bus, serial_buses
@@ -93,18 +94,6 @@ def _exc_text(code: int) -> str:
         return f"{code} ({ExcCodes(code).name})"
     except ValueError:
         return str(code)
-
-
-def _raise_if_cancel_was_swallowed() -> None:
-    """Re-raise a cancellation that Python 3.11's ``asyncio.wait_for`` swallowed.
-
-    In 3.11, when the awaited call completes in the same loop iteration as the cancel, wait_for
-    returns the result and the CancelledError is lost (fixed in 3.12). Under CPU load that made
-    a cancelled link run on forever; the task's pending-cancel count still shows it.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling() > 0:
-        raise asyncio.CancelledError
 
 
 class DeviceLink:
@@ -183,7 +172,7 @@ class DeviceLink:
         )
         try:
             while True:
-                _raise_if_cancel_was_swallowed()
+                raise_if_cancelling()
                 try:
                     if not bus.connected and not await self._connect_bus(client):
                         await asyncio.sleep(backoff_s)
@@ -236,7 +225,7 @@ class DeviceLink:
                 sorted(done),
             )
             return False
-        _raise_if_cancel_was_swallowed()
+        raise_if_cancelling()
         missing = sorted(set(staged) - done)
         if missing:
             log.error("device %s: direct write not acknowledged for %s", self.name, missing)
@@ -266,7 +255,7 @@ class DeviceLink:
                 "device %s: read of %s timed out after %.2f s", self.name, signal, timeout_s
             )
             return None
-        _raise_if_cancel_was_swallowed()
+        raise_if_cancelling()
         return None if result is None else result.values.get(signal)
 
     # ----------------------------------------------------------------------- internals
