@@ -143,3 +143,25 @@ def test_evaluations_name_the_fix() -> None:
     assert "does not stop it" in trip.fix
     assert ev.watchdog_trip("pump", "pump_speed", 1.0, 0.1, 4.0, 3.9, [(0.5, 3.9), (1.05, 0.0)]).ok
     assert ev.zero_reference_mmhg(cfg) == 3.0
+
+
+def test_a_register_without_a_reply_is_not_called_a_register_map_error() -> None:
+    """The devices step: a refused register points at the map, a read that timed out at the
+    device's timeout (it answered for its other signals); both are named with what was seen."""
+    v = ev.unread(
+        "heater",
+        {
+            "heater_power_setpoint": ("no_reply", "timed out after 2.00 s"),
+            "heater_water_temp": ("refused", "Modbus exception 2 (ILLEGAL_ADDRESS)"),
+        },
+    )
+    assert not v.ok
+    assert "heater_power_setpoint (timed out after 2.00 s)" in v.measured
+    map_fix, late_fix = v.fix.split("; ")
+    assert map_fix == (
+        "check table, address and data_type of signals.heater_water_temp against the device manual"
+    )
+    assert late_fix.startswith("signals.heater_power_setpoint: no reply in time")
+    assert "devices.heater.timeout_s" in late_fix
+    only_late = ev.unread("pump", {"pump_speed": ("no_reply", "timed out after 2.00 s")})
+    assert "table" not in only_late.fix

@@ -357,13 +357,25 @@ async def test_read_now(rig: Rig) -> None:
         await pump.read_now("flow", timeout_s=1.0)
     rig.sim.set_exception("pump", 2)
     assert await pump.read_now("pump_speed", timeout_s=1.0) is None
+    refused = await pump.read_checked("pump_speed", timeout_s=1.0)
+    assert (refused.value, refused.problem) == (None, "refused")
+    assert "exception 2" in refused.detail
     rig.sim.set_exception("pump", None)
+    # Silent: not the register map's fault, and commissioning must not say it is.
+    rig.sim.set_unresponsive("pump", True)
+    silent = await pump.read_checked("pump_speed", timeout_s=1.0)
+    assert (silent.value, silent.problem) == (None, "no_reply"), silent
+    rig.sim.set_unresponsive("pump", False)
+    ok = await pump.read_checked("pump_speed", timeout_s=3.0)
+    assert (ok.value, ok.problem, ok.detail) == (pytest.approx(15.5), "", "")
     # Without a running link: a short-lived connection of its own.
     heater_dev = CONFIG.devices["heater"].model_copy(update={"port": rig.ports["heater"]})
     lone = DeviceLink("heater", heater_dev, signals_of("heater"), {})
     assert await lone.read_now("heater_water_temp", timeout_s=1.0) == pytest.approx(38.02)
     await rig.sim.stop()
     assert await lone.read_now("heater_water_temp", timeout_s=1.0) is None
+    gone = await lone.read_checked("heater_water_temp", timeout_s=1.0)
+    assert gone.problem == "unreachable", gone
 
 
 async def test_run_honours_a_cancel_that_was_swallowed(rig: Rig) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ilup_controller.config.models import CartConfig, DataType, SensorLimits, Signal
@@ -76,6 +76,31 @@ def in_range(name: str, sig: Signal, values: Sequence[float | bool]) -> Verdict:
     else:
         fix += "check address, data_type, scale and offset against the device manual"
     return Verdict(False, text, fix, {"min": lo, "max": hi})
+
+
+def unread(device: str, problems: Mapping[str, tuple[str, str]]) -> Verdict:
+    """A device that answered for some of its signals, not for these: signal -> (problem,
+    detail) of the direct read (modbus/link.py DirectRead). A register the device refuses or
+    that does not decode is the register map's; one that got no reply in time is not."""
+    mapped = [s for s, (p, _) in problems.items() if p in ("refused", "invalid")]
+    late = [s for s in problems if s not in mapped]
+    fixes = []
+    if mapped:
+        fixes.append(
+            f"check table, address and data_type of {_keys(mapped)} against the device manual"
+        )
+    if late:
+        fixes.append(
+            f"{_keys(late)}: no reply in time although the device answered for its other "
+            f"signals: a device slower than devices.{device}.timeout_s or a busy line (run the "
+            "step again)"
+        )
+    seen = ", ".join(f"{s} ({detail})" for s, (_, detail) in problems.items())
+    return Verdict(False, f"{device}: answers, but not for {seen}", "; ".join(fixes))
+
+
+def _keys(signals: Sequence[str]) -> str:
+    return ", ".join(f"signals.{s}" for s in signals)
 
 
 def _fix_no_reading(name: str, sig: Signal) -> str:

@@ -209,8 +209,8 @@ async def _devices(ctx: Context, step: Step) -> StepResult:
     verdicts: list[ev.Verdict] = []
     for name, link in ctx.links.items():
         sigs = [s for s, sig in cfg.signals.items() if sig.device == name]
-        got = {s: await link.read_now(s, timeout_s=2.0) for s in sigs}
-        missing = [s for s, v in got.items() if v is None]
+        got = {s: await link.read_checked(s, timeout_s=2.0) for s in sigs}
+        missing = {s: (r.problem, r.detail) for s, r in got.items() if r.value is None}
         dev = cfg.devices[name]
         if len(missing) == len(sigs):
             h = link.health
@@ -222,14 +222,7 @@ async def _devices(ctx: Context, step: Step) -> StepResult:
                 )
             )
         elif missing:
-            verdicts.append(
-                ev.Verdict(
-                    False,
-                    f"{name}: answers, but not for {', '.join(missing)}",
-                    f"check table and address of {', '.join('signals.' + m for m in missing)} "
-                    "against the device manual",
-                )
-            )
+            verdicts.append(ev.unread(name, missing))
         else:
             verdicts.append(ev.Verdict(True, f"{name}: {len(sigs)} signal(s) read"))
     return _result(step, _combine(verdicts))

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Literal, NoReturn, TypeVar
 
 from pymodbus.client.base import ModbusBaseClient
 from pymodbus.constants import ExcCodes
@@ -80,6 +80,28 @@ class LinkHealth:
 
 class _LinkDown(Exception):
     """A transport failure: the rest of the cycle is skipped (each request would time out)."""
+
+
+ReadProblem = Literal["", "unreachable", "no_reply", "refused", "invalid"]
+
+
+@dataclass(frozen=True, slots=True)
+class DirectRead:
+    """A direct read's value, or why there is none: ``refused`` (a Modbus exception reply),
+    ``invalid`` (the registers do not decode), ``no_reply`` (nothing in time), ``unreachable``
+    (no connection). ``detail`` is for the reader."""
+
+    value: float | bool | None
+    problem: ReadProblem = ""
+    detail: str = ""
+
+
+def _direct_outcome(signal: str, result: BlockResult | None, last_error: str | None) -> DirectRead:
+    if result is None:
+        return DirectRead(None, "refused", last_error or "Modbus exception")
+    if signal in result.errors:
+        return DirectRead(None, "invalid", str(result.errors[signal]))
+    return DirectRead(result.values[signal])
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,25 +260,36 @@ class DeviceLink:
 
         A good value also refreshes the store, like a cycle's read.
         """
+        return (await self.read_checked(signal, timeout_s)).value
+
+    async def read_checked(self, signal: str, timeout_s: float) -> DirectRead:
+        """As read_now, with why there is no value: commissioning advises by the cause."""
         sig = self._signals.get(signal)
         if sig is None:
             raise KeyError(f"device {self.name}: {signal!r} is not a signal of this device")
         block = ReadBlock(
             sig.table, sig.address, sig.register_count, (BlockMember(signal, 0, sig),)
         )
-        result: BlockResult | None = None
+        outcome: DirectRead
         try:
             async with asyncio.timeout(timeout_s), self._direct_client() as client:
-                if client is not None:
-                    with contextlib.suppress(_LinkDown):
+                if client is None:
+                    why = self._health.last_error or "no connection"
+                    outcome = DirectRead(None, "unreachable", why)
+                else:
+                    try:
                         result = await self._read(client, block)
+                    except _LinkDown as e:
+                        outcome = DirectRead(None, "no_reply", str(e))
+                    else:
+                        outcome = _direct_outcome(signal, result, self._health.last_error)
         except TimeoutError:
             log.warning(
                 "device %s: read of %s timed out after %.2f s", self.name, signal, timeout_s
             )
-            return None
+            outcome = DirectRead(None, "no_reply", f"timed out after {timeout_s:.2f} s")
         raise_if_cancelling()
-        return None if result is None else result.values.get(signal)
+        return outcome
 
     # ----------------------------------------------------------------------- internals
 
