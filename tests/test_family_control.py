@@ -9,12 +9,15 @@ stronger variants only, and each bound below says how far off the others are."""
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 import pytest
 from diag_variants import onsets, run_procedure
 
 from ilup_controller.config import load_config
 from ilup_controller.config.models import CartConfig
+from ilup_controller.core.control import ControlEvent
+from ilup_controller.runtime.state import build_event
 from sim.family import apply, by_name, changed
 from sim.metrics import (
     GUIDELINE_C_PER_MIN,
@@ -23,7 +26,7 @@ from sim.metrics import (
     physical_bound_s,
     run_metrics,
 )
-from sim.virtual import VirtualCart
+from sim.virtual import Sample, VirtualCart
 
 # variant -> (virtual minutes to run, rewarm time / guideline limit held to: today's figure in
 # the README family table plus 0.02)
@@ -102,15 +105,36 @@ def test_variant_rewarms_within_the_guideline_limits(
 
 def test_the_rate_loop_slows_its_integral_only_where_the_warming_came_in_bursts() -> None:
     """In the first 10 minutes the strong exchanger's warming, 17 s down the line, comes in a
-    burst and the published integral scale halves (at 359 s); the reference plant keeps the
-    configured gain."""
+    burst and the published integral scale halves, told once, at the tick it halves, as a
+    control event (events topic and record: the reader sees why the loop changed); the
+    reference plant keeps the configured gain and tells nothing."""
     base = load_config("config/sim.yaml")
     scales = {}
+    told: dict[str, list[ControlEvent]] = {}
+    halved_at: dict[str, float] = {}
     for name in ("strong_hx_delay_17s", "reference"):
-        last = VirtualCart(apply(by_name(name), base)).run_for(600.0)
+        told[name] = []
+
+        def keep(s: Sample, name: str = name) -> None:
+            d = s.decision
+            told[name].extend(e for e in d.events if isinstance(e, ControlEvent))
+            if d.loop.rate_integral_scale < 1.0:
+                halved_at.setdefault(name, d.t_s)
+
+        last = VirtualCart(apply(by_name(name), base)).run_for(600.0, keep)
         scales[name] = last.decision.loop.rate_integral_scale
     assert scales["strong_hx_delay_17s"] == 0.5, scales
     assert scales["reference"] == 1.0, scales
+    assert told["reference"] == []
+    (event,) = told["strong_hx_delay_17s"]
+    assert event.t_s == halved_at["strong_hx_delay_17s"], (event, halved_at)
+    assert "integral gain is now 0.5 x control.temperature.gradient_pid.ki" in event.message
+    published = build_event(base, event, seq=7, utc_of=lambda t_s: datetime.fromtimestamp(t_s, UTC))
+    assert (published.kind, published.message, published.alarm_id) == (
+        "control",
+        event.message,
+        None,
+    )
 
 
 def test_heating_resumes_within_the_guideline_after_a_flow_interruption() -> None:

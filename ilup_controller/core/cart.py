@@ -15,7 +15,7 @@ from ilup_controller.core.alarms import ActiveAlarm, AlarmEngine, AlarmEvent, Ve
 from ilup_controller.core.calibration import Calibration, PressureZeroing, zeroed
 from ilup_controller.core.catalogue import CATALOGUE, PumpAction
 from ilup_controller.core.continuity import Continuity
-from ilup_controller.core.control import Controller, LoopOutput
+from ilup_controller.core.control import ControlEvent, Controller, LoopOutput, detuned_event
 from ilup_controller.core.monitor import Context, Measured, Monitor
 from ilup_controller.core.procedure import RUNNING, Phase, PhaseEvent, Procedure, Refusal
 from ilup_controller.core.types import Readings, value_type
@@ -34,6 +34,10 @@ class Restored:
     outage_s: float
 
 
+# What a tick reports happened: alarms, phase changes, and the controller changing how it controls.
+CoreEvent = AlarmEvent | PhaseEvent | ControlEvent
+
+
 @value_type
 class TickResult:
     t_s: float
@@ -42,7 +46,7 @@ class TickResult:
     loop: LoopOutput
     outputs: dict[str, float]  # command signal -> value, for the Modbus edge
     alarms: list[ActiveAlarm]
-    events: list[AlarmEvent | PhaseEvent] = field(default_factory=list)
+    events: list[CoreEvent] = field(default_factory=list)
     drug_elapsed_s: float = 0.0
     drug_remaining_s: float = 0.0
     drug_counting: bool = False  # the drug timer ran this tick (paused off target)
@@ -62,7 +66,7 @@ class CartCore:
         self.continuity = Continuity(cfg, t0_s)
         self._last_t_s = t0_s
         self._last: LoopOutput | None = None
-        self._pending: list[AlarmEvent | PhaseEvent] = []
+        self._pending: list[CoreEvent] = []
         self.calibration = Calibration(
             0.0, cfg.control.flow.stroke_volume_ml_per_rev, "configuration"
         )
@@ -255,6 +259,8 @@ class CartCore:
                 events.append(started)
         loop = ctl.step(dt_s, m, proc.phase, pump_action, heater_action, pump_by, heater_by)
         self._last = loop
+        if (detuned := detuned_event(t_s, last, loop)) is not None:
+            events.append(detuned)
         events.extend(proc.tick(t_s, dt_s, at_target=self._at_target(m, loop)))
         c = self.cfg.control
         return TickResult(

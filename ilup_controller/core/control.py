@@ -41,6 +41,27 @@ class LoopOutput:
     rate_integral_scale: float  # the rewarming rate loop's ki over the configured (core/rewarm.py)
 
 
+@value_type
+class ControlEvent:
+    """The controller changed how it controls (not an alarm): for the events topic and the
+    procedure record, so that a reader of the record sees why the loop behaved differently."""
+
+    t_s: float
+    message: str
+
+
+def detuned_event(t_s: float, before: LoopOutput | None, now: LoopOutput) -> ControlEvent | None:
+    """The rewarming rate loop slowed its integral this tick (a warming burst, core/rewarm.py)."""
+    if before is None or now.rate_integral_scale >= before.rate_integral_scale:
+        return None
+    return ControlEvent(
+        t_s,
+        "rewarming: the warming came in a burst; the rate loop's integral gain is now "
+        f"{now.rate_integral_scale:g} x control.temperature.gradient_pid.ki (kept for the rest of "
+        "this run)",
+    )
+
+
 class Controller:
     def __init__(self, cfg: CartConfig, t0_s: float) -> None:
         c = cfg.control

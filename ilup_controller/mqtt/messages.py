@@ -172,7 +172,8 @@ class Event(Message):
         "phase; command (every command and its outcome); marker (operator's free text); "
         "acknowledged (replies sent after the record was on disk); device (link up/down); "
         "daemon (start, stop); record (sealed at a clean stop: its rows and chain head, for "
-        "`ilup verify` to be checked against)."
+        "`ilup verify` to be checked against); control (the controller changed how it "
+        "controls: the rewarming rate loop slowed its integral after a warming burst)."
     )
     alarm_id: str | None = None
     priority: str | None = None

@@ -7,8 +7,9 @@ from datetime import datetime
 
 from ilup_controller.config.models import CartConfig
 from ilup_controller.config.resolution import at_resolution, field_decimals, rounded
-from ilup_controller.core.alarms import ActiveAlarm, AlarmEvent
-from ilup_controller.core.cart import TickResult
+from ilup_controller.core.alarms import ActiveAlarm
+from ilup_controller.core.cart import CoreEvent, TickResult
+from ilup_controller.core.control import ControlEvent
 from ilup_controller.core.procedure import PhaseEvent
 from ilup_controller.mqtt import messages as msg
 from ilup_controller.runtime.ticker import TickStats
@@ -114,9 +115,11 @@ def _alarm(a: ActiveAlarm, utc_of: UtcOf) -> msg.Alarm:
     )
 
 
-def build_event(
-    cfg: CartConfig, e: AlarmEvent | PhaseEvent, *, seq: int, utc_of: UtcOf
-) -> msg.Event:
+def build_event(cfg: CartConfig, e: CoreEvent, *, seq: int, utc_of: UtcOf) -> msg.Event:
+    if isinstance(e, ControlEvent):
+        return msg.Event(
+            t=utc_of(e.t_s), seq=seq, cart_id=cfg.cart_id, kind="control", message=e.message
+        )
     if isinstance(e, PhaseEvent):
         return msg.Event(
             t=utc_of(e.t_s),
