@@ -106,7 +106,7 @@ def test_variant_rewarms_within_the_guideline_limits(
 def test_the_rate_loop_slows_its_integral_only_where_the_warming_came_in_bursts() -> None:
     """In the first 10 minutes the strong exchanger's warming, 17 s down the line, comes in a
     burst and the published integral scale halves, told once, at the tick it halves, as a
-    control event (events topic and record: the reader sees why the loop changed); the
+    rewarm_integral event (events topic and record: the reader sees why the loop changed); the
     reference plant keeps the configured gain and tells nothing."""
     base = load_config("config/sim.yaml")
     scales = {}
@@ -130,10 +130,10 @@ def test_the_rate_loop_slows_its_integral_only_where_the_warming_came_in_bursts(
     assert event.t_s == halved_at["strong_hx_delay_17s"], (event, halved_at)
     assert "integral gain is now 0.5 x control.temperature.gradient_pid.ki" in event.message
     published = build_event(base, event, seq=7, utc_of=lambda t_s: datetime.fromtimestamp(t_s, UTC))
-    assert (published.kind, published.message, published.alarm_id) == (
-        "control",
+    assert (published.kind, published.value, published.message) == (
+        "rewarm_integral",
+        0.5,
         event.message,
-        None,
     )
 
 

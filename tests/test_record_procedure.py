@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from ilup_controller.config import load_config
+from ilup_controller.config import CartConfig, load_config
+from ilup_controller.core.control import REWARM_INTEGRAL, ControlEvent
 from ilup_controller.core.procedure import Phase
 from ilup_controller.record.chain import verify_record
 from ilup_controller.record.recorder import Recorder, config_json_of
 from ilup_controller.record.report import render_report, summarize
 from ilup_controller.record.store import open_record
+from ilup_controller.runtime.recovery import restored_from
 from ilup_controller.runtime.state import build_event, build_state
 from ilup_controller.runtime.ticker import TickStats
+from sim.family import apply, by_name
 from sim.virtual import Sample, VirtualCart
 
 
@@ -91,3 +94,58 @@ def test_recorded_procedure_matches_ground_truth(tmp_path: Path) -> None:
     assert "30:00" in text  # drug phase time at target shown as mm:ss
     assert "http://" not in text
     assert "https://" not in text
+
+
+def _recorded_run(tmp_path: Path, cfg: CartConfig, duration_s: float) -> Path:
+    """A virtual run recorded as the daemon records it (samples every tick, every event)."""
+    cart = VirtualCart(cfg)
+    wall0 = datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
+
+    def utc_of(t_s: float) -> datetime:
+        return wall0 + timedelta(seconds=t_s)
+
+    rec = Recorder.create(tmp_path, cfg.cart_id, config_json_of(cfg), queue_size=100_000)
+    rec.start()
+    stats = TickStats()
+    n_events = 0
+
+    def on_tick(s: Sample) -> None:
+        nonlocal n_events
+        stats.ticks += 1
+        r = s.decision
+        rec.sample(build_state(cfg, r, seq=stats.ticks, utc_of=utc_of, stats=stats), t_mono_s=r.t_s)
+        for e in r.events:
+            rec.event(build_event(cfg, e, seq=n_events, utc_of=utc_of))
+            n_events += 1
+
+    cart.run_for(duration_s, on_tick)
+    assert rec.close()
+    return rec.path
+
+
+@pytest.mark.parametrize(("variant", "scale"), [("strong_hx_delay_17s", 0.5), ("reference", 1.0)])
+def test_a_restart_keeps_the_rate_loop_as_slowed_by_this_plants_bursts(
+    tmp_path: Path, variant: str, scale: float
+) -> None:
+    """The strong exchanger 17 s from its probe warms in a burst within 450 s and its rate loop
+    halves its integral gain (test_family_control.py); the daemon crashes. The record it
+    continues gives the restarted core the same 0.5, told again as a rewarm_integral event
+    (the record then holds it for a second restart); the reference plant restarts at 1."""
+    cfg = apply(by_name(variant), load_config("config/sim.yaml"))
+    record = open_record(_recorded_run(tmp_path, cfg, 450.0))
+    told = [e for e in record.events if e["kind"] == REWARM_INTEGRAL]
+    assert [e["value"] for e in told] == ([scale] if scale < 1.0 else [])
+    snapshot = restored_from(record, datetime(2026, 1, 1, 8, 8, tzinfo=UTC))
+    assert snapshot is not None
+    assert snapshot.phase is Phase.perfusion
+    assert snapshot.rate_integral_scale == scale
+
+    restarted = VirtualCart(cfg)
+    restarted.core.restore(restarted.t_s, snapshot)
+    first = restarted.tick().decision
+    assert first.phase is Phase.safe_stop
+    assert first.loop.rate_integral_scale == scale
+    again = [e for e in first.events if isinstance(e, ControlEvent)]
+    assert [(e.kind, e.value) for e in again] == ([(REWARM_INTEGRAL, scale)] if scale < 1 else [])
+    if again:
+        assert "restored from the record" in again[0].message

@@ -15,7 +15,13 @@ from ilup_controller.core.alarms import ActiveAlarm, AlarmEngine, AlarmEvent, Ve
 from ilup_controller.core.calibration import Calibration, PressureZeroing, zeroed
 from ilup_controller.core.catalogue import CATALOGUE, PumpAction
 from ilup_controller.core.continuity import Continuity
-from ilup_controller.core.control import ControlEvent, Controller, LoopOutput, detuned_event
+from ilup_controller.core.control import (
+    ControlEvent,
+    Controller,
+    LoopOutput,
+    detuned_event,
+    rate_integral_event,
+)
 from ilup_controller.core.monitor import Context, Measured, Monitor
 from ilup_controller.core.procedure import RUNNING, Phase, PhaseEvent, Procedure, Refusal
 from ilup_controller.core.types import Readings, value_type
@@ -32,6 +38,7 @@ class Restored:
     drug_elapsed_s: float
     latched_alarms: tuple[str, ...]
     outage_s: float
+    rate_integral_scale: float = 1.0  # the rewarming rate loop's, slowed by bursts
 
 
 # What a tick reports happened: alarms, phase changes, and the controller changing how it controls.
@@ -153,6 +160,12 @@ class CartCore:
         ctl.pressure_limit_mmhg = snapshot.pressure_limit_mmhg
         ctl.temperature_target_c = snapshot.temperature_target_c
         reason = f"restart after {snapshot.outage_s:.1f} s"
+        if snapshot.rate_integral_scale < 1.0:
+            # What this plant showed before the restart still holds: it warms in bursts.
+            ctl.keep_rate_integral_scale(snapshot.rate_integral_scale)
+            self._pending.append(
+                rate_integral_event(t_s, snapshot.rate_integral_scale, "restored from the record")
+            )
         if snapshot.phase is not Phase.idle:
             self._pending.append(
                 self.procedure.restore(t_s, snapshot.phase, snapshot.drug_elapsed_s, reason)

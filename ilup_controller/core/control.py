@@ -41,24 +41,35 @@ class LoopOutput:
     rate_integral_scale: float  # the rewarming rate loop's ki over the configured (core/rewarm.py)
 
 
+REWARM_INTEGRAL = "rewarm_integral"  # the event kind; its value is the new integral scale
+
+
 @value_type
 class ControlEvent:
     """The controller changed how it controls (not an alarm): for the events topic and the
-    procedure record, so that a reader of the record sees why the loop behaved differently."""
+    procedure record, so that a reader of the record sees why the loop behaved differently,
+    and a restarted daemon continues with what this plant taught it (runtime/recovery.py)."""
 
     t_s: float
+    kind: str
     message: str
+    value: float
 
 
 def detuned_event(t_s: float, before: LoopOutput | None, now: LoopOutput) -> ControlEvent | None:
     """The rewarming rate loop slowed its integral this tick (a warming burst, core/rewarm.py)."""
     if before is None or now.rate_integral_scale >= before.rate_integral_scale:
         return None
+    return rate_integral_event(t_s, now.rate_integral_scale, "the warming came in a burst")
+
+
+def rate_integral_event(t_s: float, scale: float, why: str) -> ControlEvent:
     return ControlEvent(
         t_s,
-        "rewarming: the warming came in a burst; the rate loop's integral gain is now "
-        f"{now.rate_integral_scale:g} x control.temperature.gradient_pid.ki (kept for the rest of "
-        "this run)",
+        REWARM_INTEGRAL,
+        f"rewarming: {why}; the rate loop's integral gain is now {scale:g} x "
+        "control.temperature.gradient_pid.ki (kept from now on)",
+        scale,
     )
 
 
@@ -91,6 +102,10 @@ class Controller:
         self._gradient = GradientLoop(t, cfg.alarms.heating_rate_window_s)
         self._heating = False
         self._inner_pid = Pid(t.inner_pid, 0.0, t.heater_max_pct)
+
+    def keep_rate_integral_scale(self, scale: float) -> None:
+        """After a restart: the rate loop's integral as slowed earlier in this procedure."""
+        self._gradient.integral_scale = min(self._gradient.integral_scale, scale)
 
     def set_mode(
         self, control: ControlMode, output: OutputMode, manual_speed_rpm: float | None = None

@@ -70,7 +70,8 @@ class Loop(Message):
         "ratio",
         "The rewarming rate loop's integral gain over the configured "
         "control.temperature.gradient_pid.ki: 1, halved at each burst of heater-driven warming "
-        "(a late or coarse perfusate probe), down to 0.25; kept until the daemon restarts.",
+        "(a late or coarse perfusate probe), down to 0.25; kept while the daemon runs, and "
+        "through a restart that continues the procedure (a rewarm_integral event says so).",
         1.0,
     )
 
@@ -172,8 +173,8 @@ class Event(Message):
         "phase; command (every command and its outcome); marker (operator's free text); "
         "acknowledged (replies sent after the record was on disk); device (link up/down); "
         "daemon (start, stop); record (sealed at a clean stop: its rows and chain head, for "
-        "`ilup verify` to be checked against); control (the controller changed how it "
-        "controls: the rewarming rate loop slowed its integral after a warming burst)."
+        "`ilup verify` to be checked against); rewarm_integral (the rewarming rate loop "
+        "slowed its integral after a warming burst, or kept it so after a restart)."
     )
     alarm_id: str | None = None
     priority: str | None = None
@@ -182,7 +183,9 @@ class Event(Message):
     message: str
     operator: str | None = None
     value: float | None = Field(
-        None, description="Alarm events: the value, in the units of the alarm's signal."
+        None,
+        description="Alarm events: the value, in the units of the alarm's signal; "
+        "rewarm_integral: the rate loop's integral gain over the configured (ratio).",
     )
     limit: float | None = Field(None, description="Alarm events: the limit, in the same units.")
 

@@ -2,8 +2,9 @@
 
 A record is unfinished when its procedure left idle and never reached ``complete``. The daemon
 then reopens that same file, raises "controller restarted" with the outage, and restores targets,
-drug-phase time, the phase to resume to and the latched alarms from it, in the safe state: the
-operator decides to resume (safety.md 5.3). Nothing reverts silently to defaults.
+drug-phase time, the phase to resume to, the latched alarms and the rewarming rate loop's slowed
+integral from it, in the safe state: the operator decides to resume (safety.md 5.3). Nothing
+reverts silently to defaults.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from ilup_controller.config.models import CartConfig
 from ilup_controller.core.cart import Restored
 from ilup_controller.core.catalogue import CATALOGUE
+from ilup_controller.core.control import REWARM_INTEGRAL
 from ilup_controller.core.procedure import Phase
 from ilup_controller.record.chain import verify_record
 from ilup_controller.record.recorder import Recorder, config_json_of
@@ -52,6 +54,16 @@ def _latched(data: RecordData) -> tuple[str, ...]:
     return tuple(sorted(a for a, on in present.items() if on))
 
 
+def _rate_integral_scale(data: RecordData) -> float:
+    """The rewarming rate loop's integral scale as this procedure left it (1: never slowed)."""
+    scales = [
+        float(e["value"])
+        for e in data.events
+        if e["kind"] == REWARM_INTEGRAL and e["value"] is not None
+    ]
+    return min([1.0, *scales])
+
+
 def restored_from(data: RecordData, now: datetime) -> Restored | None:
     phase = _unfinished(data)
     if phase is None or data.n_samples == 0:
@@ -66,6 +78,7 @@ def restored_from(data: RecordData, now: datetime) -> Restored | None:
         drug_elapsed_s=float(s["drug_elapsed_s"]),
         latched_alarms=_latched(data),
         outage_s=max(0.0, (now - last_t).total_seconds()),
+        rate_integral_scale=_rate_integral_scale(data),
     )
 
 

@@ -118,7 +118,12 @@ def _alarm(a: ActiveAlarm, utc_of: UtcOf) -> msg.Alarm:
 def build_event(cfg: CartConfig, e: CoreEvent, *, seq: int, utc_of: UtcOf) -> msg.Event:
     if isinstance(e, ControlEvent):
         return msg.Event(
-            t=utc_of(e.t_s), seq=seq, cart_id=cfg.cart_id, kind="control", message=e.message
+            t=utc_of(e.t_s),
+            seq=seq,
+            cart_id=cfg.cart_id,
+            kind=e.kind,
+            message=e.message,
+            value=e.value,
         )
     if isinstance(e, PhaseEvent):
         return msg.Event(
