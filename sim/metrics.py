@@ -8,8 +8,12 @@ tests can assert on the same numbers.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import time
 from collections import Counter, deque
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from ilup_controller.config.models import CartConfig
@@ -241,3 +245,16 @@ def run_metrics(cfg: CartConfig, duration_s: float = 2400.0) -> RunMetrics:
     t0, c0 = time.perf_counter(), time.process_time()
     cart.run_for(duration_s, collect)
     return collect.result(duration_s, time.perf_counter() - t0, time.process_time() - c0)
+
+
+def run_many(
+    runs: Mapping[str, tuple[CartConfig, float]], workers: int | None = None
+) -> dict[str, RunMetrics]:
+    """``run_metrics`` of each (config, duration), on up to ``workers`` processes (default: one
+    per CPU). Spawned, not forked: a fork would copy whatever locks the caller's threads hold."""
+    n = min(workers or os.cpu_count() or 1, len(runs))
+    if n <= 1:
+        return {name: run_metrics(cfg, s) for name, (cfg, s) in runs.items()}
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(run_metrics, cfg, s) for name, (cfg, s) in runs.items()}
+        return {name: f.result() for name, f in futures.items()}

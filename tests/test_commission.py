@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import signal
 import sqlite3
@@ -246,7 +247,14 @@ async def test_daemon_applies_the_calibration(tmp_path: Path, mosquitto: Mosquit
             notes[label] = await _stop(daemon, cfg, tmp_path)
     print("pressure error / feed-forward flow error, before and after:", figures)
     # The next procedure's record holds the run and the calibration applied.
-    assert any("calibration applied: pressure zero +2.0" in n for n in notes["after"]), notes
+    # The zero is a mean of ~80 readings (noise 0.2 mmHg): +1.99 is as right as +2.03.
+    applied = [
+        float(m[1])
+        for n in notes["after"]
+        if (m := re.search(r"calibration applied: pressure zero ([+-]\d+\.\d+) mmHg", n))
+    ]
+    assert len(applied) == 1, notes
+    assert abs(applied[0] - 2.0) < 0.1, notes
     assert any("stroke_volume warn" in n for n in notes["after"]), notes
     assert any("(configuration)" in n for n in notes["before"]), notes
     (p0, f0), (p1, f1) = figures["before"], figures["after"]

@@ -24,7 +24,7 @@ from sim.metrics import (
     RunCollector,
     RunMetrics,
     physical_bound_s,
-    run_metrics,
+    run_many,
 )
 from sim.virtual import Sample, VirtualCart
 
@@ -61,10 +61,9 @@ BODY_WARMED = {"start_30c", "late_flat_probe_cool_prime"}
 @pytest.fixture(scope="module")
 def results() -> dict[str, RunMetrics]:
     base = load_config("config/sim.yaml")
-    return {
-        name: run_metrics(apply(by_name(name), base), minutes * 60.0)
-        for name, (minutes, _) in CASES.items()
-    }
+    return run_many(
+        {name: (apply(by_name(name), base), minutes * 60.0) for name, (minutes, _) in CASES.items()}
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
