@@ -32,27 +32,15 @@ def test_recorded_procedure_matches_ground_truth(tmp_path: Path) -> None:
     )
     cfg = base.model_copy(update={"simulator": base.simulator.model_copy(update={"plant": plant})})
     cart = VirtualCart(cfg)
-    wall0 = datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
-
-    def utc_of(t_s: float) -> datetime:
-        return wall0 + timedelta(seconds=t_s)
-
-    # Virtual time runs ~600x faster than a daemon: room for the whole run in the queue.
-    rec = Recorder.create(tmp_path, cfg.cart_id, config_json_of(cfg), queue_size=100_000)
-    rec.start()
-    stats = TickStats()
+    recording = _Recording(tmp_path, cfg)
+    rec, stats = recording.rec, recording.stats
     truth_at_target_s = 0.0
     truth_max_pressure = 0.0
-    n_events = 0
 
     def on_tick(s: Sample) -> None:
-        nonlocal truth_at_target_s, truth_max_pressure, n_events
+        nonlocal truth_at_target_s, truth_max_pressure
+        recording(s)
         r, t = s.decision, s.truth
-        stats.ticks += 1
-        rec.sample(build_state(cfg, r, seq=stats.ticks, utc_of=utc_of, stats=stats), t_mono_s=r.t_s)
-        for e in r.events:
-            rec.event(build_event(cfg, e, seq=n_events, utc_of=utc_of))
-            n_events += 1
         truth_max_pressure = max(truth_max_pressure, t.pa_pressure_mmhg)
         if (
             r.phase is Phase.perfusion
@@ -87,7 +75,7 @@ def test_recorded_procedure_matches_ground_truth(tmp_path: Path) -> None:
     # The whole procedure's hash chain verifies, quickly (figure in docs/security.md).
     chain = verify_record(rec.path)
     assert chain.status == "intact", chain.summary()
-    assert chain.rows_checked == stats.ticks + n_events
+    assert chain.rows_checked == stats.ticks + recording.n_events
     assert chain.seconds < 5.0, f"{chain.rows_checked} rows in {chain.seconds:.2f} s"
     html = render_report(rec.path, tmp_path / "report.html")
     text = html.read_text()
@@ -96,31 +84,36 @@ def test_recorded_procedure_matches_ground_truth(tmp_path: Path) -> None:
     assert "https://" not in text
 
 
-def _recorded_run(tmp_path: Path, cfg: CartConfig, duration_s: float) -> Path:
-    """A virtual run recorded as the daemon records it (samples every tick, every event)."""
-    cart = VirtualCart(cfg)
-    wall0 = datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
+class _Recording:
+    """Records each tick's state and events as the daemon does (build_state, build_event)."""
 
+    def __init__(self, tmp_path: Path, cfg: CartConfig) -> None:
+        self.cfg = cfg
+        # Virtual time runs ~600x faster than a daemon: room for the whole run in the queue.
+        self.rec = Recorder.create(tmp_path, cfg.cart_id, config_json_of(cfg), queue_size=100_000)
+        self.rec.start()
+        self.stats = TickStats()
+        self.n_events = 0
+
+    @staticmethod
     def utc_of(t_s: float) -> datetime:
-        return wall0 + timedelta(seconds=t_s)
+        return datetime(2026, 1, 1, 8, 0, tzinfo=UTC) + timedelta(seconds=t_s)
 
-    rec = Recorder.create(tmp_path, cfg.cart_id, config_json_of(cfg), queue_size=100_000)
-    rec.start()
-    stats = TickStats()
-    n_events = 0
-
-    def on_tick(s: Sample) -> None:
-        nonlocal n_events
-        stats.ticks += 1
-        r = s.decision
-        rec.sample(build_state(cfg, r, seq=stats.ticks, utc_of=utc_of, stats=stats), t_mono_s=r.t_s)
+    def __call__(self, s: Sample) -> None:
+        cfg, r, utc_of = self.cfg, s.decision, self.utc_of
+        self.stats.ticks += 1
+        state = build_state(cfg, r, seq=self.stats.ticks, utc_of=utc_of, stats=self.stats)
+        self.rec.sample(state, t_mono_s=r.t_s)
         for e in r.events:
-            rec.event(build_event(cfg, e, seq=n_events, utc_of=utc_of))
-            n_events += 1
+            self.rec.event(build_event(cfg, e, seq=self.n_events, utc_of=utc_of))
+            self.n_events += 1
 
-    cart.run_for(duration_s, on_tick)
-    assert rec.close()
-    return rec.path
+
+def _recorded_run(tmp_path: Path, cfg: CartConfig, duration_s: float) -> Path:
+    recording = _Recording(tmp_path, cfg)
+    VirtualCart(cfg).run_for(duration_s, recording)
+    assert recording.rec.close()
+    return recording.rec.path
 
 
 @pytest.mark.parametrize(("variant", "scale"), [("strong_hx_delay_17s", 0.5), ("reference", 1.0)])
