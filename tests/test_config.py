@@ -69,6 +69,19 @@ def test_shipped_configs_are_valid(path: str) -> None:
             "devices.pump.unit_id: Input should be less than or equal to 247",
         ),
         ("devices.io.colour", "red", "devices.io.colour: unknown key"),
+        # A typo names the key it is closest to, through maps (devices, signals) and optionals.
+        ("devices.io.unitid", 2, "devices.io.unitid: unknown key (did you mean unit_id?)"),
+        (
+            "devices.pump.watchdog.timeout",
+            1.0,
+            "devices.pump.watchdog.timeout: unknown key (did you mean timeout_s?)",
+        ),
+        ("signals.flow.scal", 2.0, "signals.flow.scal: unknown key (did you mean scale?)"),
+        (
+            "control.temperature.ramp_c_per_mn",
+            0.4,
+            "control.temperature.ramp_c_per_mn: unknown key (did you mean ramp_c_per_min?)",
+        ),
         (
             "control.flow.measured",
             "flow_meter_2",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import types
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
@@ -37,18 +39,57 @@ def _key_path(loc: Sequence[int | str], skip: Collection[str] = ()) -> str:
     return "".join(parts)
 
 
+def _model_at(model: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The model whose fields hold the key at ``loc`` (None where a union leaves it open)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            current = _optional_of(field.annotation)
+        elif get_origin(current) in (dict, list, tuple):  # ``part`` is a key or an index
+            current = _optional_of(get_args(current)[-1])
+        else:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _optional_of(tp: Any) -> Any:
+    """X from ``X | None``; None for a union of several types (the data says which)."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else None
+    return tp
+
+
+def _unknown_key(model: type[BaseModel] | None, loc: Sequence[int | str]) -> str:
+    """'unknown key', with the nearest known key when the name looks like a typo of it."""
+    holder = None if model is None or not loc else _model_at(model, loc)
+    key = loc[-1] if loc else None
+    if holder is None or not isinstance(key, str):
+        return "unknown key"
+    near = difflib.get_close_matches(key, list(holder.model_fields), n=1, cutoff=0.75)
+    return f"unknown key (did you mean {near[0]}?)" if near else "unknown key"
+
+
 def format_validation_error(
-    err: ValidationError, *, union_tags: Sequence[str] = (), what: str = "kind"
+    err: ValidationError,
+    *,
+    union_tags: Sequence[str] = (),
+    what: str = "kind",
+    model: type[BaseModel] | None = None,
 ) -> list[str]:
     """One line per error, each prefixed with its key path. ``union_tags`` are the values of
-    a discriminated union's ``kind`` field, for errors that name a missing or unknown one."""
+    a discriminated union's ``kind`` field, for errors that name a missing or unknown one;
+    ``model`` (the validated model) lets an unknown key name the known key it is closest to."""
     problems: list[str] = []
     for e in err.errors(include_url=False):
         loc = tuple(e["loc"])
         kind = e["type"]
         msg = str(e["msg"]).removeprefix("Value error, ")
         if kind == "extra_forbidden":
-            msg = "unknown key"
+            msg = _unknown_key(model, loc)
         elif kind == "missing":
             msg = "required key is missing"
         elif kind == "union_tag_not_found":
@@ -83,7 +124,7 @@ def config_from_data(data: Any, source: str = "<config>") -> CartConfig:
     try:
         cfg = CartConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(source, format_validation_error(e)) from None
+        raise ConfigError(source, format_validation_error(e, model=CartConfig)) from None
     problems = written_value_problems(cfg)
     if problems:
         raise ConfigError(source, problems)
