@@ -165,3 +165,12 @@ def test_a_register_without_a_reply_is_not_called_a_register_map_error() -> None
     assert "devices.heater.timeout_s" in late_fix
     only_late = ev.unread("pump", {"pump_speed": ("no_reply", "timed out after 2.00 s")})
     assert "table" not in only_late.fix
+    # The same for the read-back after a write.
+    cfg = load_config(SIM)
+    sig = cfg.signals["heater_power_setpoint"]
+    late = ev.readback("heater_power_setpoint", sig, 0.0, None, ("no_reply", "timed out"))
+    assert late.measured == "heater_power_setpoint: wrote 0, read nothing back (timed out)"
+    assert "devices.heater.timeout_s" in late.fix
+    assert "table" not in late.fix
+    refused = ev.readback("heater_power_setpoint", sig, 0.0, None, ("refused", "exception 2"))
+    assert "check table and address" in refused.fix

@@ -110,10 +110,24 @@ def _fix_no_reading(name: str, sig: Signal) -> str:
     )
 
 
-def readback(name: str, sig: Signal, written: float, read: float | bool | None) -> Verdict:
+def readback(
+    name: str,
+    sig: Signal,
+    written: float,
+    read: float | bool | None,
+    problem: tuple[str, str] = ("refused", ""),
+) -> Verdict:
+    """``problem``: why ``read`` is None, as for :func:`unread`."""
     if read is None:
+        kind, detail = problem
+        seen = f"{name}: wrote {written:g}, read nothing back" + (f" ({detail})" if detail else "")
+        if kind in ("refused", "invalid"):
+            return Verdict(False, seen, _fix_no_reading(name, sig))
         return Verdict(
-            False, f"{name}: wrote {written:g}, read nothing back", _fix_no_reading(name, sig)
+            False,
+            seen,
+            f"signals.{name}: no reply in time to the read after the write: a device slower "
+            f"than devices.{sig.device}.timeout_s or a busy line (run the step again)",
         )
     step = abs(sig.scale) if sig.data_type is not DataType.float32 else 1e-3 * abs(written)
     ok = abs(float(read) - written) <= step * 1.0001 + 1e-12

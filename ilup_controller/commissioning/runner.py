@@ -250,9 +250,19 @@ async def _readback(ctx: Context, step: Step) -> StepResult:
     values: dict[str, float] = dict(safe_outputs(cfg))
     for sig_name, value in values.items():
         link = ctx.links[cfg.signals[sig_name].device]
-        ok = await link.write_now({sig_name: value}, timeout_s=2.0)
-        read = await link.read_now(sig_name, timeout_s=2.0) if ok else None
-        verdicts.append(ev.readback(sig_name, cfg.signals[sig_name], value, read))
+        sig = cfg.signals[sig_name]
+        if not await link.write_now({sig_name: value}, timeout_s=2.0):
+            why = link.health.last_error or "no reply"
+            verdicts.append(
+                ev.Verdict(
+                    False,
+                    f"{sig_name}: write of {value:g} not acknowledged ({why})",
+                    f"device {sig.device!r}: {_likely_cause(why, sig.device)}",
+                )
+            )
+            continue
+        r = await link.read_checked(sig_name, timeout_s=2.0)
+        verdicts.append(ev.readback(sig_name, sig, value, r.value, (r.problem, r.detail)))
     return _result(step, _combine(verdicts))
 
 
