@@ -78,11 +78,20 @@ def in_range(name: str, sig: Signal, values: Sequence[float | bool]) -> Verdict:
     return Verdict(False, text, fix, {"min": lo, "max": hi})
 
 
+# Direct-read problems (modbus/link.py DirectRead) that are the register map's; the others
+# (no reply in time, no connection) are the device's or the line's.
+MAP_PROBLEMS = ("refused", "invalid")
+
+
+def _slow(device: str) -> str:
+    return f"a device slower than devices.{device}.timeout_s or a busy line (run the step again)"
+
+
 def unread(device: str, problems: Mapping[str, tuple[str, str]]) -> Verdict:
     """A device that answered for some of its signals, not for these: signal -> (problem,
     detail) of the direct read (modbus/link.py DirectRead). A register the device refuses or
     that does not decode is the register map's; one that got no reply in time is not."""
-    mapped = [s for s, (p, _) in problems.items() if p in ("refused", "invalid")]
+    mapped = [s for s, (p, _) in problems.items() if p in MAP_PROBLEMS]
     late = [s for s in problems if s not in mapped]
     fixes = []
     if mapped:
@@ -92,8 +101,7 @@ def unread(device: str, problems: Mapping[str, tuple[str, str]]) -> Verdict:
     if late:
         fixes.append(
             f"{_keys(late)}: no reply in time although the device answered for its other "
-            f"signals: a device slower than devices.{device}.timeout_s or a busy line (run the "
-            "step again)"
+            f"signals: {_slow(device)}"
         )
     seen = ", ".join(f"{s} ({detail})" for s, (_, detail) in problems.items())
     return Verdict(False, f"{device}: answers, but not for {seen}", "; ".join(fixes))
@@ -121,14 +129,10 @@ def readback(
     if read is None:
         kind, detail = problem
         seen = f"{name}: wrote {written:g}, read nothing back" + (f" ({detail})" if detail else "")
-        if kind in ("refused", "invalid"):
+        if kind in MAP_PROBLEMS:
             return Verdict(False, seen, _fix_no_reading(name, sig))
-        return Verdict(
-            False,
-            seen,
-            f"signals.{name}: no reply in time to the read after the write: a device slower "
-            f"than devices.{sig.device}.timeout_s or a busy line (run the step again)",
-        )
+        late = f"signals.{name}: no reply in time to the read after the write: {_slow(sig.device)}"
+        return Verdict(False, seen, late)
     step = abs(sig.scale) if sig.data_type is not DataType.float32 else 1e-3 * abs(written)
     ok = abs(float(read) - written) <= step * 1.0001 + 1e-12
     text = f"{name}: wrote {written:g}, read back {float(read):g} {sig.units}".rstrip()
