@@ -258,6 +258,14 @@ def _variants() -> tuple[Variant, ...]:
           plant={**nf, "heater_power_w": 1500.0, "water_mass_kg": 3.4, "hx_ua_w_per_k": 76.0,
                  "ambient_c": 24.5},
           registers=_QUANTISED_TEMPERATURES, probe_delay_s=17.0),
+        v("noise_free_delay_24s_cool_prime", "A 30 degC prime, noise-free sensors, a 1450 W "
+          "heater and a 24 s probe delay (random_31_33): the rate loop's limit cycle rose "
+          "0.68-0.75 degC/min at the probe, under what counted as a burst (0.3 degC/min over "
+          "the ramp), and grew until heating_rate latched at 946 s; bursts count from 0.2 "
+          "over the ramp.",
+          plant={**nf, "heater_power_w": 1450.0, "water_mass_kg": 3.25, "hx_ua_w_per_k": 61.4,
+                 "ambient_c": 21.0, "pvr_wu": 35.0, "pump_slip_per_mmhg": 0.004},
+          start_c=30.0, probe_delay_s=24.2, stroke_volume_factor=0.9),
         v("digital_stiff_circuit", "Quantised noise-free sensors, -2 mmHg offset, 30 WU, "
           "0.3 mL/mmHg, slip, stroke volume -10 %.",
           plant={**nf, "flow_cutoff_ml_min": 20.0, "pressure_offset_mmhg": -2.0,
