@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from itertools import pairwise
 
 import pytest
 from diag_variants import onsets, run_procedure
@@ -114,17 +115,17 @@ def test_the_rate_loop_slows_its_integral_only_where_the_warming_came_in_bursts(
     told: dict[str, list[ControlEvent]] = {}
     drops: dict[str, list[tuple[float, float]]] = {}  # (tick, published scale) where it fell
     for name in ("strong_hx_delay_17s", "reference"):
-        told[name], drops[name] = [], []
-        last_scale = [1.0]
+        told[name], published_scales = [], [(0.0, 1.0)]
 
-        def keep(s: Sample, name: str = name, last_scale: list[float] = last_scale) -> None:
+        def keep(
+            s: Sample, name: str = name, scales: list[tuple[float, float]] = published_scales
+        ) -> None:
             d = s.decision
             told[name].extend(e for e in d.events if isinstance(e, ControlEvent))
-            if d.loop.rate_integral_scale < last_scale[0]:
-                drops[name].append((d.t_s, d.loop.rate_integral_scale))
-            last_scale[0] = d.loop.rate_integral_scale
+            scales.append((d.t_s, d.loop.rate_integral_scale))
 
         VirtualCart(apply(by_name(name), base)).run_for(600.0, keep)
+        drops[name] = [now for before, now in pairwise(published_scales) if now[1] < before[1]]
     assert [scale for _, scale in drops["strong_hx_delay_17s"]] == [0.5, 0.25], drops
     assert drops["reference"] == [], drops
     assert told["reference"] == []
