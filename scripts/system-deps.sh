@@ -9,6 +9,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mos
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # Modbus RTU tests run over a pseudo-terminal pair made by socat.
 command -v socat >/dev/null 2>&1 || need+=(socat)
+# The simulator's devices are also read and driven by a Modbus master we did not write.
+command -v mbpoll >/dev/null 2>&1 || need+=(mbpoll)
 # The procedure report is checked by rendering it in headless Chromium (CHROMIUM: test aid).
 [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || need+=(chromium chromium-driver)
 [ ${#need[@]} -eq 0 ] && exit 0
