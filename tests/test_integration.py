@@ -207,6 +207,70 @@ async def test_hung_daemon_leaves_a_safe_circuit_and_does_not_restart_the_pump(
         assert len(states) - first >= 2
 
 
+async def test_frozen_devices_stop_the_procedure_and_the_pump_does_not_restart_when_they_thaw(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    """kill -STOP the simulator (all three Modbus devices and the plant freeze, their sockets
+    stay open) mid-perfusion for 4 s: the daemon raises pump_link_lost and heater_link_lost
+    within a second (devices.*.watchdog: 1.0 s; the link alarm at 0.75 of it), goes to
+    safe_stop, and after kill -CONT the devices answer again but the pump stays stopped and the
+    heater off, the link alarms latched, until the operator resets and resumes."""
+    cfg_path, cfg = write_cart_config(tmp_path, mosquitto.port, ramp_s=2.0)
+    ports = {name: dev.port for name, dev in cfg.devices.items()}
+    prefix = f"{cfg.mqtt.topic_prefix}/{cfg.cart_id}"
+    sub = Subscriber(mosquitto.port, f"{prefix}/#")
+    async with session(sub) as procs:
+        procs.append(sim := Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
+        procs.append(Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
+
+        async def pumping() -> bool:
+            try:
+                return await read_signal(cfg, ports, "pump_speed") > 10.0
+            except ConnectionError:
+                return False
+
+        await wait_until(pumping, 30, interval_s=0.2, what="pump running above 10 rpm")
+        loop = asyncio.get_running_loop()
+        sim.signal(signal.SIGSTOP)
+        t_stop = loop.time()
+
+        def active(since_s: float) -> dict[str, str]:
+            alarms = sub.of("/alarms", since_s=since_s)
+            if not alarms:
+                return {}
+            return {a["id"]: a["presence"] for a in alarms[-1].payload["alarms"]}
+
+        took = await wait_until(
+            lambda: {"pump_link_lost", "heater_link_lost"} <= active(t_stop).keys(),
+            5,
+            what="pump_link_lost and heater_link_lost on the alarms topic",
+        )
+        assert took <= 1.0, took
+        await asyncio.sleep(max(0.0, 4.0 - (loop.time() - t_stop)))
+        sim.signal(signal.SIGCONT)
+        t_cont = loop.time()
+        # The devices answer again (device_comms clears), the procedure stays stopped.
+        await wait_until(
+            lambda: "device_comms" not in active(t_cont) and bool(active(t_cont)),
+            5,
+            what="device_comms cleared after the simulator resumes",
+        )
+        speeds, heater_pct = [], []
+        while loop.time() - t_cont < 4.0:
+            speeds.append(await read_signal(cfg, ports, "pump_speed"))
+            heater_pct.append(await read_signal(cfg, ports, cfg.control.temperature.command))
+            await asyncio.sleep(0.1)
+        assert max(speeds) < 0.5, speeds  # tacho noise around 0
+        assert max(heater_pct) == 0.0, heater_pct
+        presence = active(t_cont)
+        assert presence["pump_link_lost"] == "latched", presence
+        assert presence["heater_link_lost"] == "latched", presence
+        states = sub.of("/state", since_s=t_cont + 1.0)
+        assert len(states) >= 2
+        assert all(m.payload["phase"] == "safe_stop" for m in states)
+        assert all(m.payload["outputs"]["pump_speed_rpm"] == 0.0 for m in states)
+
+
 async def test_daemon_refuses_to_start_when_a_device_watchdog_is_off(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
