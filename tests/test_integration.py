@@ -13,6 +13,7 @@ from helpers import wait_until
 from procs import Proc, Subscriber, processes, read_signal, session, write_cart_config
 
 from ilup_controller.broker import MosquittoProcess
+from ilup_controller.config import CartConfig
 
 pytestmark = pytest.mark.integration
 
@@ -132,6 +133,18 @@ def _in_band(flow_ml_min: float | None) -> bool:
     return flow_ml_min is not None and abs(flow_ml_min - TARGET) <= BAND
 
 
+async def _until_pumping(cfg: CartConfig, ports: dict[str, int]) -> None:
+    """The simulator's tacho above 10 rpm: the daemon is perfusing it."""
+
+    async def pumping() -> bool:
+        try:
+            return await read_signal(cfg, ports, "pump_speed") > 10.0
+        except ConnectionError:
+            return False
+
+    await wait_until(pumping, 30, interval_s=0.2, what="pump running above 10 rpm")
+
+
 async def test_hung_daemon_leaves_a_safe_circuit_and_does_not_restart_the_pump(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
@@ -146,14 +159,7 @@ async def test_hung_daemon_leaves_a_safe_circuit_and_does_not_restart_the_pump(
     async with session(sub) as procs:
         procs.append(Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
         procs.append(daemon := Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
-
-        async def pumping() -> bool:
-            try:
-                return await read_signal(cfg, ports, "pump_speed") > 10.0
-            except ConnectionError:
-                return False
-
-        await wait_until(pumping, 30, interval_s=0.2, what="pump running above 10 rpm")
+        await _until_pumping(cfg, ports)
         loop = asyncio.get_running_loop()
         daemon.signal(signal.SIGSTOP)
         t_stop = loop.time()
@@ -222,14 +228,7 @@ async def test_frozen_devices_stop_the_procedure_and_the_pump_does_not_restart_w
     async with session(sub) as procs:
         procs.append(sim := Proc(["sim", "-c", str(cfg_path)], tmp_path / "sim.log"))
         procs.append(Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
-
-        async def pumping() -> bool:
-            try:
-                return await read_signal(cfg, ports, "pump_speed") > 10.0
-            except ConnectionError:
-                return False
-
-        await wait_until(pumping, 30, interval_s=0.2, what="pump running above 10 rpm")
+        await _until_pumping(cfg, ports)
         loop = asyncio.get_running_loop()
         sim.signal(signal.SIGSTOP)
         t_stop = loop.time()
