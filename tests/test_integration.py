@@ -145,6 +145,19 @@ async def _until_pumping(cfg: CartConfig, ports: dict[str, int]) -> None:
     await wait_until(pumping, 30, interval_s=0.2, what="pump running above 10 rpm")
 
 
+async def _read_until(
+    cfg: CartConfig, ports: dict[str, int], signals: tuple[str, ...], until_s: float
+) -> list[list[float]]:
+    """Each signal, read from the simulator every 0.1 s until the loop time ``until_s``."""
+    loop = asyncio.get_running_loop()
+    series: list[list[float]] = [[] for _ in signals]
+    while loop.time() < until_s:
+        for values, name in zip(series, signals, strict=True):
+            values.append(await read_signal(cfg, ports, name))
+        await asyncio.sleep(0.1)
+    return series
+
+
 async def test_hung_daemon_leaves_a_safe_circuit_and_does_not_restart_the_pump(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
@@ -197,11 +210,9 @@ async def test_hung_daemon_leaves_a_safe_circuit_and_does_not_restart_the_pump(
 
         await wait_until(commanded_zero, 1.0, interval_s=0.02, what="pump commanded 0")
         # For 3 s after resuming: the pump neither turns nor is commanded.
-        speeds, commands = [], []
-        while loop.time() - t_cont < 3.0:
-            speeds.append(await read_signal(cfg, ports, "pump_speed"))
-            commands.append(await read_signal(cfg, ports, cfg.control.flow.command))
-            await asyncio.sleep(0.1)
+        speeds, commands = await _read_until(
+            cfg, ports, ("pump_speed", cfg.control.flow.command), t_cont + 3.0
+        )
         assert max(speeds) < 0.5, speeds  # tacho noise around 0
         assert max(commands) == 0.0, commands
         # The first state after SIGCONT may be the one offered just before SIGSTOP; from the
@@ -254,11 +265,9 @@ async def test_frozen_devices_stop_the_procedure_and_the_pump_does_not_restart_w
             5,
             what="device_comms cleared after the simulator resumes",
         )
-        speeds, heater_pct = [], []
-        while loop.time() - t_cont < 4.0:
-            speeds.append(await read_signal(cfg, ports, "pump_speed"))
-            heater_pct.append(await read_signal(cfg, ports, cfg.control.temperature.command))
-            await asyncio.sleep(0.1)
+        speeds, heater_pct = await _read_until(
+            cfg, ports, ("pump_speed", cfg.control.temperature.command), t_cont + 4.0
+        )
         assert max(speeds) < 0.5, speeds  # tacho noise around 0
         assert max(heater_pct) == 0.0, heater_pct
         presence = active(t_cont)
