@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import dataclasses
 import itertools
+import math
 import os
 import statistics
 import subprocess
@@ -34,6 +35,7 @@ from benchmarks.tables import table as _table
 from ilup_controller.broker import MosquittoProcess, free_port
 from ilup_controller.config import CartConfig, load_config
 from ilup_controller.runtime.daemon import Daemon
+from ilup_controller.tuning.identify import IdentificationError
 from sim import family, virtual_tune
 from sim.metrics import RunMetrics, physical_bound_s, run_metrics
 from sim.virtual import Sample, VirtualCart
@@ -292,18 +294,35 @@ def _family_run(name: str, duration_s: float) -> tuple[str, RunMetrics, float | 
     return name, m, bound
 
 
-def _family_tuned_run(name: str, duration_s: float) -> tuple[str, RunMetrics]:
+def _family_tuned_run(name: str, duration_s: float) -> tuple[str, RunMetrics | str]:
     """The same variant after `ilup tune --loop water` then `--loop perfusate` (in virtual
     time, sim/virtual_tune.py): the gains a commissioning engineer would load as an overlay.
     Tuned on the cart at the base start temperature (commissioning, saline near 34 degC; a
-    cold prime warming by itself would give no model), then run from the variant's start."""
+    cold prime warming by itself would give no model), then run from the variant's start.
+    A tune that stops or refuses (a cap reached, a model that does not fit) proposes no gains:
+    its reason comes back instead of figures, as `ilup tune` would print it."""
     variant = family.by_name(name)
     base = load_config(SIM_CONFIG)
-    commissioned = virtual_tune.tuned(
-        family.apply(dataclasses.replace(variant, start_c=None), base)
-    )
+    try:
+        commissioned = virtual_tune.tuned(
+            family.apply(dataclasses.replace(variant, start_c=None), base)
+        )
+    except (RuntimeError, IdentificationError) as e:
+        return name, str(e)
     # The variant again on the tuned cart: the same plant, now from its own start.
     return name, run_metrics(family.apply(variant, commissioned), duration_s)
+
+
+def _tuned_cells(mt: RunMetrics | None) -> list[str]:
+    """Ratio, fastest rate, overshoot and onsets after `ilup tune`; "-" where it gave no gains."""
+    if mt is None:
+        return ["no gains", "-", "-", "-"]
+    return [
+        "-" if mt.rewarm_ratio is None else f"{mt.rewarm_ratio:.2f}",
+        f"{mt.max_rate_c_per_min:.2f}",
+        f"{mt.overshoot_c:.2f}",
+        str(mt.onsets),
+    ]
 
 
 def _min(value_s: float | None) -> str:
@@ -336,12 +355,14 @@ def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1)
     wall = time.perf_counter() - t0
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            tuned = dict(pool.map(_family_tuned_run, names, [duration_s] * len(names)))
+            tuned_runs = list(pool.map(_family_tuned_run, names, [duration_s] * len(names)))
     else:
-        tuned = dict(_family_tuned_run(n, duration_s) for n in names)
+        tuned_runs = [_family_tuned_run(n, duration_s) for n in names]
+    tuned = {n: r for n, r in tuned_runs if isinstance(r, RunMetrics)}
+    refused = {n: r for n, r in tuned_runs if isinstance(r, str)}
     rows = []
     for name in names:
-        m, mt = results[name], tuned[name]
+        m, mt = results[name], tuned.get(name)
         ratio, bound = m.rewarm_ratio, bounds[name]
         rows.append(
             [
@@ -358,10 +379,7 @@ def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1)
                 f"{m.overshoot_c:.2f}",
                 f"{m.max_rate_c_per_min:.2f}",
                 f"{m.max_gradient_c:.1f}",
-                "-" if mt.rewarm_ratio is None else f"{mt.rewarm_ratio:.2f}",
-                f"{mt.max_rate_c_per_min:.2f}",
-                f"{mt.overshoot_c:.2f}",
-                str(mt.onsets),
+                *_tuned_cells(mt),
                 "-" if m.flow_rms_ml_min is None else f"{m.flow_rms_ml_min:.1f}",
                 f"{m.peak_pressure_mmhg:.1f}",
                 f"{m.speed_up:.0f}x / {m.cpu_speed_up:.0f}x",
@@ -391,9 +409,17 @@ def bench_family(minutes: float, workers: int, random_n: int = 0, seed: int = 1)
         ["... after `ilup tune` (water, perfusate)", f"{sum(r <= 1.0 for r in tuned_ratios)}"],
         [
             "... after `ilup tune`, where the bound allows it",
-            f"{sum((tuned[n].rewarm_ratio or 9.0) <= 1.0 for n in possible)} of {len(possible)}",
+            f"{sum((tuned[n].rewarm_ratio or 9.0) <= 1.0 for n in possible if n in tuned)} "
+            f"of {len(possible)}",
         ],
-        ["worst ratio, default / tuned", f"{max(ratios):.2f} / {max(tuned_ratios):.2f}"],
+        [
+            "`ilup tune` stopped or refused (no gains)",
+            "; ".join(f"`{n}`: {why}" for n, why in refused.items()) or "0",
+        ],
+        [
+            "worst ratio, default / tuned",
+            f"{max(ratios, default=math.nan):.2f} / {max(tuned_ratios, default=math.nan):.2f}",
+        ],
         [
             "alarm onsets after `ilup tune`, all variants",
             str(sum(m.onsets for m in tuned.values())),

@@ -4,7 +4,9 @@ overlays, and `ilup tune` end to end against `ilup sim` over real Modbus TCP."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import random
 import subprocess
 import sys
@@ -20,10 +22,17 @@ from ilup_controller.config import ConfigError, load_config
 from ilup_controller.config.models import CartConfig, SimPlant
 from ilup_controller.exitcodes import ExitCode
 from ilup_controller.runtime.lock import cart_lock
-from ilup_controller.tuning.identify import Fopdt, add_lag, fit_step, simc_pi
+from ilup_controller.tuning.identify import (
+    Fopdt,
+    IdentificationError,
+    add_lag,
+    fit_step,
+    simc_pi,
+)
+from ilup_controller.tuning.propose import MAX_FIT_ERROR_SHARE, check_fit, propose
 from ilup_controller.tuning.steptest import Measured, Stage, StepPlan, StepTest
 from sim import virtual_tune
-from sim.family import apply, by_name
+from sim.family import apply, by_name, random_variants
 from sim.metrics import run_metrics
 
 SIM = Path("config/sim.yaml")
@@ -60,6 +69,38 @@ def test_fit_step_recovers_a_fopdt_within_10_percent(
     assert m.time_constant_s == pytest.approx(tau_s, rel=0.10)
     # A dead time below a few samples is judged against the sample period.
     assert abs(m.dead_time_s - theta_s) <= max(0.10 * theta_s, 2 * dt_s)
+
+
+def test_a_model_that_does_not_fit_its_response_proposes_no_gains() -> None:
+    """A perfusate-like step (K 0.6, tau 60 s) fits within 1 % of its response; the same step
+    with a slow swing of 0.5 degC through it (a disturbance the model has no term for) leaves
+    a fit error over 8 % of the response, and propose() refuses, naming the loop and the
+    share."""
+    ts = [i * 0.5 for i in range(-120, 1200)]
+    truth = Fopdt(0.6, 60.0, 5.0)
+    clean = [34.0 + truth.response(t, 3.0) for t in ts]
+    swing = [
+        y + (0.5 * math.sin(t / 60.0) if t > 0.0 else 0.0) for t, y in zip(ts, clean, strict=True)
+    ]
+    good = fit_step(ts, clean, t_step_s=0.0, du=3.0)
+    assert good.error_share < 0.01
+    assert good.response_span == pytest.approx(1.8, rel=0.01)
+    check_fit("perfusate", good)
+    bad = fit_step(ts, swing, t_step_s=0.0, du=3.0)
+    assert bad.error_share > MAX_FIT_ERROR_SHARE
+    with pytest.raises(IdentificationError, match=r"perfusate model does not fit .* \d+% of"):
+        propose(load_config(SIM), "perfusate", bad)
+
+
+def test_tune_refuses_a_drift_it_cannot_model() -> None:
+    """A random plant with 0.1 degC probes (random_2026_31, of the seeded random family) drifts
+    0.1 degC/min before the perfusate step; extrapolated over the test, that drift left a model
+    of K 0.34 and tau 13 s (about 0.6 and 80 s true) whose fit error is 12 % of the response:
+    the tune refuses it instead of writing gains from it."""
+    variant = dataclasses.replace(random_variants(2026, 32)[31], start_c=None)
+    cfg = virtual_tune.tuned(apply(variant, load_config(SIM)), ("water",))
+    with pytest.raises(IdentificationError, match="perfusate model does not fit"):
+        virtual_tune.tune(cfg, "perfusate")
 
 
 def test_simc_pi_gains_follow_the_rule() -> None:
@@ -294,8 +335,6 @@ async def test_ilup_tune_refuses_while_a_daemon_is_online(
 
 
 def test_proposal_bounds_the_gain_when_the_dead_time_is_not_resolved() -> None:
-    from ilup_controller.tuning.propose import propose
-
     # Water loop as identified on the reference plant: theta below one sample.
     p = propose(_cfg(), "water", Fopdt(gain=0.51, time_constant_s=923.0, dead_time_s=0.0))
     # tau_c = min(tau / 10, 30 s) = 30 s (the cascade's inner loop must keep up with the
@@ -327,7 +366,7 @@ def test_tuned_flow_gains_keep_the_meter_noise_off_the_pump() -> None:
     K kc = 0.75, and the flow meter's noise then moves the true flow: RMS 5.05 mL/min on the
     reference plant, over the bar of 5 (the default gains: 3.35). The proposal keeps K kc at
     0.5 and the true flow RMS drops to 2.25."""
-    from ilup_controller.tuning.propose import FLOW_NOISE_GAIN, propose
+    from ilup_controller.tuning.propose import FLOW_NOISE_GAIN
 
     cfg = _cfg()
     model = Fopdt(gain=33.06, time_constant_s=0.369, dead_time_s=0.247)

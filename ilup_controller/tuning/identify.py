@@ -16,6 +16,7 @@ tau_i = min(tau, 4 (tau_c + theta)), with tau_c = theta by default ("tight" cont
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ class Fopdt:
     time_constant_s: float
     dead_time_s: float
     rms_error: float = 0.0
+    # Largest output deviation from the baseline after the step, in output units: the size
+    # of the response the fit error is measured against.
+    response_span: float = 0.0
+
+    @property
+    def error_share(self) -> float:
+        """Fit RMS error over the response's size (0 when the size is unknown)."""
+        return self.rms_error / self.response_span if self.response_span > 0.0 else 0.0
 
     def response(self, t_s: float, du: float) -> float:
         """Deviation of the output ``t_s`` after a step of size ``du``."""
@@ -126,7 +135,7 @@ def fit_step(
     sse, k, theta, tau = _grid(lambda theta, tau: _fit_k(ts, dev, du, theta, tau), span, dt)
     if k == 0.0 or not math.isfinite(k):
         raise IdentificationError("the output did not respond to the step")
-    return Fopdt(gain=k, time_constant_s=tau, dead_time_s=theta, rms_error=math.sqrt(sse / len(ts)))
+    return _model(k, tau, theta, sse, dev)
 
 
 def fit_lag(
@@ -175,7 +184,17 @@ def fit_lag(
     sse, k, theta, tau = _grid(fit, span, max(span / len(ts), 1e-9))
     if k == 0.0 or not math.isfinite(k):
         raise IdentificationError("the output did not respond to the input")
-    return Fopdt(gain=k, time_constant_s=tau, dead_time_s=theta, rms_error=math.sqrt(sse / len(ts)))
+    return _model(k, tau, theta, sse, dev)
+
+
+def _model(k: float, tau: float, theta: float, sse: float, dev: Sequence[float]) -> Fopdt:
+    return Fopdt(
+        gain=k,
+        time_constant_s=tau,
+        dead_time_s=theta,
+        rms_error=math.sqrt(sse / len(dev)),
+        response_span=max(abs(d) for d in dev),
+    )
 
 
 def _grid(
@@ -213,11 +232,8 @@ def add_lag(model: Fopdt, lag_s: float) -> Fopdt:
     if lag_s <= 0.0:
         return model
     big, small = max(model.time_constant_s, lag_s), min(model.time_constant_s, lag_s)
-    return Fopdt(
-        gain=model.gain,
-        time_constant_s=big + small / 2.0,
-        dead_time_s=model.dead_time_s + small / 2.0,
-        rms_error=model.rms_error,
+    return dataclasses.replace(
+        model, time_constant_s=big + small / 2.0, dead_time_s=model.dead_time_s + small / 2.0
     )
 
 
