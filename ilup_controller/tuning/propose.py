@@ -79,7 +79,8 @@ class Proposal:
         lines = [
             f"loop {self.loop}: FOPDT model, K in {MODEL_UNITS[self.loop]}",
             f"  K = {m.gain:.5g}   tau = {m.time_constant_s:.4g} s   theta = "
-            f"{m.dead_time_s:.4g} s   (fit RMS error {m.rms_error:.3g})",
+            f"{m.dead_time_s:.4g} s   (fit RMS error {m.rms_error:.3g}, "
+            f"{m.error_share:.1%} of the response)",
         ]
         if t != m:
             lines.append(
