@@ -21,11 +21,14 @@ from enum import StrEnum
 from typing import Literal
 
 from ilup_controller.config.models import CartConfig
+from ilup_controller.core.sensors import resolution_of
 from ilup_controller.tuning.identify import Fopdt, IdentificationError, fit_lag, fit_step
 
 Loop = Literal["water", "perfusate", "flow", "pressure"]
 LOOPS: tuple[Loop, ...] = ("water", "perfusate", "flow", "pressure")
 CAP_MARGIN_C = 0.5
+# Most of the perfusate step that an unresolved drift (one LSB over the baseline) may fake.
+DRIFT_SHARE = 0.05
 
 
 class Stage(StrEnum):
@@ -73,7 +76,18 @@ def default_plan(cfg: CartConfig, loop: Loop, step_size: float | None = None) ->
     base = max(target, c.temperature.min_flow_ml_min * 1.5)
     if loop == "water":
         return StepPlan(loop, base, step_size or 30.0, 60.0, 60.0, 900.0)
-    return StepPlan(loop, base, step_size or 3.0, 60.0, 60.0, 600.0)
+    step_c, hold_s = step_size or 3.0, 600.0
+    return StepPlan(loop, base, step_c, 60.0, _drift_baseline_s(cfg, step_c, hold_s), hold_s)
+
+
+def _drift_baseline_s(cfg: CartConfig, step_c: float, hold_s: float) -> float:
+    """Long enough that one LSB of the perfusate register over the baseline, taken as drift
+    and extrapolated over the hold, is at most DRIFT_SHARE of the step. A 0.1 degC probe that
+    ticked once in a 60 s baseline was read as 0.1 degC/min of drift and left a model at half
+    the perfusate's gain (random_2026_31: K 0.34 against about 0.6); 400 s gave 0.57."""
+    sig = cfg.signals[cfg.control.temperature.measured]
+    lsb_c = resolution_of(sig.scale, str(sig.data_type))
+    return max(60.0, lsb_c * hold_s / (DRIFT_SHARE * abs(step_c)))
 
 
 @dataclass
