@@ -97,7 +97,7 @@ def test_third_party_master_reads_the_declared_map(sim: CartConfig) -> None:
     assert abs(mean_of(sim, "flow")) < 10.0  # float32, big-endian words; noise 3 mL/min
     at_rest_mmhg = plant.outflow_pressure_mmhg + plant.pressure_offset_mmhg
     assert abs(mean_of(sim, "pa_pressure") - at_rest_mmhg) < 0.5
-    assert mbpoll(sim, "pump_speed") == 0.0
+    assert mbpoll(sim, "pump_speed") < 0.3  # the tacho's noise (0.05 rpm) around 0
 
 
 def test_pump_runs_while_written_and_its_watchdog_stops_it(sim: CartConfig) -> None:
@@ -111,7 +111,7 @@ def test_pump_runs_while_written_and_its_watchdog_stops_it(sim: CartConfig) -> N
     assert mean_of(sim, "flow", 3) == pytest.approx(expected_ml_min, rel=0.05)
     assert mbpoll(sim, "pa_pressure") > 5.0  # the lung is perfused
     time.sleep(2.5)  # no write: watchdog 1 s, then the drive's stop
-    assert mbpoll(sim, "pump_speed") == 0.0
+    assert mbpoll(sim, "pump_speed") < 0.3  # the tacho's noise (0.05 rpm) around 0
     assert abs(mean_of(sim, "flow")) < 10.0
 
 
