@@ -29,7 +29,12 @@ from ilup_controller.tuning.identify import (
     fit_step,
     simc_pi,
 )
-from ilup_controller.tuning.propose import MAX_FIT_ERROR_SHARE, check_fit, propose
+from ilup_controller.tuning.propose import (
+    FLOW_NOISE_GAIN,
+    MAX_FIT_ERROR_SHARE,
+    check_fit,
+    propose,
+)
 from ilup_controller.tuning.steptest import Measured, Stage, StepPlan, StepTest, default_plan
 from sim import virtual_tune
 from sim.family import apply, by_name, random_variants
@@ -378,8 +383,6 @@ def test_tuned_flow_gains_keep_the_meter_noise_off_the_pump() -> None:
     K kc = 0.75, and the flow meter's noise then moves the true flow: RMS 5.05 mL/min on the
     reference plant, over the bar of 5 (the default gains: 3.35). The proposal keeps K kc at
     0.5 and the true flow RMS drops to 2.25."""
-    from ilup_controller.tuning.propose import FLOW_NOISE_GAIN
-
     cfg = _cfg()
     model = Fopdt(gain=33.06, time_constant_s=0.369, dead_time_s=0.247)
     p = propose(cfg, "flow", model)
