@@ -117,16 +117,20 @@ def test_pump_runs_while_written_and_its_watchdog_stops_it(sim: CartConfig) -> N
 
 def test_heater_heats_while_written_and_its_watchdog_switches_it_off(sim: CartConfig) -> None:
     """100 % of 800 W into 3 kg of water warms it 0.064 degC/s while mbpoll keeps writing; after
-    its last write the heater's watchdog switches it off within 1 s and the water stops rising
-    (it only loses heat, far under 0.01 degC/s)."""
+    its last write the heater's watchdog switches it off within 1 s and the water stops rising.
+    Off, it only loses heat: about 95 W at 34.35 degC (6 W/K to the 22 degC room, 60 W/K through
+    the exchanger to the 34 degC perfusate), 0.0076 degC/s, so about -0.04 degC over the 5 s
+    between the two means below (a clean-clone run measured -0.052)."""
     mbpoll(sim, "heater_watchdog", write=1.0)
     before_c = mean_of(sim, "heater_water_temp")
     drive(sim, "heater_power_setpoint", 100.0, seconds=6.0)
     heated_c = mean_of(sim, "heater_water_temp")
     assert heated_c - before_c > 0.25  # at least 0.25 of the 0.38-0.45 degC expected
     time.sleep(1.5)  # watchdog 1 s after the last write
-    off_c = mean_of(sim, "heater_water_temp")
+    off_c = mean_of(sim, "heater_water_temp", 8)
     time.sleep(4.0)
-    later_c = mean_of(sim, "heater_water_temp")
-    # Heating on, 4 s would add 0.26 degC; off, the water holds within its noise.
-    assert abs(later_c - off_c) < 0.05
+    later_c = mean_of(sim, "heater_water_temp", 8)
+    # Heating on, 4 s would add 0.26 degC (the watchdog left off: +0.23 measured). Off, the water
+    # does not rise beyond 3 x the noise of the difference of two means of 8 (0.01), and falls no
+    # faster than about 3 x its losses.
+    assert -0.15 < later_c - off_c < 0.03
