@@ -17,7 +17,7 @@ from ilup_controller.runtime.watchdog import StartRefused
 from ilup_controller.tuning.driver import TuneFailed, cart_in_use, run_test
 from ilup_controller.tuning.identify import IdentificationError
 from ilup_controller.tuning.propose import propose, write_overlay
-from ilup_controller.tuning.steptest import LOOPS, Loop, default_plan
+from ilup_controller.tuning.steptest import LOOPS, PRESSURE_HEADROOM_MMHG, Loop, default_plan
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 3
 
@@ -95,6 +95,12 @@ def _tune_locked(args: argparse.Namespace, cfg: CartConfig) -> int:
     write_overlay(out, [proposal])
     if result.test.reason:
         print(f"note: the step ended early: {result.test.reason}")
+    if result.test.held_flow_ml_min is not None:
+        print(
+            f"note: the pump held at {result.test.held_flow_ml_min:.0f} mL/min, under the plan's "
+            f"{plan.base_flow_ml_min:.0f}: the PA pressure came within "
+            f"{PRESSURE_HEADROOM_MMHG:g} mmHg of limit - margin (a stiff lung)"
+        )
     print(
         f"step of {result.test.du:g} at t = {result.test.t_step_s:.1f} s, "
         f"{len(result.test.samples)} samples"

@@ -5,7 +5,10 @@ feed it a plant model. Every sample it re-checks the safe bounds, after deciding
 
 * the pump only under the pressure limit: PA pressure at or above ``limit - margin`` aborts the
   test (pump 0, heater 0); the pump speed never exceeds ``speed_max_rpm`` and speeds up no
-  faster than ``slew_rpm_per_s``;
+  faster than ``slew_rpm_per_s``. A thermal test on a stiff lung, whose pressure nears
+  ``limit - margin`` (within ``PRESSURE_HEADROOM_MMHG``) before the flow reaches its operating
+  point, holds the pump there and runs at that flow, if it still proves flow with the margin of
+  ``default_plan``; the exchanger's model does not depend on the flow;
 * the heater only with flow proven (``flow >= min_flow_ml_min``) and under every cap: water
   below ``water_cap_c - 0.5`` (the controller's own margin), perfusate below ``max_c - 0.5``,
   water-to-perfusate gradient below ``max_gradient_c``, power at most ``heater_max_pct``. A cap
@@ -29,6 +32,14 @@ LOOPS: tuple[Loop, ...] = ("water", "perfusate", "flow", "pressure")
 CAP_MARGIN_C = 0.5
 # Most of the perfusate step that an unresolved drift (one LSB over the baseline) may fake.
 DRIFT_SHARE = 0.05
+# A thermal test ramps its pump over at least THERMAL_RAMP_S and stops the ramp this far under
+# limit - margin: the lung's pressure lags the flow by a few of its R x C seconds. At the drive's
+# own slew (3 s to 500 mL/min) a stiff lung (37 WU, random_2026_38) went on from 15.7 mmHg at the
+# end of the ramp to 23.0 mmHg, limit - margin, 7 s later.
+THERMAL_RAMP_S = 60.0
+PRESSURE_HEADROOM_MMHG = 3.0
+# The flow of a thermal test is at least this many times min_flow_ml_min (flow proven, with room).
+THERMAL_FLOW_MARGIN = 1.5
 
 
 class Stage(StrEnum):
@@ -73,7 +84,7 @@ def default_plan(cfg: CartConfig, loop: Loop, step_size: float | None = None) ->
         # From 70 % of the flow target up to the target: the range where the loops work.
         rpm = 0.3 * target / c.flow.stroke_volume_ml_per_rev
         return StepPlan(loop, 0.7 * target, step_size or rpm, 5.0, 5.0, 15.0)
-    base = max(target, c.temperature.min_flow_ml_min * 1.5)
+    base = max(target, c.temperature.min_flow_ml_min * THERMAL_FLOW_MARGIN)
     if loop == "water":
         return StepPlan(loop, base, step_size or 30.0, 60.0, 60.0, 900.0)
     step_c, hold_s = step_size or 3.0, 600.0
@@ -104,6 +115,9 @@ class StepTest:
     _pump_rpm: float = 0.0
     _water_sp_c: float | None = None
     _inner_i: float = 0.0
+    # Set when a stiff lung held a thermal test's pump under the plan's flow (module docstring).
+    held_flow_ml_min: float | None = None
+    _held_rpm: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -144,9 +158,23 @@ class StepTest:
         elapsed = t_s - self._stage_t0
 
         # 1. pump demand of this stage
-        target_rpm = self._rpm_of(p.base_flow_ml_min)
+        target_rpm = self._rpm_of(p.base_flow_ml_min) if self._held_rpm is None else self._held_rpm
         if self.stage is Stage.step and p.loop in ("flow", "pressure"):
             target_rpm += self.du
+        if (
+            thermal
+            and self.stage is Stage.ramp
+            and m.pressure_mmhg >= bound - PRESSURE_HEADROOM_MMHG
+        ):
+            least_ml_min = c.temperature.min_flow_ml_min * THERMAL_FLOW_MARGIN
+            if m.flow_ml_min < least_ml_min:
+                return self._abort(
+                    f"PA pressure {m.pressure_mmhg:.1f} mmHg at {m.flow_ml_min:.0f} mL/min, within "
+                    f"{PRESSURE_HEADROOM_MMHG:g} of limit - margin {bound:.1f} mmHg, before the "
+                    f"flow reached {least_ml_min:.0f} mL/min: too little flow to heat"
+                )
+            self._held_rpm = target_rpm = self._pump_rpm
+            self.held_flow_ml_min = m.flow_ml_min
         if self.stage is Stage.ramp and abs(self._pump_rpm - target_rpm) < 1e-9:
             self._next(Stage.settle, t_s)
         elif self.stage is Stage.settle and elapsed >= p.settle_s:
@@ -165,7 +193,10 @@ class StepTest:
         elif self.stage is Stage.step and elapsed >= p.hold_s:
             self._end_early("")
         target_rpm = min(target_rpm, c.flow.speed_max_rpm)
-        self._pump_rpm = min(target_rpm, self._pump_rpm + c.flow.slew_rpm_per_s * dt_s)
+        slew_rpm_per_s = c.flow.slew_rpm_per_s
+        if thermal:
+            slew_rpm_per_s = min(slew_rpm_per_s, self._rpm_of(p.base_flow_ml_min) / THERMAL_RAMP_S)
+        self._pump_rpm = min(target_rpm, self._pump_rpm + slew_rpm_per_s * dt_s)
 
         # 2. heater demand, then every bound on it
         heater = self._heater(dt_s, m) if thermal else 0.0
