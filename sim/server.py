@@ -4,7 +4,9 @@ other end of the controller's pty or null-modem pair).
 
 The register maps come from the same CartConfig the controller reads, so the simulator can
 never disagree with the controller about an address. A client write to a holding register or
-coil is decoded to the signal(s) it touches and passed to ``on_write``; the plant pushes its
+coil is decoded to the signal(s) it touches and passed to ``on_write`` (a write to an address
+that is not a writable signal, or of a value outside the signal's ``range``, is refused with
+exception 2 or 3 and changes nothing, as a real drive's would); the plant pushes its
 measurements back with ``set_inputs``. Fault hooks (unresponsive, delay, exception) let tests
 reproduce the failures of real devices.
 
@@ -219,6 +221,17 @@ class _DeviceServer:
                     value = decode(sig, image)
             except CodecError as e:
                 log.info("sim device %s: write to %s refused: %s", self.name, name, e)
+                return ExcCodes.ILLEGAL_VALUE
+            # As a real drive or heater does, a setpoint outside the map's range is refused
+            # (whatever master wrote it) rather than run: 650 rpm would have been.
+            if sig.range is not None and not sig.range[0] <= float(value) <= sig.range[1]:
+                log.info(
+                    "sim device %s: write to %s refused: %g outside its range [%g, %g]",
+                    self.name,
+                    name,
+                    float(value),
+                    *sig.range,
+                )
                 return ExcCodes.ILLEGAL_VALUE
             decoded.append((name, value))
         for name, value in decoded:

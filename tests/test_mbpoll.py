@@ -23,8 +23,8 @@ from ilup_controller.config import CartConfig
 _VALUE = re.compile(r"^\[(\d+)\]:\s+(\S+)", re.MULTILINE)
 
 
-def mbpoll(cfg: CartConfig, signal: str, write: float | None = None) -> float:
-    """Read (or write) one signal with mbpoll, from the cart file's map; the decoded value."""
+def _mbpoll_args(cfg: CartConfig, signal: str) -> list[str]:
+    """mbpoll's arguments for one signal, from the cart file's map (value to write not included)."""
     exe = shutil.which("mbpoll")
     assert exe is not None, "mbpoll is not installed (scripts/system-deps.sh installs it)"
     sig = cfg.signals[signal]
@@ -37,10 +37,20 @@ def mbpoll(cfg: CartConfig, signal: str, write: float | None = None) -> float:
     if sig.data_type == "float32":
         assert sig.word_order == "big"
         args.append("-B")
-    args.append(dev.host)
+    return [*args, dev.host]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=10, check=False)
+
+
+def mbpoll(cfg: CartConfig, signal: str, write: float | None = None) -> float:
+    """Read (or write) one signal with mbpoll, from the cart file's map; the decoded value."""
+    sig = cfg.signals[signal]
+    args = _mbpoll_args(cfg, signal)
     if write is not None:
         args.append(str(round(write / sig.scale)))
-    out = subprocess.run(args, capture_output=True, text=True, timeout=10, check=False)
+    out = _run(args)
     assert out.returncode == 0, f"mbpoll {' '.join(args[1:])}: {out.stdout}{out.stderr}"
     if write is not None:
         assert "Written 1 references" in out.stdout, out.stdout
@@ -113,6 +123,26 @@ def test_pump_runs_while_written_and_its_watchdog_stops_it(sim: CartConfig) -> N
     time.sleep(2.5)  # no write: watchdog 1 s, then the drive's stop
     assert mbpoll(sim, "pump_speed") < 0.3  # the tacho's noise (0.05 rpm) around 0
     assert abs(mean_of(sim, "flow")) < 10.0
+
+
+def test_a_setpoint_outside_the_maps_range_is_refused_as_a_real_drive_would(
+    sim: CartConfig,
+) -> None:
+    """650 rpm (raw 65000) to a drive mapped 0-200 rpm: Modbus exception 3, illegal data value,
+    and nothing runs; the register keeps its last value. Before, the simulated drive took it and
+    slewed to 15.5 rpm in 0.5 s."""
+    mbpoll(sim, "pump_watchdog", write=1.0)
+    sig = sim.signals["pump_speed_setpoint"]
+    assert sig.range == (0.0, 200.0)
+    before_rpm = mbpoll(sim, "pump_speed_setpoint")
+    out = _run([*_mbpoll_args(sim, "pump_speed_setpoint"), str(round(650.0 / sig.scale))])
+    assert out.returncode != 0
+    assert "Illegal data value" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert mbpoll(sim, "pump_speed_setpoint") == before_rpm
+    time.sleep(0.5)
+    assert mbpoll(sim, "pump_speed") < 0.3  # the tacho's noise (0.05 rpm) around 0
+    # A value inside the range is taken as before (mbpoll asserts "Written 1 references").
+    mbpoll(sim, "pump_speed_setpoint", write=0.0)
 
 
 def test_heater_heats_while_written_and_its_watchdog_switches_it_off(sim: CartConfig) -> None:
