@@ -371,6 +371,40 @@ async def test_ilup_tune_identifies_the_simulated_plant(
     assert gain == pytest.approx(true_gain, rel=tolerance), (gain, true_gain)
 
 
+@pytest.mark.integration
+async def test_ilup_tune_refuses_a_model_that_does_not_fit_and_writes_nothing(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    """A flow meter that spikes (+300 mL/min on 30 % of its samples, a scenario of `ilup sim`)
+    through the whole flow step test: the FOPDT fit's RMS error is far more than 8 % of its
+    150 mL/min response, so `ilup tune` names the loop and the error, writes no overlay, exits
+    1, and leaves the pump and heater at 0."""
+    cfg_path, cfg = write_cart_config(tmp_path, mosquitto.port)
+    scenario = tmp_path / "spiking_meter.yaml"
+    scenario.write_text(
+        "name: spiking flow meter\nfaults:\n"
+        "  - {kind: sensor_spike, at_s: 0, duration_s: 3600, channel: flow, magnitude: 300,"
+        " probability: 0.3}\n"
+    )
+    out = tmp_path / "tuned.yaml"
+    sim_args = ["sim", "-c", str(cfg_path), "--speed", str(SPEED), "--scenario", str(scenario)]
+    async with session() as procs:
+        procs.append(Proc(sim_args, tmp_path / "s.log"))
+        tune_args = ["tune", "-c", str(cfg_path), "--loop", "flow", "--time-scale", str(SPEED)]
+        tune = Proc([*tune_args, "-o", str(out)], tmp_path / "tune.log")
+        procs.append(tune)
+        rc = await asyncio.to_thread(tune.wait, 120)
+        log = tune.log()
+        assert rc == ExitCode.FAILURE, log[-3000:]
+        ports = {n: d.port for n, d in cfg.devices.items()}
+        assert await read_signal(cfg, ports, "pump_speed_setpoint") == 0.0
+        assert await read_signal(cfg, ports, "heater_power_setpoint") == 0.0
+    assert "the flow model does not fit its step response" in log, log[-3000:]
+    share = float(log.split("fit RMS error ")[1].split(" is ")[1].split("%")[0])
+    assert share > 8.0
+    assert not out.exists()
+
+
 def _tune_flow(cfg_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ilup_controller", "tune", "-c", str(cfg_path), "--loop", "flow"],
