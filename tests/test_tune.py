@@ -38,7 +38,6 @@ from ilup_controller.tuning.propose import (
 from ilup_controller.tuning.steptest import (
     PRESSURE_HEADROOM_MMHG,
     THERMAL_FLOW_MARGIN,
-    THERMAL_RAMP_S,
     Command,
     Measured,
     Stage,
@@ -175,16 +174,14 @@ def test_step_test_heats_only_with_flow_proven_and_under_the_caps() -> None:
     cfg = _cfg()
     tc = cfg.control.temperature
     plan = StepPlan("water", 500.0, 30.0, 10.0, 10.0, 600.0)
-    # A thermal test's pump ramps over THERMAL_RAMP_S, then settles (10 s) and records (10 s).
-    started_s = THERMAL_RAMP_S + 25.0
     # Flow not proven at the end of settling: no heating at all.
     no_flow = StepTest(cfg, plan)
-    _run(no_flow, Measured(tc.min_flow_ml_min - 1.0, 12.0, 34.0, 34.0), started_s)
+    _run(no_flow, Measured(tc.min_flow_ml_min - 1.0, 12.0, 34.0, 34.0), 60.0)
     assert no_flow.stage is Stage.aborted
     assert "not proven" in no_flow.reason
     # Flow proven: the step heats at 30 %; at water cap - 0.5 the heater is off and the test ends.
     test = StepTest(cfg, plan)
-    t = _run(test, Measured(500.0, 15.0, 34.0, 34.0), started_s)
+    t = _run(test, Measured(500.0, 15.0, 34.0, 34.0), 25.0)
     cmd = test.step(t + 0.1, 0.1, Measured(500.0, 15.0, 34.0, 36.0))
     assert test.stage is Stage.step
     assert cmd.heater_pct == 30.0
@@ -194,20 +191,21 @@ def test_step_test_heats_only_with_flow_proven_and_under_the_caps() -> None:
     assert "cap" in test.reason
     # Gradient at its limit: heater off as well.
     grad = StepTest(cfg, plan)
-    t = _run(grad, Measured(500.0, 15.0, 34.0, 34.0), started_s)
+    t = _run(grad, Measured(500.0, 15.0, 34.0, 34.0), 25.0)
     cmd = grad.step(t + 0.1, 0.1, Measured(500.0, 15.0, 34.0, 34.0 + tc.max_gradient_c))
     assert cmd.heater_pct == 0.0
     # Flow lost while heating: abort, pump and heater 0.
     lost = StepTest(cfg, plan)
-    t = _run(lost, Measured(500.0, 15.0, 34.0, 34.0), started_s)
+    t = _run(lost, Measured(500.0, 15.0, 34.0, 34.0), 25.0)
     cmd = lost.step(t + 0.1, 0.1, Measured(50.0, 15.0, 34.0, 35.0))
     assert (cmd.pump_rpm, cmd.heater_pct, lost.stage) == (0.0, 0.0, Stage.aborted)
 
 
 def test_thermal_step_test_holds_a_stiff_lung_under_the_pressure_limit() -> None:
     """random_2026_38 (37 WU): 500 mL/min needs 23 mmHg, limit - margin, so both thermal tests
-    used to abort and `ilup tune` gave no gains. The ramp now stops 3 mmHg under the bound, the
-    test runs at that flow, and its model fits."""
+    used to abort and `ilup tune` gave no gains. Now each time the pressure comes within 3 mmHg
+    of the bound before the baseline the pump backs off 10 % and settles again (twice here: 365
+    mL/min, peak 21.3 mmHg), and the models fit (0.8 and 1.8 % of their responses)."""
     cfg = apply(by_name("random_2026_38"), _cfg())
     bound = cfg.control.pressure.limit_mmhg - cfg.control.pressure.margin_mmhg
     peak = 0.0
@@ -226,7 +224,7 @@ def test_thermal_step_test_holds_a_stiff_lung_under_the_pressure_limit() -> None
             mp.setattr(StepTest, "step", step)
             proposal = virtual_tune.tune(cfg, loop)
         assert proposal.identified.error_share < 0.03
-    assert peak < bound - 1.0  # 20.9 mmHg measured; the bound is 23.0
+    assert peak < bound - 1.0  # 21.3 mmHg measured; the bound is 23.0
     least = THERMAL_FLOW_MARGIN * cfg.control.temperature.min_flow_ml_min
     flows = [t.held_flow_ml_min for t in tests.values()]
     assert len(flows) == 2
@@ -240,7 +238,7 @@ def test_thermal_step_test_on_a_lung_too_stiff_to_prove_flow_aborts() -> None:
     bound = cfg.control.pressure.limit_mmhg - cfg.control.pressure.margin_mmhg
     test = StepTest(cfg, default_plan(cfg, "water"))
     _run(test, Measured(100.0, 12.0, 34.0, 34.0), 5.0)
-    assert test.stage is Stage.ramp
+    assert test.stage in (Stage.ramp, Stage.settle)
     cmd = test.step(5.1, 0.1, Measured(100.0, bound - PRESSURE_HEADROOM_MMHG, 34.0, 34.0))
     assert (cmd.pump_rpm, cmd.heater_pct, test.stage) == (0.0, 0.0, Stage.aborted)
     assert "too little flow to heat" in test.reason

@@ -97,8 +97,8 @@ def _tune_locked(args: argparse.Namespace, cfg: CartConfig) -> int:
         print(f"note: the step ended early: {result.test.reason}")
     if result.test.held_flow_ml_min is not None:
         print(
-            f"note: the pump held at {result.test.held_flow_ml_min:.0f} mL/min, under the plan's "
-            f"{plan.base_flow_ml_min:.0f}: the PA pressure came within "
+            f"note: the pump backed off to {result.test.held_flow_ml_min:.0f} mL/min, under the "
+            f"plan's {plan.base_flow_ml_min:.0f}: the PA pressure came within "
             f"{PRESSURE_HEADROOM_MMHG:g} mmHg of limit - margin (a stiff lung)"
         )
     print(

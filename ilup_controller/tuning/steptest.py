@@ -6,9 +6,9 @@ feed it a plant model. Every sample it re-checks the safe bounds, after deciding
 * the pump only under the pressure limit: PA pressure at or above ``limit - margin`` aborts the
   test (pump 0, heater 0); the pump speed never exceeds ``speed_max_rpm`` and speeds up no
   faster than ``slew_rpm_per_s``. A thermal test on a stiff lung, whose pressure nears
-  ``limit - margin`` (within ``PRESSURE_HEADROOM_MMHG``) before the flow reaches its operating
-  point, holds the pump there and runs at that flow, if it still proves flow with the margin of
-  ``default_plan``; the exchanger's model does not depend on the flow;
+  ``limit - margin`` (within ``PRESSURE_HEADROOM_MMHG``) before its baseline, backs the pump off
+  10 % at a time and settles again, and runs at that flow if it still proves flow with the
+  margin of ``default_plan``; the exchanger's model does not depend on the flow;
 * the heater only with flow proven (``flow >= min_flow_ml_min``) and under every cap: water
   below ``water_cap_c - 0.5`` (the controller's own margin), perfusate below ``max_c - 0.5``,
   water-to-perfusate gradient below ``max_gradient_c``, power at most ``heater_max_pct``. A cap
@@ -32,12 +32,15 @@ LOOPS: tuple[Loop, ...] = ("water", "perfusate", "flow", "pressure")
 CAP_MARGIN_C = 0.5
 # Most of the perfusate step that an unresolved drift (one LSB over the baseline) may fake.
 DRIFT_SHARE = 0.05
-# A thermal test ramps its pump over at least THERMAL_RAMP_S and stops the ramp this far under
-# limit - margin: the lung's pressure lags the flow by a few of its R x C seconds. At the drive's
-# own slew (3 s to 500 mL/min) a stiff lung (37 WU, random_2026_38) went on from 15.7 mmHg at the
-# end of the ramp to 23.0 mmHg, limit - margin, 7 s later.
-THERMAL_RAMP_S = 60.0
+# Before its baseline, a thermal test whose PA pressure comes this far under limit - margin cuts
+# the pump's speed by BACK_OFF_FACTOR, at most once per BACK_OFF_WAIT_S: the lung's pressure lags
+# the flow by a few of its R x C seconds, and at the drive's own slew (3 s to 500 mL/min) a stiff
+# lung (37 WU, random_2026_38) went on from 15.7 mmHg at the end of the ramp to 23.0 mmHg, limit -
+# margin, 7 s later. (A 60 s ramp instead moved every other plant's model: hx_20's C/UA 191 ->
+# 169 s against 190 true.)
 PRESSURE_HEADROOM_MMHG = 3.0
+BACK_OFF_FACTOR = 0.9
+BACK_OFF_WAIT_S = 5.0
 # The flow of a thermal test is at least this many times min_flow_ml_min (flow proven, with room).
 THERMAL_FLOW_MARGIN = 1.5
 
@@ -118,6 +121,7 @@ class StepTest:
     # Set when a stiff lung held a thermal test's pump under the plan's flow (module docstring).
     held_flow_ml_min: float | None = None
     _held_rpm: float | None = None
+    _cut_at_s: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -161,20 +165,22 @@ class StepTest:
         target_rpm = self._rpm_of(p.base_flow_ml_min) if self._held_rpm is None else self._held_rpm
         if self.stage is Stage.step and p.loop in ("flow", "pressure"):
             target_rpm += self.du
-        if (
-            thermal
-            and self.stage is Stage.ramp
-            and m.pressure_mmhg >= bound - PRESSURE_HEADROOM_MMHG
-        ):
+        near_bound = m.pressure_mmhg >= bound - PRESSURE_HEADROOM_MMHG
+        waited = self._cut_at_s is None or t_s - self._cut_at_s >= BACK_OFF_WAIT_S
+        if thermal and self.stage in (Stage.ramp, Stage.settle) and near_bound and waited:
+            # Slowing the pump is always safe; the settling starts again at the lower flow.
+            cut_ml_min = m.flow_ml_min * BACK_OFF_FACTOR
             least_ml_min = c.temperature.min_flow_ml_min * THERMAL_FLOW_MARGIN
-            if m.flow_ml_min < least_ml_min:
+            if cut_ml_min < least_ml_min:
                 return self._abort(
                     f"PA pressure {m.pressure_mmhg:.1f} mmHg at {m.flow_ml_min:.0f} mL/min, within "
                     f"{PRESSURE_HEADROOM_MMHG:g} of limit - margin {bound:.1f} mmHg, before the "
                     f"flow reached {least_ml_min:.0f} mL/min: too little flow to heat"
                 )
-            self._held_rpm = target_rpm = self._pump_rpm
-            self.held_flow_ml_min = m.flow_ml_min
+            self._held_rpm = target_rpm = self._pump_rpm = self._pump_rpm * BACK_OFF_FACTOR
+            self._cut_at_s = t_s
+            self._next(Stage.settle, t_s)
+            elapsed = 0.0
         if self.stage is Stage.ramp and abs(self._pump_rpm - target_rpm) < 1e-9:
             self._next(Stage.settle, t_s)
         elif self.stage is Stage.settle and elapsed >= p.settle_s:
@@ -183,6 +189,8 @@ class StepTest:
                     f"flow {m.flow_ml_min:.0f} mL/min not proven "
                     f"(>= {c.temperature.min_flow_ml_min:.0f}): no heating"
                 )
+            if self._held_rpm is not None:
+                self.held_flow_ml_min = m.flow_ml_min
             self._next(Stage.baseline, t_s)
         elif self.stage is Stage.baseline and elapsed >= p.baseline_s:
             self._next(Stage.step, t_s)
@@ -193,10 +201,7 @@ class StepTest:
         elif self.stage is Stage.step and elapsed >= p.hold_s:
             self._end_early("")
         target_rpm = min(target_rpm, c.flow.speed_max_rpm)
-        slew_rpm_per_s = c.flow.slew_rpm_per_s
-        if thermal:
-            slew_rpm_per_s = min(slew_rpm_per_s, self._rpm_of(p.base_flow_ml_min) / THERMAL_RAMP_S)
-        self._pump_rpm = min(target_rpm, self._pump_rpm + slew_rpm_per_s * dt_s)
+        self._pump_rpm = min(target_rpm, self._pump_rpm + c.flow.slew_rpm_per_s * dt_s)
 
         # 2. heater demand, then every bound on it
         heater = self._heater(dt_s, m) if thermal else 0.0
