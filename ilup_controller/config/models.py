@@ -297,14 +297,6 @@ class TemperatureLoop(Strict):
         description="Perfusate heat capacity over exchanger UA (C/UA), s: the feed-forward "
         "gradient for a rate is rate x this. `ilup tune --loop perfusate` measures it.",
     )
-    loss_gradient_per_c: NonNeg = Field(
-        0.0,
-        le=5.0,
-        description="Gradient the circuit's losses add per degC the heater has warmed the "
-        "perfusate, degC/degC: the feed-forward of a loss that grows along the ramp (tubing "
-        "to the room, less heat from the body), loss UA over exchanger UA = 1/K - 1 of the "
-        "exchanger's model. `ilup tune --loop perfusate` measures it; 0: the integrals learn it.",
-    )
     water_cap_c: Finite = Field(42.0, le=42.0, description="Heater water never above this.")
     max_gradient_c: Pos = Field(
         3.6,

@@ -16,10 +16,7 @@ probe's lags. So the outer loop controls the *rate* of the measured perfusate te
   the integral's own growth (``ramp_integral_per_s``) learns that slope, only while the
   warming trails the ramp (ahead of it, the second integral would wind past the loss), and
   until the landing, also where the window limit below holds the asked rate under the ramp
-  (the loss grows all the same). Where ``ilup tune --loop perfusate`` has measured the
-  exchanger, the same loss is fed forward: ``loss_gradient_per_c`` (loss UA / exchanger UA)
-  times the warming the heater has driven since heating (re)started (ticks with the water
-  leading by HEATER_DRIVES_C, at most the asked rate: a cold prime the body warms adds none);
+  (the loss grows all the same);
 - G rises at most ``gradient_slew_c_per_s``: at the start of rewarming the feed-forward, the
   proportional kick and the integral would otherwise all land at once, and on an exchanger
   stronger than ``exchanger_time_constant_s`` says they overshoot the guideline rate;
@@ -220,7 +217,6 @@ class GradientLoop:
         self._heater_drove_s: float | None = None  # last tick the water led by HEATER_DRIVES_C
         self._below_start_s: float | None = None  # last reading under the start (a cold plug)
         self._falling_since_s: float | None = None
-        self._driven_c = 0.0  # warming the heater drove since heating (re)started
 
     def reset(self, water_c: float | None, perfusate_c: float | None) -> None:
         """Heating (re)starts: forget the slope and start the integral at the present gradient
@@ -230,7 +226,6 @@ class GradientLoop:
         self._ramp_integral_c = 0.0
         self._last_gradient_c = None
         self._falling_since_s = None
-        self._driven_c = 0.0
         if water_c is not None and perfusate_c is not None:
             self._integral_c = min(max(water_c - perfusate_c, 0.0), self._cfg.max_gradient_c)
         self._integral_start_c = self._integral_c
@@ -307,7 +302,6 @@ class GradientLoop:
             if self._window_limit_c_per_s is not None:
                 rate_target = max(min(rate_target, self._window_limit_c_per_s), -ramp_c_per_s)
         ff_c = max(rate_target, 0.0) * c.exchanger_time_constant_s
-        ff_c += c.loss_gradient_per_c * self._driven_c
         g = c.gradient_pid
         if slope is None or slope >= 0.0:
             self._falling_since_s = None
@@ -342,10 +336,6 @@ class GradientLoop:
             error = rate_target - seen
             self._watch_bursts(perfusate_c, temp_c, water_c, slope, ramping)
             p_c = g.kp * error * 60.0  # gains per degC/min of rate error
-            if water_c - temp_c > HEATER_DRIVES_C:
-                # The heater drives this warming (not the body warming a cold prime): the loss
-                # it must also cover grows with it, at most as fast as asked.
-                self._driven_c += max(0.0, min(seen, rate_target)) * dt_s
         gradient_c = ff_c + p_c + self._integral_c + self._ramp_integral_c
         low_c = -c.max_gradient_c  # below the perfusate: the heater is off, the water cools
         high_c = c.max_gradient_c

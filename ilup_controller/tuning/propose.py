@@ -174,10 +174,7 @@ def _propose_gradient(cfg: CartConfig, model: Fopdt, tau_c_s: float | None) -> P
         model,
         gains,
         (g.kp, g.ki, g.kd),
-        extra={
-            "exchanger_time_constant_s": round(exchanger_s, 3),
-            "loss_gradient_per_c": round(max(0.0, 1.0 / model.gain - 1.0), 4),
-        },
+        extra={"exchanger_time_constant_s": round(exchanger_s, 3)},
     )
 
 
