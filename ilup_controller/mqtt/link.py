@@ -29,6 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel
 
+from ilup_controller.aio import raise_if_cancelling
 from ilup_controller.config.models import Mqtt
 from ilup_controller.mqtt.messages import State, Status
 from ilup_controller.mqtt.topics import (
@@ -229,6 +230,7 @@ class MqttLink:
         logged_reason: str | None = None
         try:
             while not self._stop.is_set():
+                raise_if_cancelling()  # a cancel lost in a session must not reconnect
                 connects_before = self._connects
                 reason = await self._session()
                 if reason is None:
@@ -391,6 +393,7 @@ class MqttLink:
         for f in filters:
             await client.subscribe(f, qos=1, timeout=PUBLISH_TIMEOUT_S)
         async for message in client.messages:
+            raise_if_cancelling()  # as in _publish_states (subscribe awaits wait_for too)
             if message.topic.value == self.topics.status:
                 self._on_own_status(message.payload, bool(message.retain))
                 continue
@@ -450,6 +453,9 @@ class MqttLink:
             await self._publish_latest_state(client)
         next_s = loop.time() + period_s
         while True:
+            # aiomqtt's publish awaits Python 3.11's wait_for, which can drop a cancel: without
+            # this the loop ran on, the session's TaskGroup waited for it, and shutdown hung.
+            raise_if_cancelling()
             await asyncio.sleep(max(0.0, next_s - loop.time()))
             next_s += period_s
             if next_s <= loop.time():  # overslept by a whole period: re-anchor, do not burst
@@ -469,6 +475,7 @@ class MqttLink:
 
     async def _publish_events(self, client: aiomqtt.Client) -> None:
         while True:
+            raise_if_cancelling()  # as in _publish_states
             if not self._events:
                 self._events_ready.clear()
                 await self._events_ready.wait()
