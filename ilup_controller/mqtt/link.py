@@ -230,7 +230,6 @@ class MqttLink:
         logged_reason: str | None = None
         try:
             while not self._stop.is_set():
-                raise_if_cancelling()  # a cancel lost in a session must not reconnect
                 connects_before = self._connects
                 reason = await self._session()
                 if reason is None:
@@ -455,6 +454,9 @@ class MqttLink:
         while True:
             # aiomqtt's publish awaits Python 3.11's wait_for, which can drop a cancel: without
             # this the loop ran on, the session's TaskGroup waited for it, and shutdown hung.
+            # (Each session's tasks are new. Not so run(): after a broker outage its pending-
+            # cancel count stays at 1, left by the session's TaskGroup, so there it would end
+            # the link instead of reconnecting.)
             raise_if_cancelling()
             await asyncio.sleep(max(0.0, next_s - loop.time()))
             next_s += period_s
