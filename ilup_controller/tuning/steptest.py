@@ -118,10 +118,9 @@ class StepTest:
     _pump_rpm: float = 0.0
     _water_sp_c: float | None = None
     _inner_i: float = 0.0
-    # Set when a stiff lung held a thermal test's pump under the plan's flow (module docstring).
+    # The flow a stiff lung's back-off left a thermal test at (module docstring), else None.
     held_flow_ml_min: float | None = None
-    _held_rpm: float | None = None
-    _cut_at_s: float | None = None
+    _cut_at_s: float | None = None  # the last back-off; from then on the pump holds its speed
 
     @property
     def finished(self) -> bool:
@@ -162,7 +161,7 @@ class StepTest:
         elapsed = t_s - self._stage_t0
 
         # 1. pump demand of this stage
-        target_rpm = self._rpm_of(p.base_flow_ml_min) if self._held_rpm is None else self._held_rpm
+        target_rpm = self._rpm_of(p.base_flow_ml_min) if self._cut_at_s is None else self._pump_rpm
         if self.stage is Stage.step and p.loop in ("flow", "pressure"):
             target_rpm += self.du
         near_bound = m.pressure_mmhg >= bound - PRESSURE_HEADROOM_MMHG
@@ -177,7 +176,7 @@ class StepTest:
                     f"{PRESSURE_HEADROOM_MMHG:g} of limit - margin {bound:.1f} mmHg, before the "
                     f"flow reached {least_ml_min:.0f} mL/min: too little flow to heat"
                 )
-            self._held_rpm = target_rpm = self._pump_rpm = self._pump_rpm * BACK_OFF_FACTOR
+            target_rpm = self._pump_rpm = self._pump_rpm * BACK_OFF_FACTOR
             self._cut_at_s = t_s
             self._next(Stage.settle, t_s)
             elapsed = 0.0
@@ -189,7 +188,7 @@ class StepTest:
                     f"flow {m.flow_ml_min:.0f} mL/min not proven "
                     f"(>= {c.temperature.min_flow_ml_min:.0f}): no heating"
                 )
-            if self._held_rpm is not None:
+            if self._cut_at_s is not None:
                 self.held_flow_ml_min = m.flow_ml_min
             self._next(Stage.baseline, t_s)
         elif self.stage is Stage.baseline and elapsed >= p.baseline_s:
