@@ -109,10 +109,10 @@ class SimulatedCart:
                     if stop.is_set():
                         break
                 self._now_s = loop.time() - t0
-                self.watchdogs.check(self._now_s)
+                tripped = dict.fromkeys(self.watchdogs.check(self._now_s), 0.0)
                 self.injector.step_plant_to(self._now_s * speed)
                 await self.servers.set_inputs(
-                    {**sensor_values(self.cfg, self.plant), **self._disconnected}
+                    {**sensor_values(self.cfg, self.plant), **self._disconnected, **tripped}
                 )
         finally:
             faults.cancel()

@@ -1,6 +1,7 @@
 """The simulated devices' communication watchdog, as the real pump drive and heater must have:
 a device not written for longer than the timeout in its watchdog register stops (pump) or
-switches off (heater) by itself, until it is written again."""
+switches off (heater) by itself, until it is written again. Its command register then reads 0,
+so a master reading it back (mbpoll, a commissioning engineer) sees what the device does."""
 
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ class DeviceWatchdogs:
             self.timeout_s[device] = value
         return True
 
-    def check(self, now_s: float) -> None:
+    def check(self, now_s: float) -> list[str]:
+        """Trip every device not written within its timeout; the command signals set to 0."""
         assert self._cfg.simulator is not None
+        zeroed: list[str] = []
         b = self._cfg.simulator.bindings
         for device, timeout in self.timeout_s.items():
             if timeout <= 0 or device in self.tripped or device in self.no_trip:
@@ -62,3 +65,5 @@ class DeviceWatchdogs:
                 for cmd in (b.pump_speed_command, b.heater_power_command):
                     if self._cfg.signals[cmd].device == device:
                         apply_command(self._cfg, self._plant, cmd, 0.0)
+                        zeroed.append(cmd)
+        return zeroed

@@ -123,6 +123,8 @@ def test_pump_runs_while_written_and_its_watchdog_stops_it(sim: CartConfig) -> N
     time.sleep(2.5)  # no write: watchdog 1 s, then the drive's stop
     assert mbpoll(sim, "pump_speed") < 0.3  # the tacho's noise (0.05 rpm) around 0
     assert abs(mean_of(sim, "flow")) < 10.0
+    # Its speed register reads what it does (it kept the 30 rpm command before, sim/watchdog.py).
+    assert mbpoll(sim, "pump_speed_setpoint") == 0.0
 
 
 def test_a_setpoint_outside_the_maps_range_is_refused_as_a_real_drive_would(
@@ -157,6 +159,7 @@ def test_heater_heats_while_written_and_its_watchdog_switches_it_off(sim: CartCo
     heated_c = mean_of(sim, "heater_water_temp")
     assert heated_c - before_c > 0.25  # at least 0.25 of the 0.38-0.45 degC expected
     time.sleep(1.5)  # watchdog 1 s after the last write
+    assert mbpoll(sim, "heater_power_setpoint") == 0.0  # off, and its register says so
     off_c = mean_of(sim, "heater_water_temp", 8)
     time.sleep(4.0)
     later_c = mean_of(sim, "heater_water_temp", 8)
