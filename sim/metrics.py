@@ -54,6 +54,13 @@ class RunMetrics:
     # the largest water-to-arterial gradient while the perfusate is at or above 30 degC.
     max_rate_c_per_min: float = 0.0
     max_gradient_c: float = 0.0
+    # The cold plug: the lowest true arterial temperature between the heater's start and the
+    # band (the tubing contents that cooled at priming flow pass the probe as the flow ramps),
+    # its time from rewarm_start_s, and the time a steady guideline pace (0.5 degC/min) from it
+    # takes to the band: the guideline's 2-minute window counts the rise from that bottom.
+    plug_low_c: float | None = None
+    plug_low_s: float | None = None
+    plug_pace_s: float | None = None
 
     @property
     def onsets(self) -> int:
@@ -114,6 +121,8 @@ class RunCollector:
         self._arterial_1s: deque[tuple[float, float]] = deque()  # (t, lowest arterial that second)
         self.max_rate = 0.0
         self.max_gradient = 0.0
+        self.plug_low_c = math.inf
+        self.plug_low_s = 0.0
 
     def __call__(self, s: Sample) -> None:
         d, truth = s.decision, s.truth
@@ -139,6 +148,8 @@ class RunCollector:
             and arterial >= self.target_c - REWARM_BAND_C
         ):
             self.rewarm_s = t_s - self.rewarm_start_s
+        if self.rewarm_start_s is not None and self.rewarm_s is None and arterial < self.plug_low_c:
+            self.plug_low_c, self.plug_low_s = arterial, t_s - self.rewarm_start_s
         self.max_arterial_c = max(self.max_arterial_c, arterial)
         self._rate_window(t_s, arterial)
         if arterial >= 30.0:
@@ -171,6 +182,11 @@ class RunCollector:
         if self.rewarm_start_c is not None:
             rise_c = max(0.0, self.target_c - self.rewarm_start_c)
             limit_s = GUIDELINE_ALLOWANCE * rise_c / GUIDELINE_C_PER_MIN * 60.0
+        plug_low = self.plug_low_c if math.isfinite(self.plug_low_c) else None
+        plug_pace_s = None
+        if plug_low is not None:
+            rise_c = max(0.0, self.target_c - REWARM_BAND_C - plug_low)
+            plug_pace_s = self.plug_low_s + rise_c / GUIDELINE_C_PER_MIN * 60.0
         return RunMetrics(
             duration_s=duration_s,
             wall_s=wall_s,
@@ -191,6 +207,9 @@ class RunCollector:
             peak_water_c=self.peak_water,
             max_rate_c_per_min=self.max_rate,
             max_gradient_c=self.max_gradient,
+            plug_low_c=plug_low,
+            plug_low_s=None if plug_low is None else self.plug_low_s,
+            plug_pace_s=plug_pace_s,
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from itertools import pairwise
+from typing import cast
 
 import pytest
 from diag_variants import onsets, run_procedure
@@ -104,6 +105,35 @@ def test_variant_rewarms_within_the_guideline_limits(
     assert bound is not None
     assert m.rewarm_s is not None
     assert bound < m.rewarm_s
+
+
+def test_the_cold_plug_sets_a_pace_no_heater_warmed_run_beats(
+    results: dict[str, RunMetrics],
+) -> None:
+    """As the flow ramps, the tubing contents that cooled at priming flow pass the probe: the
+    true arterial dips 0.2-0.4 degC under where rewarming started, 40-80 s after the heater
+    starts (the README family table's plug column). The guideline's 2-minute window counts the
+    rise from that bottom, so a steady 0.5 degC/min from it is a pace no heater-warmed run
+    beats. With a 25 s probe delay the bottom comes at 76 s, and that pace alone takes 0.97
+    of the limit: the physical bound (0.86) leaves the plug out."""
+    for name in sorted(CASES.keys() - BODY_WARMED):
+        start_c, rewarm_s, low_c, low_s, pace_s = _plug_figures(results[name])
+        assert rewarm_s >= pace_s, (name, rewarm_s, pace_s)
+        if name != "weak_hx_warm_prime":  # 36 degC through 20 W/K: cools 0.8 degC at first
+            assert 0.15 < start_c - low_c < 0.5, (name, low_c)
+            assert 30.0 < low_s < 90.0, (name, low_s)
+    delayed = results["probe_delay_25s"]
+    _, _, _, low_s, pace_s = _plug_figures(delayed)
+    assert 60.0 < low_s < 90.0, low_s
+    assert delayed.rewarm_limit_s is not None
+    assert 0.95 < pace_s / delayed.rewarm_limit_s < 1.0
+
+
+def _plug_figures(m: RunMetrics) -> tuple[float, float, float, float, float]:
+    """Rewarm start and time, the plug's bottom and its time, the guideline pace from it."""
+    figures = (m.rewarm_start_c, m.rewarm_s, m.plug_low_c, m.plug_low_s, m.plug_pace_s)
+    assert None not in figures, figures
+    return cast(tuple[float, float, float, float, float], figures)
 
 
 def test_the_rate_loop_slows_its_integral_only_where_the_warming_came_in_bursts() -> None:
