@@ -262,17 +262,24 @@ async def test_guard_stops_a_stuck_heater_of_a_hung_daemon_and_the_daemon_alarms
                 assert max(r[3] for r in truth.rows if r[0] >= t_off) == 0.0
                 what = "heater at 0 W"
             else:
-                assert await read_signal(cfg, ports, heater_cmd) > 0.0  # frozen with the daemon
+                # The heater's own watchdog zeroes its command register 1 s after the daemon's
+                # last write, so the register no longer shows the heater on; the guard saw it
+                # on after the daemon's last heartbeat, and latches it all the same (before
+                # the register was zeroed, it latched nothing here: guard/decide.py).
 
-                async def zeroed() -> bool:
-                    return await read_signal(cfg, ports, heater_cmd) == 0.0
+                def latched_at() -> float | None:
+                    return next(
+                        (m.at_s for m in sub.of("/guard", t_stop) if m.payload["latched"]),
+                        None,
+                    )
 
-                await wait_until(zeroed, 5, interval_s=0.02, what="heater command zeroed")
-                t_off = loop.time()
-                # The guard's 0 in the register, and the stuck element still at full power:
-                # the weaker form cannot stop what ignores its command.
+                await wait_until(lambda: latched_at() is not None, 5, what="heater latched")
+                t_off = latched_at() or 0.0
+                assert await read_signal(cfg, ports, heater_cmd) == 0.0
+                # The stuck element still at full power: the weaker form cannot stop what
+                # ignores its command.
                 assert plant.heater_delivered_w == plant.params.heater_power_w
-                what = "heater command 0 (element still stuck at full power)"
+                what = "heater latched, command 0 (element still stuck at full power)"
             await wait_until(
                 lambda: "heater" in sub.of("/guard")[-1].payload["latched"], 2, what="status"
             )

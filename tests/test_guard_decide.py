@@ -149,8 +149,59 @@ def test_a_stopped_heartbeat_with_everything_off_blocks_no_reset() -> None:
     s, _ = run(frozen, state=s)
     hung = replace(OK, t_s=2.05, heartbeat=6)  # the command still reads "on"
     assert reset(s, hung, LIM)[1].startswith("refused: controller heartbeat unchanged for 1.7")
-    stopped = replace(hung, pump_on=False, heater_on=False)  # it wrote its safe values
-    assert reset(s, stopped, LIM)[1] == ""
+    # The commands read 0 now (a device watchdog zeroed them), but the heater read on after
+    # the controller fell silent: an element stuck on would not show, so it stays held...
+    zeroed = replace(hung, pump_on=False, heater_on=False)
+    assert reset(s, zeroed, LIM)[1].startswith("refused: controller heartbeat unchanged")
+    # ... until the controller is alive again.
+    assert reset(s, replace(zeroed, heartbeat=7), LIM)[1] == ""
+    # A controller that fell silent with both off (it wrote its safe values) leaves nothing
+    # to hold: the reset goes through while it is still silent.
+    off = {"pump_on": False, "heater_on": False}
+    s, _ = run(ticks(0.0, 0.3, pressure_mmhg=35.0, heater_on=False))
+    s, _ = run([replace(x, heartbeat=6) for x in ticks(0.35, 2.0, **off)], state=s)
+    assert reset(s, replace(OK, t_s=2.05, heartbeat=6, **off), LIM)[1] == ""
+
+
+def test_a_silent_controller_that_was_heating_holds_a_heater_whose_command_reads_0() -> None:
+    """The controller falls silent at 1.0 s while heating; the heater's own watchdog zeroes its
+    command register at 1.3 s, and an element stuck on would go on heating unseen: the guard
+    opens the contactor when the heartbeat hazard has lasted its budget (2.2 s). A heater that
+    read 0 since before the controller fell silent is left alone."""
+    moving = ticks(0.0, 1.0)
+    frozen = [replace(x, heartbeat=20) for x in ticks(1.05, 1.25)]
+    zeroed = [replace(x, heartbeat=20, heater_on=False) for x in ticks(1.3, 2.3)]
+    s, events = run(moving + frozen + zeroed)
+    assert sorted(s.latched) == ["heater", "pump"]
+    assert "heartbeat unchanged for 1.2 s" in s.latched["heater"]
+    assert sum(e.startswith("heater held off") for e in events) == 1
+    s, _ = run(ticks(0.0, 0.9) + [replace(x, heater_on=False) for x in ticks(0.95, 1.0)])
+    silent = [replace(x, heartbeat=20, heater_on=False) for x in ticks(1.05, 2.5)]
+    s, _ = run(silent, state=s)
+    assert list(s.latched) == ["pump"]
+
+
+def test_a_heater_whose_water_warms_against_its_0_is_held_off() -> None:
+    """A welded relay with a failed thermostat: the controller, alive, commands 0 and the water
+    goes on warming at 3.8 degC/min (800 W into 3 kg) to the cap. Its rise since the command
+    read 0 (1 degC by then, HEATER_RISE_C 0.5) counts as on: the guard opens the contactor when
+    the water hazard has lasted its budget. A heater that obeys leaves the water cooling, after
+    its element's stored heat has added a few tenths, and nothing is latched however long the
+    hazard lasts."""
+    welded = [replace(x, heater_on=False, water_c=41.0 + 0.063 * x.t_s) for x in ticks(0.0, 20.0)]
+    s, events = run(welded)
+    assert list(s.latched) == ["heater"]
+    assert s.latched["heater"].startswith("water 42.")
+    assert len(events) == 1
+    assert "still on 0.20 s" in events[0]  # the cap crossed at 15.9 s, held off at 16.1 s
+    # Switched off at the cap: +0.3 degC over 6 s from the element's stored heat, then cooling.
+    coasting = [
+        replace(x, heater_on=False, water_c=42.0 + min(0.05 * x.t_s, 0.6 - 0.05 * x.t_s))
+        for x in ticks(0.0, 8.0)
+    ]
+    s, events = run(coasting)
+    assert events == []
+    assert "water" in hazards(s, coasting[-1], LIM)
 
 
 def test_heartbeat_clock_starts_at_the_first_cycle() -> None:

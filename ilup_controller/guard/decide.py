@@ -6,6 +6,13 @@ hazard that persists for ``budget_s`` while its actuator is still on latches tha
 off. The budget lets the controller act first (it stops the pump or the heater within one
 tick), so the guard acts only when the controller did not. A latch holds until ``reset``,
 which is refused while a hazard of that actuator is present.
+
+"On": the pump while commanded above 0 or still turning (its tacho). The heater has no tacho,
+so besides its command above 0 two pieces of evidence count: once the controller has fallen
+silent, a command above 0 at any time since the controller's last sign of life (a device whose
+watchdog zeroes its command register, as it should, leaves no other trace of an element that
+may be stuck on); and, commanded 0, its water warming HEATER_RISE_C above the lowest reading
+since (a welded relay: the controller's 0 changes nothing, and only the contactor stops it).
 """
 
 from __future__ import annotations
@@ -17,6 +24,10 @@ from typing import Literal
 Actuator = Literal["pump", "heater"]
 ACTUATORS: tuple[Actuator, ...] = ("pump", "heater")
 _BOTH: tuple[Actuator, ...] = ACTUATORS
+# Water warming this much above its lowest reading since the heater's command read 0: the
+# element heats against its command. An element switched off leaves the water falling or
+# holding (its stored heat adds a few tenths at most); the simulated probe's noise is 0.02 degC.
+HEATER_RISE_C = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +66,8 @@ class State:
     unreadable_since: Mapping[str, float] = field(default_factory=dict)
     heartbeat: int | None = None
     heartbeat_t_s: float | None = None  # when the heartbeat last changed (or was first seen)
+    heater_on_t_s: float | None = None  # the last cycle the heater read on
+    water_low_c: float | None = None  # the lowest water reading since the heater read off
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +100,7 @@ def hazards(s: State, x: Inputs, lim: Limits) -> dict[str, tuple[tuple[Actuator,
     hb_t = s.heartbeat_t_s
     if hb_t is not None and x.t_s - hb_t >= lim.heartbeat_s:
         # A controller that stopped with its actuators off left nothing to stop.
-        on = tuple(a for a, is_on in zip(_BOTH, (x.pump_on, x.heater_on), strict=True) if is_on)
+        on = tuple(a for a, is_on in zip(_BOTH, (x.pump_on, heater_on(s, x)), strict=True) if is_on)
         out["heartbeat"] = (on, f"controller heartbeat unchanged for {x.t_s - hb_t:.1f} s")
     return out
 
@@ -114,21 +127,45 @@ def _unreadable(x: Inputs, lim: Limits) -> set[str]:
     return {name for name, v in readings.items() if v is None}
 
 
+def heater_on(s: State, x: Inputs) -> bool:
+    """The heater commanded on now or at any time since the controller's last sign of life (for
+    a live controller that is now), or its water warming while commanded off (module
+    docstring)."""
+    since = s.heartbeat_t_s
+    if s.heater_on_t_s is not None and since is not None and s.heater_on_t_s >= since:
+        return True
+    low, water = s.water_low_c, x.water_c
+    return x.heater_on or (low is not None and water is not None and water - low >= HEATER_RISE_C)
+
+
 def observe(s: State, x: Inputs, lim: Limits) -> State:
-    """Track when each sensor became unreadable and when the heartbeat last moved."""
+    """Track when each sensor became unreadable, when the heartbeat last moved, when the heater
+    last read on and its water's lowest reading since it read off."""
     bad = _unreadable(x, lim)
     unreadable = {n: s.unreadable_since.get(n, x.t_s) for n in bad}
     hb, hb_t = s.heartbeat, s.heartbeat_t_s
     if hb_t is None or (x.heartbeat is not None and x.heartbeat != hb):
         hb, hb_t = x.heartbeat, x.t_s
-    return replace(s, unreadable_since=unreadable, heartbeat=hb, heartbeat_t_s=hb_t)
+    low = s.water_low_c
+    if x.heater_on:
+        low = None
+    elif x.water_c is not None:
+        low = x.water_c if low is None else min(low, x.water_c)
+    return replace(
+        s,
+        unreadable_since=unreadable,
+        heartbeat=hb,
+        heartbeat_t_s=hb_t,
+        heater_on_t_s=x.t_s if x.heater_on else s.heater_on_t_s,
+        water_low_c=low,
+    )
 
 
 def decide(s: State, x: Inputs, lim: Limits) -> Decision:
     """One guard cycle (see the module docstring)."""
     s = observe(s, x, lim)
     present = hazards(s, x, lim)
-    on: dict[Actuator, bool] = {"pump": x.pump_on, "heater": x.heater_on}
+    on: dict[Actuator, bool] = {"pump": x.pump_on, "heater": heater_on(s, x)}
     since: dict[str, float] = {}
     latched = dict(s.latched)
     events: list[str] = []
