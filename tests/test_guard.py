@@ -324,6 +324,68 @@ async def test_guard_stops_a_stuck_heater_of_a_hung_daemon_and_the_daemon_alarms
         assert "not watching this cart" in alarm()[0]["message"]
 
 
+async def test_guard_opens_the_contactor_of_a_welded_heater_under_a_live_daemon(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    """A welded relay with a failed thermostat while the daemon runs: the daemon reads the water
+    over its setpoint and commands 0, which changes nothing. The water's rise under that 0 counts
+    as on (guard/decide.py), so the guard opens the heater contactor once the water hazard has
+    lasted its budget; before, the 0 made the heater "off" and the water rose unchecked. The
+    water cap is 37.5 degC and the bath 0.5 kg here, so it comes within seconds."""
+    water_max_c = 37.5
+    overrides = guard_overrides(enables=True, water_max_c=water_max_c)
+    overrides["simulator"]["plant"] = {"water_mass_kg": 0.5}
+    overrides["control"] = {"temperature": {"water_cap_c": water_max_c}}
+    cfg_path, cfg = write_cart_config(tmp_path, mosquitto.port, ramp_s=2.0, overrides=overrides)
+    assert cfg.guard is not None
+    lim = limits_of(cfg)
+    sub = Subscriber(mosquitto.port, f"{cfg.mqtt.topic_prefix}/{cfg.cart_id}/#")
+    async with simulated(cfg) as truth, session(sub) as procs:
+        plant = truth.cart.plant
+        procs.append(Proc(["guard", "-c", str(cfg_path)], tmp_path / "guard.log"))
+        procs.append(Proc(["run", "-c", str(cfg_path)], tmp_path / "daemon.log"))
+        await wait_until(
+            lambda: plant.heater_command_pct > 0.0 and plant.pump_speed_rpm > 3.0,
+            30,
+            what="daemon pumping and heating",
+        )
+        assert plant.water_c < water_max_c - 1.5, plant.water_c
+        t_stuck = asyncio.get_running_loop().time()
+        truth.cart.injector.apply(
+            parse_runtime_fault(b'{"kind": "heater_stuck_on", "thermostat_failed": true}')
+        )
+        crossed: list[float] = []
+
+        def cut() -> bool:
+            if not crossed and plant.water_c >= water_max_c:
+                crossed.append(asyncio.get_running_loop().time())
+            return not plant.heater_enabled
+
+        await wait_until(cut, 60, interval_s=0.01, what="heater contactor opened")
+        t_cut = asyncio.get_running_loop().time()
+        peak_c = plant.water_c
+        await wait_until(
+            lambda: "heater" in sub.of("/guard")[-1].payload["latched"], 2, what="status"
+        )
+        latched = sub.of("/guard")[-1].payload["latched"]
+        assert list(latched) == ["heater"], latched
+        assert latched["heater"].startswith("water "), latched
+        # The daemon stayed alive: its state went on through the whole rise.
+        assert len(sub.of("/state", t_cut - 3.0)) >= 3
+        await asyncio.sleep(0.5)
+        assert plant.heater_delivered_w == 0.0
+        assert plant.heater_stuck_on
+    assert crossed
+    print(
+        f"\nwelded heater, live daemon: water {water_max_c:g} degC crossed "
+        f"{crossed[0] - t_stuck:.1f} s after the weld, contactor open "
+        f"{(t_cut - crossed[0]) * 1000:.0f} ms later (budget {lim.budget_s:g} s), true water "
+        f"{peak_c:.2f} degC then"
+    )
+    assert t_cut - crossed[0] <= lim.budget_s + 2 * cfg.guard.cycle_s + 0.3
+    assert peak_c <= water_max_c + 0.2
+
+
 async def test_a_restarted_guard_keeps_an_enable_it_finds_off(tmp_path: Path) -> None:
     """A guard that starts (or restarts) with an enable off latches it: it never releases what
     an earlier guard held off, until an operator resets it. In process, against the simulator."""
