@@ -183,7 +183,12 @@ def test_heater_failed(warm_cart: VirtualCart) -> None:
 
 def test_heater_stuck_on(warm_cart: VirtualCart) -> None:
     out = inject(warm_cart, {"kind": "heater_stuck_on"}, 600)
+    # The command falls to 0 within seconds, then the water's 30-s window fills (35 s here):
+    # the operator is told to cut the supply 40 s before heating_rate and 80 s before
+    # perfusate_high.
+    first = check(out, "heater_heats_when_off", 45.0)
     s = check(out, "heating_rate", 180.0)
+    assert s.decision.t_s - first.decision.t_s >= 30.0
     assert s.decision.loop.heater_pct == 0.0  # cut-off commanded (the relay is welded)
     check(out, "perfusate_high", 600.0)
     # A welded relay cannot be switched off by software: the perfusate rises until the
@@ -196,6 +201,7 @@ def test_heater_stuck_on(warm_cart: VirtualCart) -> None:
 
 def test_heater_stuck_on_with_failed_thermostat(warm_cart: VirtualCart) -> None:
     out = inject(warm_cart, {"kind": "heater_stuck_on", "thermostat_failed": True}, 900)
+    check(out, "heater_heats_when_off", 45.0)
     check(out, "water_cap", 600.0)
 
 

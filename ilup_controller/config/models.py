@@ -422,6 +422,14 @@ class Alarms(Strict):
     heater_max_error_c_s: Pos = Field(120.0, description="verify_heater: cumulative error limit.")
     heater_check_gain_time_s: Pos = Field(120.0, description="Time allowed to rise by the gain.")
     heater_gain_c: Pos = Field(0.5, description="Rise expected within check_gain_time_s.")
+    heater_off_rise_c_per_min: Pos = Field(
+        0.5,
+        description="heater_heats_when_off: the water warming this fast (over "
+        "heater_off_window_s, above the perfusate) with the heater commanded 0.",
+    )
+    heater_off_window_s: Pos = Field(
+        30.0, ge=5.0, description="heater_heats_when_off: the window of that rise."
+    )
     overrun_window_s: Pos = 60.0
     # A clamped line under a roller pump climbs up to ~75 mmHg/s at full speed: only jumps
     # beyond what the circuit can do are implausible.

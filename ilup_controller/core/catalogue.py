@@ -212,6 +212,21 @@ _ENTRIES = [
         hazard="H7 gas emboli from outgassing",
         message="water {value} degC above perfusate (limit {limit} degC): heater off",
     ),
+    # A welded relay (or a heater-cooler ignoring its command): software cannot switch it off,
+    # so the message says who can. water_cap and the perfusate limit follow only much later.
+    AlarmDef(
+        id="heater_heats_when_off",
+        title="Heater heating with its command at 0",
+        priority=_H,
+        technical=True,
+        latching=True,
+        delay_s=0.0,
+        heater=HeaterAction.off,
+        hazard="H3 overheating",
+        message="heater water warming at {value} degC/min with the heater commanded 0 % "
+        "({detail}): the element heats against its command (a welded relay?). Software "
+        "cannot switch it off: switch off the heater-cooler's supply",
+    ),
     AlarmDef(
         id="heater_not_heating",
         title="Heater not heating as expected",
@@ -537,7 +552,13 @@ def render_markdown() -> str:
         "`warming_uncontrolled` instead: no latch, no actuator held off, and a message that "
         "names the likely source and what to do. It is suppressed while `heating_rate` is "
         "present: once the heater is off, the warmth left in its water keeps the rate up for a "
-        "minute, and that is the same event.",
+        "minute, and that is the same event. A heater that heats against its 0 % (a welded "
+        "relay) raises `heater_heats_when_off` (high) once its water, above the perfusate, "
+        "has warmed faster than `alarms.heater_off_rise_c_per_min` over "
+        "`alarms.heater_off_window_s` with the command at 0: software cannot switch it off, so "
+        "the message names who can (the heater-cooler's supply; `ilup guard`, where fitted, "
+        "opens its contactor: docs/security.md). On the simulator it comes 35 s after the "
+        "weld, where `heating_rate` came at 78 s and `perfusate_high` at 118 s.",
         "",
         "| id | title | priority | technical | latching | default delay (s) | clear delay (s) "
         "| pump | heater | procedure | suppressed by | hazard |",

@@ -17,6 +17,7 @@ from ilup_controller.core.alarms import Condition
 from ilup_controller.core.catalogue import HEATER_CONTRIBUTES_C
 from ilup_controller.core.diagnostics import Inputs, ProcessDiagnostics
 from ilup_controller.core.procedure import RUNNING, Phase
+from ilup_controller.core.rewarm import RateEstimator
 from ilup_controller.core.sensors import SensorCheck, resolution_of
 from ilup_controller.core.types import Readings, value_type
 
@@ -193,6 +194,13 @@ class Monitor:
         self._heating = _Trend(a.heating_rate_window_s)
         self._heating_lsb_c_per_min = lsb(c.temperature.measured) / a.heating_rate_window_s * 60.0
         self._volume = _Trend(a.leak_window_s)
+        # The water's slope while the heater is commanded 0 (a line through one-second means:
+        # a single noisy reading does not make a rise), and since when it is at 0.
+        self._water_off = RateEstimator(a.heater_off_window_s)
+        self._water_off_since_s: float | None = None
+        self._water_off_lsb_c_per_min = (
+            2.0 * lsb(c.temperature.water_measured) / a.heater_off_window_s * 60.0
+        )
         self._heater = _HeaterSupervision(
             a.heater_hysteresis_c,
             a.heater_max_error_c_s,
@@ -288,6 +296,38 @@ class Monitor:
                 chk.declare(why)
                 values[k] = None
 
+    def _heats_when_off(
+        self, t_s: float, water: float | None, temp: float | None, ctx: Context
+    ) -> Condition:
+        """The water warming with the heater commanded 0 for a whole window, and above the
+        perfusate by more than HEATER_CONTRIBUTES_C (so the heat is not the perfusate's: a
+        cold prime warmed by the body warms the water from below). An element switched off
+        leaves its water cooling after a few tenths from its stored heat; two LSB of the
+        water register over the window are allowed on top."""
+        a = self._cfg.alarms
+        if ctx.heater_pct > 0.0:
+            self._water_off.clear()
+            self._water_off_since_s = None
+            return Condition(False)
+        if self._water_off_since_s is None:
+            self._water_off_since_s = t_s
+        if water is not None:
+            self._water_off.add(t_s, water)
+        slope = self._water_off.slope_c_per_s
+        full = t_s - self._water_off_since_s >= 0.9 * a.heater_off_window_s
+        rate = slope * 60.0 if slope is not None and full else None
+        above = water is not None and temp is not None and water - temp > HEATER_CONTRIBUTES_C
+        limit = a.heater_off_rise_c_per_min + self._water_off_lsb_c_per_min
+        warming = rate is not None and above and rate > limit
+        return Condition(
+            warming,
+            rate,
+            limit,
+            f"water {water:.1f} degC, perfusate {temp:.1f} degC"
+            if warming and water is not None and temp is not None
+            else "",
+        )
+
     # ------------------------------------------------------------------ conditions
 
     def evaluate(self, t_s: float, dt_s: float, m: Measured, ctx: Context) -> dict[str, Condition]:
@@ -355,6 +395,7 @@ class Monitor:
             grad,
             a.gradient_c,
         )
+        out["heater_heats_when_off"] = self._heats_when_off(t_s, water, temp, ctx)
         detail = ""
         if ctx.heater_enabled and water is not None and ctx.water_setpoint_c is not None:
             detail = self._heater.update(t_s, dt_s, water, ctx.water_setpoint_c)
