@@ -9,7 +9,8 @@ which is refused while a hazard of that actuator is present.
 
 "On": the pump while commanded above 0 or still turning (its tacho). The heater has no tacho,
 so besides its command above 0 two pieces of evidence count: once the controller has fallen
-silent, a command above 0 at any time since the controller's last sign of life (a device whose
+silent (its heartbeat unchanged for ``heartbeat_s``), a command above 0 at any time since its
+last heartbeat (for a live controller "on" is the command now; a device whose
 watchdog zeroes its command register, as it should, leaves no other trace of an element that
 may be stuck on); and, commanded 0, its water warming HEATER_RISE_C above the lowest reading
 since (a welded relay: the controller's 0 changes nothing, and only the contactor stops it).
@@ -100,7 +101,9 @@ def hazards(s: State, x: Inputs, lim: Limits) -> dict[str, tuple[tuple[Actuator,
     hb_t = s.heartbeat_t_s
     if hb_t is not None and x.t_s - hb_t >= lim.heartbeat_s:
         # A controller that stopped with its actuators off left nothing to stop.
-        on = tuple(a for a, is_on in zip(_BOTH, (x.pump_on, heater_on(s, x)), strict=True) if is_on)
+        on = tuple(
+            a for a, is_on in zip(_BOTH, (x.pump_on, heater_on(s, x, lim)), strict=True) if is_on
+        )
         out["heartbeat"] = (on, f"controller heartbeat unchanged for {x.t_s - hb_t:.1f} s")
     return out
 
@@ -127,12 +130,13 @@ def _unreadable(x: Inputs, lim: Limits) -> set[str]:
     return {name for name, v in readings.items() if v is None}
 
 
-def heater_on(s: State, x: Inputs) -> bool:
-    """The heater commanded on now or at any time since the controller's last sign of life (for
-    a live controller that is now), or its water warming while commanded off (module
-    docstring)."""
+def heater_on(s: State, x: Inputs, lim: Limits) -> bool:
+    """The heater commanded on now, or, the controller silent (its heartbeat unchanged for
+    heartbeat_s), at any time since its last sign of life; or its water warming while commanded
+    off (module docstring)."""
     since = s.heartbeat_t_s
-    if s.heater_on_t_s is not None and since is not None and s.heater_on_t_s >= since:
+    silent = since is not None and x.t_s - since >= lim.heartbeat_s
+    if silent and s.heater_on_t_s is not None and since is not None and s.heater_on_t_s >= since:
         return True
     low, water = s.water_low_c, x.water_c
     return x.heater_on or (low is not None and water is not None and water - low >= HEATER_RISE_C)
@@ -165,7 +169,7 @@ def decide(s: State, x: Inputs, lim: Limits) -> Decision:
     """One guard cycle (see the module docstring)."""
     s = observe(s, x, lim)
     present = hazards(s, x, lim)
-    on: dict[Actuator, bool] = {"pump": x.pump_on, "heater": heater_on(s, x)}
+    on: dict[Actuator, bool] = {"pump": x.pump_on, "heater": heater_on(s, x, lim)}
     since: dict[str, float] = {}
     latched = dict(s.latched)
     events: list[str] = []
