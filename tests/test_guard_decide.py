@@ -204,6 +204,22 @@ def test_a_heater_whose_water_warms_against_its_0_is_held_off() -> None:
     assert "water" in hazards(s, coasting[-1], LIM)
 
 
+def test_a_water_warmed_by_the_perfusate_is_not_a_heater_on() -> None:
+    """The heater off and no controller (a tune just ended): the water, under the perfusate,
+    warms 1 degC toward it through the exchanger. The heartbeat hazard concerns nothing then:
+    the heater stays enabled (it latched, 'controller heartbeat unchanged', in a clean-clone
+    run of the tune test before the water had to lead the perfusate)."""
+    moving = ticks(0.0, 1.0, heater_on=False, pump_on=False, water_c=34.0, perfusate_c=36.0)
+    silent = [
+        replace(x, heartbeat=20, water_c=34.0 + 0.1 * (x.t_s - 1.0))
+        for x in ticks(1.05, 11.0, heater_on=False, pump_on=False, perfusate_c=36.0)
+    ]
+    s, events = run(moving + silent)
+    assert "heartbeat" in hazards(s, silent[-1], LIM)
+    assert events == []
+    assert s.latched == {}
+
+
 def test_heartbeat_clock_starts_at_the_first_cycle() -> None:
     s, _ = run([replace(OK, t_s=5.0, heartbeat=None)])
     assert s.heartbeat_t_s == 5.0

@@ -13,7 +13,9 @@ silent (its heartbeat unchanged for ``heartbeat_s``), a command above 0 at any t
 last heartbeat (for a live controller "on" is the command now; a device whose
 watchdog zeroes its command register, as it should, leaves no other trace of an element that
 may be stuck on); and, commanded 0, its water warming HEATER_RISE_C above the lowest reading
-since (a welded relay: the controller's 0 changes nothing, and only the contactor stops it).
+since while it stands more than HEATER_LEADS_C above the perfusate (a welded relay: the
+controller's 0 changes nothing, and only the contactor stops it; a water below the perfusate
+warms from it, heater or not).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ _BOTH: tuple[Actuator, ...] = ACTUATORS
 # element heats against its command. An element switched off leaves the water falling or
 # holding (its stored heat adds a few tenths at most); the simulated probe's noise is 0.02 degC.
 HEATER_RISE_C = 0.5
+# ... while it stands this far above the perfusate: the heat is not the perfusate's (the water of
+# a heater that is off warms toward a warmer perfusate; ilup tune's flow test with the guard
+# running latched the heater on that, "controller heartbeat unchanged", once the tune stopped).
+HEATER_LEADS_C = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +144,12 @@ def heater_on(s: State, x: Inputs, lim: Limits) -> bool:
     silent = since is not None and x.t_s - since >= lim.heartbeat_s
     if silent and s.heater_on_t_s is not None and since is not None and s.heater_on_t_s >= since:
         return True
-    low, water = s.water_low_c, x.water_c
-    return x.heater_on or (low is not None and water is not None and water - low >= HEATER_RISE_C)
+    low, water, perfusate = s.water_low_c, x.water_c, x.perfusate_c
+    if x.heater_on:
+        return True
+    if low is None or water is None or perfusate is None:
+        return False
+    return water - low >= HEATER_RISE_C and water - perfusate > HEATER_LEADS_C
 
 
 def observe(s: State, x: Inputs, lim: Limits) -> State:
