@@ -14,6 +14,7 @@ import pytest
 from ilup_controller.config import load_config
 from ilup_controller.core.cart import CartCore
 from ilup_controller.core.catalogue import CATALOGUE, HeaterAction, PumpAction
+from ilup_controller.core.monitor import Context, Measured, Monitor
 from ilup_controller.core.procedure import Phase
 from sim.faults import parse_runtime_fault
 from sim.virtual import Sample, VirtualCart
@@ -314,3 +315,36 @@ def test_complete_procedure_without_any_alarm() -> None:
     assert done.drug_remaining_s == pytest.approx(0.0, abs=1e-6)
     assert done.loop.pump_speed_rpm == 0.0
     assert done.loop.heater_pct == 0.0
+
+
+def test_heater_heats_when_off_is_the_heaters_only_with_its_water_above_the_perfusate() -> None:
+    """The water warming 1 degC/min with the heater commanded 0: above the perfusate it is the
+    element heating against its 0 (the alarm once the 30-s window is 0.9 full, 27 s); under it,
+    the water is warming toward the perfusate, heater or not, and nothing is raised."""
+    cfg = load_config("config/sim.yaml")
+    ctx = Context(
+        phase=Phase.perfusion,
+        flow_setpoint_ml_min=500.0,
+        flow_target_ml_min=500.0,
+        temperature_setpoint_c=37.0,
+        temperature_target_c=37.0,
+        pressure_limit_mmhg=25.0,
+        pump_command_rpm=15.0,
+        heater_pct=0.0,
+        heater_enabled=False,
+        water_setpoint_c=None,
+    )
+
+    def first_onset_s(water_c: float, perfusate_c: float) -> float | None:
+        monitor = Monitor(cfg, 0.0)
+        for k in range(1, 601):  # 60 s at 10 Hz
+            t_s = k * 0.1
+            m = Measured(500.0, 15.0, perfusate_c, water_c + t_s / 60.0)
+            if monitor.evaluate(t_s, 0.1, m, ctx)["heater_heats_when_off"].present:
+                return t_s
+        return None
+
+    assert first_onset_s(33.0, 36.0) is None
+    onset_s = first_onset_s(38.0, 37.0)
+    assert onset_s is not None
+    assert 27.0 <= onset_s <= 31.0, onset_s

@@ -306,8 +306,9 @@ class Monitor:
         water register over the window are allowed on top."""
         a = self._cfg.alarms
         if ctx.heater_pct > 0.0:
-            self._water_off.clear()
-            self._water_off_since_s = None
+            if self._water_off_since_s is not None:  # once, not every tick of heating
+                self._water_off.clear()
+                self._water_off_since_s = None
             return Condition(False)
         if self._water_off_since_s is None:
             self._water_off_since_s = t_s

@@ -31,9 +31,10 @@ _BOTH: tuple[Actuator, ...] = ACTUATORS
 # element heats against its command. An element switched off leaves the water falling or
 # holding (its stored heat adds a few tenths at most); the simulated probe's noise is 0.02 degC.
 HEATER_RISE_C = 0.5
-# ... while it stands this far above the perfusate: the heat is not the perfusate's (the water of
-# a heater that is off warms toward a warmer perfusate; ilup tune's flow test with the guard
-# running latched the heater on that, "controller heartbeat unchanged", once the tune stopped).
+# ... while it stands this far above the perfusate (as the core's HEATER_CONTRIBUTES_C; the
+# guard imports nothing of the core): the heat is not the perfusate's (the water of a heater
+# that is off warms toward a warmer perfusate; ilup tune's flow test with the guard running
+# latched the heater on that, "controller heartbeat unchanged", once the tune stopped).
 HEATER_LEADS_C = 0.5
 
 
@@ -140,13 +141,17 @@ def heater_on(s: State, x: Inputs, lim: Limits) -> bool:
     """The heater commanded on now, or, the controller silent (its heartbeat unchanged for
     heartbeat_s), at any time since its last sign of life; or its water warming while commanded
     off (module docstring)."""
-    since = s.heartbeat_t_s
-    silent = since is not None and x.t_s - since >= lim.heartbeat_s
-    if silent and s.heater_on_t_s is not None and since is not None and s.heater_on_t_s >= since:
-        return True
-    low, water, perfusate = s.water_low_c, x.water_c, x.perfusate_c
     if x.heater_on:
         return True
+    since, on_t_s = s.heartbeat_t_s, s.heater_on_t_s
+    if (
+        since is not None
+        and x.t_s - since >= lim.heartbeat_s
+        and on_t_s is not None
+        and on_t_s >= since
+    ):
+        return True  # on since the last heartbeat of a controller now silent
+    low, water, perfusate = s.water_low_c, x.water_c, x.perfusate_c
     if low is None or water is None or perfusate is None:
         return False
     return water - low >= HEATER_RISE_C and water - perfusate > HEATER_LEADS_C
