@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -16,6 +18,7 @@ from ilup_controller.core.cart import CartCore
 from ilup_controller.core.catalogue import CATALOGUE, HeaterAction, PumpAction
 from ilup_controller.core.monitor import Context, Measured, Monitor
 from ilup_controller.core.procedure import Phase
+from sim import family
 from sim.faults import parse_runtime_fault
 from sim.virtual import Sample, VirtualCart
 
@@ -184,10 +187,10 @@ def test_heater_failed(warm_cart: VirtualCart) -> None:
 
 def test_heater_stuck_on(warm_cart: VirtualCart) -> None:
     out = inject(warm_cart, {"kind": "heater_stuck_on"}, 600)
-    # The command falls to 0 within seconds, then the water's 30-s window fills (35 s here):
-    # the operator is told to cut the supply 40 s before heating_rate and 80 s before
-    # perfusate_high.
-    first = check(out, "heater_heats_when_off", 45.0)
+    # The command falls to 0 within seconds; after the 20-s settle (the element's stored heat)
+    # the water's 30-s line shows the rise (45 s here): the operator is told to cut the supply
+    # 33 s before heating_rate and 68 s before perfusate_high.
+    first = check(out, "heater_heats_when_off", 50.0)
     s = check(out, "heating_rate", 180.0)
     assert s.decision.t_s - first.decision.t_s >= 30.0
     assert s.decision.loop.heater_pct == 0.0  # cut-off commanded (the relay is welded)
@@ -202,8 +205,21 @@ def test_heater_stuck_on(warm_cart: VirtualCart) -> None:
 
 def test_heater_stuck_on_with_failed_thermostat(warm_cart: VirtualCart) -> None:
     out = inject(warm_cart, {"kind": "heater_stuck_on", "thermostat_failed": True}, 900)
-    check(out, "heater_heats_when_off", 45.0)
+    check(out, "heater_heats_when_off", 50.0)
     check(out, "water_cap", 600.0)
+
+
+def test_heater_stuck_on_in_a_weak_heater() -> None:
+    """A welded 300 W heater (the family's heater_300w) warms its water too slowly for the
+    30-s slope: its rise since the command went to 0 raises the alarm at 154 s, where the
+    first alarm was perfusate_high at 450 s (heating_rate never: the perfusate warms under
+    0.5 degC/min)."""
+    cart = VirtualCart(family.apply(family.by_name("heater_300w"), load_config("config/sim.yaml")))
+    cart.run_for(900.0)
+    out = inject(cart, {"kind": "heater_stuck_on", "thermostat_failed": True}, 500)
+    first = check(out, "heater_heats_when_off", 180.0)
+    assert out.delay("perfusate_high") - out.delay("heater_heats_when_off") >= 240.0
+    assert first.truth.perfusate_c < 38.0
 
 
 # ------------------------------------------------------------------ sensor faults
@@ -319,7 +335,8 @@ def test_complete_procedure_without_any_alarm() -> None:
 
 def test_heater_heats_when_off_is_the_heaters_only_with_its_water_above_the_perfusate() -> None:
     """The water warming 1 degC/min with the heater commanded 0: above the perfusate it is the
-    element heating against its 0 (the alarm once the 30-s window is 0.9 full, 27 s); under it,
+    element heating against its 0 (the alarm once the 30-s window is 0.9 full, after the 20-s
+    settle: 47 s); under it,
     the water is warming toward the perfusate, heater or not, and nothing is raised."""
     cfg = load_config("config/sim.yaml")
     ctx = Context(
@@ -347,4 +364,52 @@ def test_heater_heats_when_off_is_the_heaters_only_with_its_water_above_the_perf
     assert first_onset_s(33.0, 36.0) is None
     onset_s = first_onset_s(38.0, 37.0)
     assert onset_s is not None
-    assert 27.0 <= onset_s <= 31.0, onset_s
+    assert 47.0 <= onset_s <= 51.0, onset_s
+
+
+def _heats_when_off_onset_s(water_c: Callable[[float], float], seconds: float) -> float | None:
+    """First onset of heater_heats_when_off with the heater commanded 0 from t = 0, the
+    perfusate at 37 degC and the water reading ``water_c(t)``, at 10 Hz."""
+    cfg = load_config("config/sim.yaml")
+    ctx = Context(
+        phase=Phase.perfusion,
+        flow_setpoint_ml_min=500.0,
+        flow_target_ml_min=500.0,
+        temperature_setpoint_c=37.0,
+        temperature_target_c=37.0,
+        pressure_limit_mmhg=25.0,
+        pump_command_rpm=15.0,
+        heater_pct=0.0,
+        heater_enabled=False,
+        water_setpoint_c=None,
+    )
+    monitor = Monitor(cfg, 0.0)
+    for k in range(1, round(seconds * 10.0) + 1):
+        t_s = k * 0.1
+        m = Measured(500.0, 15.0, 37.0, water_c(t_s))
+        if monitor.evaluate(t_s, 0.1, m, ctx)["heater_heats_when_off"].present:
+            return t_s
+    return None
+
+
+def test_heater_heats_when_off_catches_a_heater_too_weak_for_the_rate() -> None:
+    """A welded 300 W element in a big bath warms its water 0.25 degC/min, half the rate the
+    30-s slope needs: the water 0.5 degC above its lowest since the command went to 0 (from
+    the 20-s settle on) raises the alarm 2 minutes later, plus the line's lag: 146 s. Without
+    that evidence nothing is raised (the slope stays at half its limit)."""
+    onset_s = _heats_when_off_onset_s(lambda t: 38.0 + 0.25 * t / 60.0, 300.0)
+    assert onset_s is not None
+    assert 140.0 <= onset_s <= 155.0, onset_s
+
+
+def test_heater_heats_when_off_leaves_a_coasting_or_noisy_water_alone() -> None:
+    """Switched off, an element's stored heat lifts its water a few tenths, then it cools; a
+    noisy probe (0.1 degC) on a steady water swings more than 0.5 degC between its extremes
+    in ten minutes. Neither raises the alarm: the rise is taken on the 30-s line."""
+    coast = lambda t: 38.0 + 0.3 * min(t, 20.0) / 20.0 - 0.2 * max(t - 20.0, 0.0) / 60.0  # noqa: E731
+    assert _heats_when_off_onset_s(coast, 300.0) is None
+    rng = random.Random(2026)
+    noise = [rng.gauss(0.0, 0.1) for _ in range(6001)]
+    swing = max(noise) - min(noise)
+    assert swing > 0.5  # raw extremes would have raised it
+    assert _heats_when_off_onset_s(lambda t: 38.0 + noise[round(t * 10.0)], 600.0) is None

@@ -430,6 +430,21 @@ class Alarms(Strict):
     heater_off_window_s: Pos = Field(
         30.0, ge=5.0, description="heater_heats_when_off: the window of that rise."
     )
+    heater_off_settle_s: NonNeg = Field(
+        20.0,
+        le=120.0,
+        description="heater_heats_when_off: the water readings of this long after the "
+        "command went to 0 do not count. An element switched off from full power gives its "
+        "water the heat stored in it (a few tenths of a degC within about 20 s), and over a "
+        "30-s window that is as steep as a weld.",
+    )
+    heater_off_rise_c: Pos = Field(
+        0.5,
+        description="heater_heats_when_off, for a heater too weak to warm its water at "
+        "heater_off_rise_c_per_min: the water (a line through heater_off_window_s of "
+        "readings, above the perfusate) this far above its lowest since the heater was "
+        "commanded 0. An element switched off adds a few tenths from its stored heat.",
+    )
     overrun_window_s: Pos = 60.0
     # A clamped line under a roller pump climbs up to ~75 mmHg/s at full speed: only jumps
     # beyond what the circuit can do are implausible.

@@ -555,10 +555,15 @@ def render_markdown() -> str:
         "minute, and that is the same event. A heater that heats against its 0 % (a welded "
         "relay) raises `heater_heats_when_off` (high) once its water, above the perfusate, "
         "has warmed faster than `alarms.heater_off_rise_c_per_min` over "
-        "`alarms.heater_off_window_s` with the command at 0: software cannot switch it off, so "
-        "the message names who can (the heater-cooler's supply; `ilup guard`, where fitted, "
-        "opens its contactor: docs/security.md). On the simulator it comes 35 s after the "
-        "weld, where `heating_rate` came at 78 s and `perfusate_high` at 118 s.",
+        "`alarms.heater_off_window_s`, or (a heater too weak for that rate) "
+        "`alarms.heater_off_rise_c` above its lowest, with the command at 0; readings of the "
+        "first `alarms.heater_off_settle_s` after the command went to 0 do not count (an "
+        "element switched off gives its water the heat stored in it). Software cannot switch "
+        "it off, so the message names who can (the heater-cooler's supply; `ilup guard`, "
+        "where fitted, opens its contactor: docs/security.md). On the simulator it comes 45 s "
+        "after the weld, where `heating_rate` came at 78 s and `perfusate_high` at 114 s; on "
+        "a 300 W heater (`heater_300w`) at 154 s, where `perfusate_high` came at 450 s and "
+        "`heating_rate` never (the perfusate warms under its limit).",
         "",
         "| id | title | priority | technical | latching | default delay (s) | clear delay (s) "
         "| pump | heater | procedure | suppressed by | hazard |",

@@ -198,6 +198,7 @@ class Monitor:
         # a single noisy reading does not make a rise), and since when it is at 0.
         self._water_off = RateEstimator(a.heater_off_window_s)
         self._water_off_since_s: float | None = None
+        self._water_off_low_c: float | None = None  # the lowest of that line since then
         self._water_off_lsb_c_per_min = (
             2.0 * lsb(c.temperature.water_measured) / a.heater_off_window_s * 60.0
         )
@@ -299,32 +300,44 @@ class Monitor:
     def _heats_when_off(
         self, t_s: float, water: float | None, temp: float | None, ctx: Context
     ) -> Condition:
-        """The water warming with the heater commanded 0 for a whole window, and above the
-        perfusate by more than HEATER_CONTRIBUTES_C (so the heat is not the perfusate's: a
-        cold prime warmed by the body warms the water from below). An element switched off
-        leaves its water cooling after a few tenths from its stored heat; two LSB of the
-        water register over the window are allowed on top."""
+        """The water warming with the heater commanded 0, and above the perfusate by more
+        than HEATER_CONTRIBUTES_C (so the heat is not the perfusate's: a cold prime warmed by
+        the body warms the water from below): faster than heater_off_rise_c_per_min over a
+        whole window (two LSB of the water register allowed on top), or, for a heater too
+        weak for that rate, heater_off_rise_c above its lowest since the command went to 0.
+        Both on a line through one-second means, so a noisy reading makes no rise, from
+        heater_off_settle_s after the command went to 0: an element switched off gives its
+        water a few tenths from its stored heat, then the water cools."""
         a = self._cfg.alarms
         if ctx.heater_pct > 0.0:
             if self._water_off_since_s is not None:  # once, not every tick of heating
                 self._water_off.clear()
-                self._water_off_since_s = None
+                self._water_off_since_s = self._water_off_low_c = None
             return Condition(False)
         if self._water_off_since_s is None:
             self._water_off_since_s = t_s
+        if t_s - self._water_off_since_s < a.heater_off_settle_s:
+            return Condition(False)  # the element's stored heat (config description)
         if water is not None:
             self._water_off.add(t_s, water)
-        slope = self._water_off.slope_c_per_s
-        full = t_s - self._water_off_since_s >= 0.9 * a.heater_off_window_s
-        rate = slope * 60.0 if slope is not None and full else None
+        slope, line_c = self._water_off.slope_c_per_s, self._water_off.value_c
+        if slope is None or line_c is None:
+            return Condition(False)
+        low_c = line_c if self._water_off_low_c is None else min(self._water_off_low_c, line_c)
+        self._water_off_low_c = low_c
+        full = t_s - self._water_off_since_s - a.heater_off_settle_s >= 0.9 * a.heater_off_window_s
+        rate = slope * 60.0 if full else None
         above = water is not None and temp is not None and water - temp > HEATER_CONTRIBUTES_C
         limit = a.heater_off_rise_c_per_min + self._water_off_lsb_c_per_min
-        warming = rate is not None and above and rate > limit
+        fast = rate is not None and rate > limit
+        risen = line_c - low_c >= a.heater_off_rise_c
+        warming = above and (fast or risen)
         return Condition(
             warming,
-            rate,
+            rate if rate is not None else slope * 60.0,
             limit,
-            f"water {water:.1f} degC, perfusate {temp:.1f} degC"
+            f"water {water:.1f} degC, {line_c - low_c:.1f} degC above its lowest since the "
+            f"command went to 0, perfusate {temp:.1f} degC"
             if warming and water is not None and temp is not None
             else "",
         )
