@@ -5,6 +5,7 @@ Every branch is exercised here (100 % branch coverage of decide.py, measured wit
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -202,6 +203,24 @@ def test_a_heater_whose_water_warms_against_its_0_is_held_off() -> None:
     s, events = run(coasting)
     assert events == []
     assert "water" in hazards(s, coasting[-1], LIM)
+
+
+def test_a_noisy_water_probe_is_not_a_heater_warming_against_its_0() -> None:
+    """A water probe with 0.1 degC of noise on a steady water, the heater commanded 0 and the
+    controller silent: at 20 Hz its raw extremes are 0.5 degC apart within a minute, which
+    counted as a rise and latched the heater, 'controller heartbeat unchanged'. The rise is
+    taken on the water smoothed over WATER_SMOOTH_S."""
+    rng = random.Random(7)
+    noisy = [
+        replace(x, heartbeat=0, water_c=38.0 + rng.gauss(0.0, 0.15))
+        for x in ticks(0.0, 600.0, heater_on=False, pump_on=False)
+    ]
+    raw = [x.water_c for x in noisy if x.water_c is not None]
+    assert max(raw) - min(raw) > 1.0
+    s, events = run(noisy)
+    assert "heartbeat" in hazards(s, noisy[-1], LIM)
+    assert events == []
+    assert s.latched == {}
 
 
 def test_a_water_warmed_by_the_perfusate_is_not_a_heater_on() -> None:

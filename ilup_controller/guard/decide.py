@@ -12,14 +12,15 @@ so besides its command above 0 two pieces of evidence count: once the controller
 silent (its heartbeat unchanged for ``heartbeat_s``), a command above 0 at any time since its
 last heartbeat (for a live controller "on" is the command now; a device whose
 watchdog zeroes its command register, as it should, leaves no other trace of an element that
-may be stuck on); and, commanded 0, its water warming HEATER_RISE_C above the lowest reading
-since while it stands more than HEATER_LEADS_C above the perfusate (a welded relay: the
-controller's 0 changes nothing, and only the contactor stops it; a water below the perfusate
-warms from it, heater or not).
+may be stuck on); and, commanded 0, its water (smoothed over WATER_SMOOTH_S) warming
+HEATER_RISE_C above its lowest since while it stands more than HEATER_LEADS_C above the
+perfusate (a welded relay: the controller's 0 changes nothing, and only the contactor stops
+it; a water below the perfusate warms from it, heater or not).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -36,6 +37,10 @@ HEATER_RISE_C = 0.5
 # that is off warms toward a warmer perfusate; ilup tune's flow test with the guard running
 # latched the heater on that, "controller heartbeat unchanged", once the tune stopped).
 HEATER_LEADS_C = 0.5
+# The rise is taken on the water smoothed with this time constant: at 20 Hz a probe with
+# 0.15 degC of noise (the daemon accepts up to alarms.water.max_noise, 0.5) has raw extremes
+# a degree apart within minutes, and a steady water latched the heater of a silent controller.
+WATER_SMOOTH_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +80,9 @@ class State:
     heartbeat: int | None = None
     heartbeat_t_s: float | None = None  # when the heartbeat last changed (or was first seen)
     heater_on_t_s: float | None = None  # the last cycle the heater read on
-    water_low_c: float | None = None  # the lowest water reading since the heater read off
+    water_c: float | None = None  # the water smoothed over WATER_SMOOTH_S
+    water_t_s: float | None = None  # its last reading
+    water_low_c: float | None = None  # the lowest smoothed water since the heater read off
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +158,8 @@ def heater_on(s: State, x: Inputs, lim: Limits) -> bool:
         and on_t_s >= since
     ):
         return True  # on since the last heartbeat of a controller now silent
-    low, water, perfusate = s.water_low_c, x.water_c, x.perfusate_c
-    if low is None or water is None or perfusate is None:
+    low, water, perfusate = s.water_low_c, s.water_c, x.perfusate_c
+    if low is None or water is None or perfusate is None or x.water_c is None:
         return False
     return water - low >= HEATER_RISE_C and water - perfusate > HEATER_LEADS_C
 
@@ -165,17 +172,26 @@ def observe(s: State, x: Inputs, lim: Limits) -> State:
     hb, hb_t = s.heartbeat, s.heartbeat_t_s
     if hb_t is None or (x.heartbeat is not None and x.heartbeat != hb):
         hb, hb_t = x.heartbeat, x.t_s
+    water, water_t = s.water_c, s.water_t_s
+    if x.water_c is not None:
+        if water is None or water_t is None:
+            water = x.water_c
+        else:
+            water += (1.0 - math.exp(-(x.t_s - water_t) / WATER_SMOOTH_S)) * (x.water_c - water)
+        water_t = x.t_s
     low = s.water_low_c
     if x.heater_on:
         low = None
-    elif x.water_c is not None:
-        low = x.water_c if low is None else min(low, x.water_c)
+    elif x.water_c is not None and water is not None:
+        low = water if low is None else min(low, water)
     return replace(
         s,
         unreadable_since=unreadable,
         heartbeat=hb,
         heartbeat_t_s=hb_t,
         heater_on_t_s=x.t_s if x.heater_on else s.heater_on_t_s,
+        water_c=water,
+        water_t_s=water_t,
         water_low_c=low,
     )
 
