@@ -303,11 +303,12 @@ class Monitor:
         """The water warming with the heater commanded 0, and above the perfusate by more
         than HEATER_CONTRIBUTES_C (so the heat is not the perfusate's: a cold prime warmed by
         the body warms the water from below): faster than heater_off_rise_c_per_min over a
-        whole window (two LSB of the water register allowed on top), or, for a heater too
-        weak for that rate, heater_off_rise_c above its lowest since the command went to 0.
-        Both on a line through one-second means, so a noisy reading makes no rise, from
-        heater_off_settle_s after the command went to 0: an element switched off gives its
-        water a few tenths from its stored heat, then the water cools."""
+        whole window (two LSB of the water register and three standard errors of the slope
+        allowed on top), or, for a heater too weak for that rate, heater_off_rise_c above its
+        lowest since the command went to 0. Both on a line through one-second means, so a
+        noisy reading makes no rise, from heater_off_settle_s after the command went to 0: an
+        element switched off gives its water a few tenths from its stored heat, then the
+        water cools."""
         a = self._cfg.alarms
         if ctx.heater_pct > 0.0:
             if self._water_off_since_s is not None:  # once, not every tick of heating
@@ -328,7 +329,9 @@ class Monitor:
         full = t_s - self._water_off_since_s - a.heater_off_settle_s >= 0.9 * a.heater_off_window_s
         rate = slope * 60.0 if full else None
         above = water is not None and temp is not None and water - temp > HEATER_CONTRIBUTES_C
-        limit = a.heater_off_rise_c_per_min + self._water_off_lsb_c_per_min
+        # Three standard errors of the slope on top: a noisy probe tilts a 30-s line.
+        noise_c_per_min = 3.0 * self._water_off.slope_se_c_per_s * 60.0
+        limit = a.heater_off_rise_c_per_min + self._water_off_lsb_c_per_min + noise_c_per_min
         fast = rate is not None and rate > limit
         risen = line_c - low_c >= a.heater_off_rise_c
         warming = above and (fast or risen)

@@ -58,6 +58,7 @@ no clock, no I/O.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from ilup_controller.config.models import TemperatureLoop
@@ -102,6 +103,7 @@ class RateEstimator:
         self._bucket_sum = 0.0
         self._bucket_n = 0
         self.slope_c_per_s: float | None = None
+        self.slope_se_c_per_s = 0.0
         self.value_c: float | None = None
         self.low_c: float | None = None  # the lowest one-second mean the slope is fitted on
 
@@ -153,6 +155,11 @@ class RateEstimator:
         sty = sum((t - t_mean) * (y - y_mean) for t, y in pts)
         slope = sty / stt if stt > 0.0 else 0.0
         self.slope_c_per_s = slope
+        # The slope's standard error from the scatter about the line: how far noise alone
+        # tilts it (a check on the slope allows for it).
+        syy = sum((y - y_mean) ** 2 for _, y in pts)
+        scatter = max(syy - slope * sty, 0.0) / (n - 2)
+        self.slope_se_c_per_s = math.sqrt(scatter / stt) if stt > 0.0 else 0.0
         self.low_c = min(y for _, y in pts)
         # The line's value now: its newest point is half a bucket old.
         self.value_c = y_mean + slope * (pts[-1][0] + 0.5 * _BUCKET_S - t_mean)
