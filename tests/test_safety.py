@@ -333,43 +333,11 @@ def test_complete_procedure_without_any_alarm() -> None:
     assert done.loop.heater_pct == 0.0
 
 
-def test_heater_heats_when_off_is_the_heaters_only_with_its_water_above_the_perfusate() -> None:
-    """The water warming 1 degC/min with the heater commanded 0: above the perfusate it is the
-    element heating against its 0 (the alarm once the 30-s window is 0.9 full, after the 20-s
-    settle: 47 s); under it,
-    the water is warming toward the perfusate, heater or not, and nothing is raised."""
-    cfg = load_config("config/sim.yaml")
-    ctx = Context(
-        phase=Phase.perfusion,
-        flow_setpoint_ml_min=500.0,
-        flow_target_ml_min=500.0,
-        temperature_setpoint_c=37.0,
-        temperature_target_c=37.0,
-        pressure_limit_mmhg=25.0,
-        pump_command_rpm=15.0,
-        heater_pct=0.0,
-        heater_enabled=False,
-        water_setpoint_c=None,
-    )
-
-    def first_onset_s(water_c: float, perfusate_c: float) -> float | None:
-        monitor = Monitor(cfg, 0.0)
-        for k in range(1, 601):  # 60 s at 10 Hz
-            t_s = k * 0.1
-            m = Measured(500.0, 15.0, perfusate_c, water_c + t_s / 60.0)
-            if monitor.evaluate(t_s, 0.1, m, ctx)["heater_heats_when_off"].present:
-                return t_s
-        return None
-
-    assert first_onset_s(33.0, 36.0) is None
-    onset_s = first_onset_s(38.0, 37.0)
-    assert onset_s is not None
-    assert 47.0 <= onset_s <= 51.0, onset_s
-
-
-def _heats_when_off_onset_s(water_c: Callable[[float], float], seconds: float) -> float | None:
+def _heats_when_off_onset_s(
+    water_c: Callable[[float], float], seconds: float, perfusate_c: float = 37.0
+) -> float | None:
     """First onset of heater_heats_when_off with the heater commanded 0 from t = 0, the
-    perfusate at 37 degC and the water reading ``water_c(t)``, at 10 Hz."""
+    perfusate at ``perfusate_c`` and the water reading ``water_c(t)``, at 10 Hz."""
     cfg = load_config("config/sim.yaml")
     ctx = Context(
         phase=Phase.perfusion,
@@ -386,10 +354,21 @@ def _heats_when_off_onset_s(water_c: Callable[[float], float], seconds: float) -
     monitor = Monitor(cfg, 0.0)
     for k in range(1, round(seconds * 10.0) + 1):
         t_s = k * 0.1
-        m = Measured(500.0, 15.0, 37.0, water_c(t_s))
+        m = Measured(500.0, 15.0, perfusate_c, water_c(t_s))
         if monitor.evaluate(t_s, 0.1, m, ctx)["heater_heats_when_off"].present:
             return t_s
     return None
+
+
+def test_heater_heats_when_off_is_the_heaters_only_with_its_water_above_the_perfusate() -> None:
+    """The water warming 1 degC/min with the heater commanded 0: above the perfusate it is the
+    element heating against its 0 (the alarm once the 30-s window is 0.9 full, after the 20-s
+    settle: 47 s); under it, the water is warming toward the perfusate, heater or not, and
+    nothing is raised."""
+    assert _heats_when_off_onset_s(lambda t: 33.0 + t / 60.0, 60.0, perfusate_c=36.0) is None
+    onset_s = _heats_when_off_onset_s(lambda t: 38.0 + t / 60.0, 60.0)
+    assert onset_s is not None
+    assert 47.0 <= onset_s <= 51.0, onset_s
 
 
 def test_heater_heats_when_off_catches_a_heater_too_weak_for_the_rate() -> None:
