@@ -172,18 +172,16 @@ def observe(s: State, x: Inputs, lim: Limits) -> State:
     hb, hb_t = s.heartbeat, s.heartbeat_t_s
     if hb_t is None or (x.heartbeat is not None and x.heartbeat != hb):
         hb, hb_t = x.heartbeat, x.t_s
-    water, water_t = s.water_c, s.water_t_s
+    water, water_t, low = s.water_c, s.water_t_s, s.water_low_c
     if x.water_c is not None:
         if water is None or water_t is None:
             water = x.water_c
         else:
             water += (1.0 - math.exp(-(x.t_s - water_t) / WATER_SMOOTH_S)) * (x.water_c - water)
         water_t = x.t_s
-    low = s.water_low_c
+        low = water if low is None else min(low, water)
     if x.heater_on:
         low = None
-    elif x.water_c is not None and water is not None:
-        low = water if low is None else min(low, water)
     return replace(
         s,
         unreadable_since=unreadable,
